@@ -1,0 +1,96 @@
+"""Small building blocks shared by the MiT backbone and the CFFM heads.
+
+Everything is channels-last (NHWC). The helpers reproduce PyTorch semantics where the official code relies on
+them: bilinear resizing with ``align_corners=False`` and no antialiasing (SPEC.md section 2 and 13), the exact
+erf GELU, and the PyTorch default initialisers (only relevant when training from scratch).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# ---------------------------------------------------------------------------------------------------------
+# Initialisers matching the official code (SPEC.md section 4.1, "Init").
+
+
+def torch_linear_kernel_init() -> nn.initializers.Initializer:
+    """PyTorch's default ``nn.Linear``/``nn.Conv2d`` weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
+    """PyTorch's default bias init for a layer with ``fan_in`` inputs: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def trunc_normal_init(std: float = 0.02) -> nn.initializers.Initializer:
+    """timm ``trunc_normal_(std)``: normal truncated at +-2 (absolute, i.e. ~ +-100 std for std=.02)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        # timm truncates at absolute values a=-2, b=2; for std=0.02 this is effectively an untruncated normal.
+        return jnp.clip(std * jax.random.normal(key, shape, dtype), -2.0, 2.0)
+
+    return init
+
+
+def conv_fan_out_init(groups: int = 1) -> nn.initializers.Initializer:
+    """MiT conv init: normal(0, sqrt(2 / fan_out)) with fan_out = kh * kw * out_channels / groups."""
+
+    def init(key, shape, dtype=jnp.float32):
+        kh, kw, _, out = shape
+        fan_out = kh * kw * out // groups
+        return math.sqrt(2.0 / fan_out) * jax.random.normal(key, shape, dtype)
+
+    return init
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Functional helpers.
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU, as PyTorch ``nn.GELU()``."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
+    """Bilinear resize of ``x`` (N, H, W, C) to ``size`` = (h, w).
+
+    Same result as PyTorch ``F.interpolate(mode='bilinear', align_corners=False)``: half-pixel centres, source
+    coordinates clamped at the border, and no antialiasing when downsampling. A no-op when the size matches.
+    """
+    h, w = int(size[0]), int(size[1])
+    if x.shape[1] == h and x.shape[2] == w:
+        return x
+    return jax.image.resize(x, (x.shape[0], h, w, x.shape[3]), method="bilinear", antialias=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Modules.
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (per-sample residual dropout), active only when ``deterministic`` is False.
+
+    Uses the ``'dropout'`` RNG stream. Kept samples are scaled by 1 / (1 - rate), as timm's ``DropPath``.
+    """
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        if deterministic or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x / keep, jnp.zeros_like(x))
