@@ -1,0 +1,478 @@
+"""Evaluation metrics of the official CFFM evaluation (SPEC.md section 11): mIoU family and video consistency.
+
+All inputs are **already mapped** label maps: ground truth after VSPW's reduce-zero-label rule (raw 0 -> 255,
+raw v -> v - 1, raw 255 stays 255; SPEC section 10.1) and predictions as the model's class ids 0..K-1, both at
+the original frame size. The official mVC script applies the same GT mapping, so one pair of arrays feeds
+both the confusion matrix and the video consistency. All reported values are percentages.
+
+Confusion matrix (``confusion_matrix``, jitted, on device). ``cm[g, p]`` counts pixels with ground truth ``g``
+and prediction ``p`` (rows = GT, columns = prediction). Pixels whose label equals ``ignore_index`` are
+dropped; so are labels or predictions outside [0, K) (neither occurs with VSPW labels and argmax
+predictions). Implemented as a scatter-add of ones at ``g * K + p`` into K*K int32 bins (static K, works under
+``jit``). Counting precision: with jax's default 32-bit mode the device counts are int32, exact as long as one
+call (or one device-side accumulation, see ``MetricsAccumulator``) covers fewer than 2**31 pixels; the VSPW
+val set has more than that in total, so totals are accumulated on the host in int64. No global
+``jax_enable_x64`` is needed.
+
+From a confusion matrix (numpy, float64), with I_c = cm[c, c], GT_c = sum_p cm[c, p] (labelled pixels of class
+c), P_c = sum_g cm[g, c] (pixels predicted as c) and U_c = GT_c + P_c - I_c:
+
+* ``per_class_iou``: IoU_c = I_c / U_c, NaN where U_c = 0.
+* ``miou`` (mmseg 0.13 ``dataset.evaluate``, the number CFFM reports): nanmean of IoU_c over classes with
+  U_c > 0. Differs from the textbook "mean over all K classes": classes absent from both GT and prediction are
+  skipped, while a class that is predicted but absent from the GT has IoU 0 and does count.
+* ``miou_gt_present`` (the VSPW ``Evaluator`` "mIoU" printed alongside, also printed by the mVC script): mean
+  of IoU_c over classes with GT_c > 0 only (``nansum(IoU * present) / #present``); false-positive-only classes
+  are skipped, so it is >= ``miou`` whenever such classes exist.
+* ``aacc``: sum_c I_c / sum_c GT_c, pixel accuracy over labelled (non-ignored) pixels.
+* ``per_class_acc``: Acc_c = I_c / GT_c (recall), NaN where GT_c = 0; ``macc`` = nanmean of it (mmseg mAcc and
+  the Evaluator's "Acc_class").
+* ``fwiou`` (VSPW Evaluator "FWIoU"): sum over classes with GT_c > 0 of freq_c * IoU_c, with
+  freq_c = GT_c / sum GT. This is the textbook frequency-weighted IoU (Long et al. 2015) restricted to
+  labelled pixels.
+
+Video consistency (``VideoConsistency``, the official ``VC_perclip.py``), for window lengths n in (8, 16):
+
+* videos with <= 16 frames are skipped for both n (``min_frames = 17``);
+* windows start at i in ``range(F - n)``: the last possible start F - n is **not** included (off by one as in
+  the official script), so a 17-frame video has 1 window for n = 16 and 9 for n = 8;
+* G = AND_{j=1..n-1} (gt_i == gt_{i+j}) and P = AND_{j=1..n-1} (pred_i == pred_{i+j}), pixelwise;
+  acc_i = sum(G & P) / sum(G), NaN when sum(G) = 0. The ignore label 255 is compared like any other value;
+* mVC_n = nanmean of acc_i over all windows of all videos pooled together (not a mean of per-video means).
+
+The streaming implementation keeps a ring buffer of the last max(n) = 16 frames: when frame f arrives, frame
+f-1 is known not to be the last one, so the windows ending at f-1 are evaluated (by a jitted kernel); windows
+ending at the final frame are thus never evaluated, which is exactly the off-by-one range above. Per-window
+counts are kept per video and committed to the pooled totals when the video turns out to have >= 17 frames.
+Memory is bounded by the window (16 frames of predictions and GT), not by the video length.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+VC_WINDOWS = (8, 16)
+VC_MIN_FRAMES = 17
+_INT32_MAX = 2**31 - 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Confusion matrix.
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "ignore_index"))
+def confusion_matrix(
+    pred: jax.Array, label: jax.Array, num_classes: int, ignore_index: int = 255
+) -> jax.Array:
+    """Confusion matrix of one batch of label maps, on device.
+
+    Args:
+      pred: integer predictions of any shape (e.g. (H, W) or (N, H, W)), class ids in [0, num_classes).
+      label: integer ground truth of the same shape; ``ignore_index`` pixels are dropped.
+      num_classes: K (static).
+      ignore_index: ignored label value (static).
+    Returns:
+      (K, K) int32 counts, rows = ground truth, columns = prediction. Exact while ``pred.size < 2**31``.
+    """
+    if pred.shape != label.shape:
+        raise ValueError(f"prediction shape {pred.shape} != label shape {label.shape}")
+    if pred.size > _INT32_MAX:
+        raise ValueError(f"{pred.size} pixels overflow int32 counts; split the call")
+    k = num_classes
+    pred = pred.astype(jnp.int32).ravel()
+    label = label.astype(jnp.int32).ravel()
+    valid = (label != ignore_index) & (label >= 0) & (label < k) & (pred >= 0) & (pred < k)
+    index = jnp.where(valid, label * k + pred, k * k)  # k * k is out of range and dropped
+    counts = jnp.zeros(k * k, jnp.int32).at[index].add(1, mode="drop")
+    return counts.reshape(k, k)
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "ignore_index"), donate_argnums=0)
+def _add_confusion(cm: jax.Array, pred: jax.Array, label: jax.Array, num_classes: int, ignore_index: int):
+    return cm + confusion_matrix(pred, label, num_classes, ignore_index)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scores from a confusion matrix (numpy float64, percent).
+
+
+def _areas(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    cm = np.asarray(cm, np.float64)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+        raise ValueError(f"expected a square confusion matrix, got shape {cm.shape}")
+    intersect = np.diag(cm)
+    area_gt = cm.sum(axis=1)
+    area_pred = cm.sum(axis=0)
+    return intersect, area_gt, area_pred
+
+
+def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den elementwise, NaN where den == 0, without warnings."""
+    out = np.full(np.broadcast(num, den).shape, np.nan)
+    np.divide(num, den, out=out, where=den != 0)
+    return out
+
+
+def _nanmean(x: np.ndarray) -> float:
+    x = x[~np.isnan(x)]
+    return float(x.mean()) if x.size else math.nan
+
+
+def per_class_iou(cm: np.ndarray) -> np.ndarray:
+    """IoU_c = I_c / U_c in percent, (K,) float64, NaN for classes absent from both GT and prediction."""
+    intersect, area_gt, area_pred = _areas(cm)
+    return 100.0 * _safe_div(intersect, area_gt + area_pred - intersect)
+
+
+def per_class_acc(cm: np.ndarray) -> np.ndarray:
+    """Acc_c = I_c / GT_c (per-class recall) in percent, (K,) float64, NaN for classes absent from the GT."""
+    intersect, area_gt, _ = _areas(cm)
+    return 100.0 * _safe_div(intersect, area_gt)
+
+
+def miou(cm: np.ndarray) -> float:
+    """mmseg 0.13 mIoU in percent: nanmean of IoU over classes with a non-empty union."""
+    return _nanmean(per_class_iou(cm))
+
+
+def miou_gt_present(cm: np.ndarray) -> float:
+    """VSPW Evaluator mIoU in percent: mean IoU over the classes present in the GT (NaN if none)."""
+    _, area_gt, _ = _areas(cm)
+    present = area_gt > 0
+    return float(per_class_iou(cm)[present].mean()) if present.any() else math.nan
+
+
+def aacc(cm: np.ndarray) -> float:
+    """Pixel accuracy over labelled pixels in percent: sum I / sum GT."""
+    intersect, area_gt, _ = _areas(cm)
+    total = area_gt.sum()
+    return float(100.0 * intersect.sum() / total) if total else math.nan
+
+
+def macc(cm: np.ndarray) -> float:
+    """Mean class accuracy in percent: nanmean over GT-present classes of I_c / GT_c."""
+    return _nanmean(per_class_acc(cm))
+
+
+def fwiou(cm: np.ndarray) -> float:
+    """Frequency-weighted IoU in percent: sum over GT-present classes of (GT_c / sum GT) * IoU_c."""
+    _, area_gt, _ = _areas(cm)
+    total = area_gt.sum()
+    if not total:
+        return math.nan
+    present = area_gt > 0
+    return float(np.sum(area_gt[present] / total * per_class_iou(cm)[present]))
+
+
+def summarize_confusion(cm: np.ndarray) -> dict[str, Any]:
+    """All confusion-matrix scores in percent.
+
+    Returns:
+      dict with floats ``miou``, ``miou_gt_present``, ``aacc``, ``macc``, ``fwiou`` and (K,) float64 arrays
+      ``per_class_iou``, ``per_class_acc`` (NaN where undefined).
+    """
+    return {
+        "miou": miou(cm),
+        "miou_gt_present": miou_gt_present(cm),
+        "aacc": aacc(cm),
+        "macc": macc(cm),
+        "fwiou": fwiou(cm),
+        "per_class_iou": per_class_iou(cm),
+        "per_class_acc": per_class_acc(cm),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Video consistency.
+
+
+def vc_window_accuracies(preds: np.ndarray, gts: np.ndarray, window: int) -> np.ndarray:
+    """Per-window consistency accuracies of one whole video, as the official ``VC_perclip.py`` loop (numpy).
+
+    Does not apply the short-video skip (see ``VideoConsistency``).
+
+    Args:
+      preds: (F, H, W) integer predictions of the F frames of one video, in order.
+      gts: (F, H, W) integer ground truth (already mapped; 255 is compared like a label).
+      window: n, the window length.
+    Returns:
+      (max(F - n, 0),) float64 fractions acc_i for i in range(F - n), NaN where the GT is never constant.
+    """
+    preds, gts = np.asarray(preds), np.asarray(gts)
+    if preds.shape != gts.shape or preds.ndim != 3:
+        raise ValueError(
+            f"expected preds and gts of equal shape (F, H, W), got {preds.shape} and {gts.shape}"
+        )
+    accs = []
+    for i in range(preds.shape[0] - window):
+        gt_common = np.ones(gts.shape[1:], bool)
+        pred_common = np.ones(preds.shape[1:], bool)
+        for j in range(1, window):
+            gt_common &= gts[i] == gts[i + j]
+            pred_common &= preds[i] == preds[i + j]
+        den = int(gt_common.sum())
+        accs.append(int((gt_common & pred_common).sum()) / den if den else math.nan)
+    return np.asarray(accs, np.float64)
+
+
+@jax.jit
+def _window_counts(preds: Sequence[jax.Array], gts: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """(sum(G & P), sum(G)) as int32 for one window given as n frames of (H, W) predictions and GT."""
+    gt_common = jnp.all(jnp.stack(gts[1:]) == gts[0], axis=0)
+    pred_common = jnp.all(jnp.stack(preds[1:]) == preds[0], axis=0)
+    return jnp.sum(gt_common & pred_common, dtype=jnp.int32), jnp.sum(gt_common, dtype=jnp.int32)
+
+
+class _Pooled:
+    """Running nanmean of window accuracies: sum of non-NaN fractions, their count, and the NaN count."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.valid = 0
+        self.nan = 0
+
+    def add_counts(self, num: int, den: int) -> None:
+        if den:
+            self.total += num / den
+            self.valid += 1
+        else:
+            self.nan += 1
+
+    def merge(self, other: _Pooled) -> None:
+        self.total += other.total
+        self.valid += other.valid
+        self.nan += other.nan
+
+    def percent(self) -> float:
+        return 100.0 * self.total / self.valid if self.valid else math.nan
+
+
+class VideoConsistency:
+    """Streaming mVC_n (``VC_perclip.py``): feed the frames of each video in order, videos one after another.
+
+    Usage: ``add_frame(pred, gt)`` for every frame of a video, then ``end_video()``; or
+    ``add_video(preds, gts)`` for a whole video. ``result()`` gives ``{'mvc8': ..., 'mvc16': ...}`` in percent
+    (NaN when no window is defined). Frames are stored as device arrays in a ring buffer of ``max(windows)``
+    frames; per-window counts stay on device until ``_flush_every`` of them are pending, then move to host
+    floats.
+
+    Args:
+      windows: window lengths n (default (8, 16)).
+      min_frames: videos with fewer frames are skipped for every n (official: 17, i.e. <= 16 skipped).
+    """
+
+    _flush_every = 64
+
+    def __init__(self, windows: Sequence[int] = VC_WINDOWS, min_frames: int = VC_MIN_FRAMES) -> None:
+        self.windows = tuple(int(n) for n in windows)
+        if not self.windows or min(self.windows) < 2:
+            raise ValueError(f"window lengths must be >= 2, got {windows}")
+        self.min_frames = int(min_frames)
+        self._pooled = {n: _Pooled() for n in self.windows}
+        self.num_videos = 0
+        self.num_skipped_videos = 0
+        self._start_video()
+
+    def _start_video(self) -> None:
+        self._buffer: collections.deque[tuple[jax.Array, jax.Array]] = collections.deque(
+            maxlen=max(self.windows)
+        )
+        self._num_frames = 0
+        self._frame_shape: tuple[int, ...] | None = None
+        self._video = {n: _Pooled() for n in self.windows}
+        self._pending: list[tuple[int, jax.Array, jax.Array]] = []
+
+    def _flush_pending(self) -> None:
+        if not self._pending:
+            return
+        counts = jax.device_get([(num, den) for _, num, den in self._pending])
+        for (n, _, _), (num, den) in zip(self._pending, counts, strict=True):
+            self._video[n].add_counts(int(num), int(den))
+        self._pending = []
+
+    def add_frame(self, pred: Any, gt: Any) -> None:
+        """Append the next frame of the current video.
+
+        Args:
+          pred: (H, W) integer prediction (numpy or jax array).
+          gt: (H, W) integer ground truth, already mapped (255 is compared like a label).
+        """
+        if np.shape(pred) != np.shape(gt) or len(np.shape(pred)) != 2:
+            raise ValueError(
+                f"prediction shape {np.shape(pred)} != GT shape {np.shape(gt)} (want equal (H, W))"
+            )
+        if self._frame_shape is not None and np.shape(pred) != self._frame_shape:
+            raise ValueError(
+                f"frame {self._num_frames} has shape {np.shape(pred)} but earlier frames of this video have "
+                f"{self._frame_shape}"
+            )
+        self._frame_shape = tuple(np.shape(pred))
+        # The previous frame is not the last one: evaluate the windows that end at it.
+        for n in self.windows:
+            if len(self._buffer) >= n:
+                frames = list(self._buffer)[-n:]
+                num, den = _window_counts(tuple(p for p, _ in frames), tuple(g for _, g in frames))
+                self._pending.append((n, num, den))
+        if len(self._pending) >= self._flush_every:
+            self._flush_pending()
+        self._buffer.append((jnp.asarray(pred), jnp.asarray(gt)))
+        self._num_frames += 1
+
+    def end_video(self) -> None:
+        """Finish the current video: its windows count if it has >= ``min_frames`` frames."""
+        if self._num_frames == 0:
+            return
+        self._flush_pending()
+        if self._num_frames >= self.min_frames:
+            for n in self.windows:
+                self._pooled[n].merge(self._video[n])
+            self.num_videos += 1
+        else:
+            self.num_skipped_videos += 1
+        self._start_video()
+
+    def add_video(self, preds: Any, gts: Any) -> None:
+        """Add one whole video: ``preds``, ``gts`` (F, H, W); ends any video in progress first."""
+        self.end_video()
+        if np.shape(preds) != np.shape(gts) or len(np.shape(preds)) != 3:
+            raise ValueError(
+                f"expected preds and gts of equal shape (F, H, W), got {np.shape(preds)}, {np.shape(gts)}"
+            )
+        for pred, gt in zip(preds, gts, strict=True):
+            self.add_frame(pred, gt)
+        self.end_video()
+
+    def num_windows(self) -> dict[int, int]:
+        """Committed windows per n (NaN windows included), excluding the video in progress."""
+        return {n: p.valid + p.nan for n, p in self._pooled.items()}
+
+    def result(self) -> dict[str, float]:
+        """``{'mvc8': ..., 'mvc16': ...}`` in percent (keys follow ``windows``).
+
+        A video in progress is included if it already has >= ``min_frames`` frames (its windows up to the
+        frame before the latest one are final), without ending it.
+        """
+        self._flush_pending()
+        out = {}
+        for n in self.windows:
+            pooled = _Pooled()
+            pooled.merge(self._pooled[n])
+            if self._num_frames >= self.min_frames:
+                pooled.merge(self._video[n])
+            out[f"mvc{n}"] = pooled.percent()
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation-loop accumulator.
+
+
+class MetricsAccumulator:
+    """Confusion matrix and video consistency over a streamed evaluation.
+
+    Call ``update(video, frame_idx, pred, label)`` for every frame: the frames of a video in order with
+    consecutive indices, videos one after another (a video may not come back). The confusion matrix is
+    accumulated on device in int32 and moved to a host int64 total before 2**31 pixels are reached; the video
+    consistency keeps 16 frames at a time (see ``VideoConsistency``).
+
+    Args:
+      num_classes: K (124 for VSPW).
+      ignore_index: label ignored by the confusion matrix (compared like a label by the VC).
+      vc_windows: VC window lengths.
+      vc_min_frames: shorter videos are skipped by the VC.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 124,
+        ignore_index: int = 255,
+        vc_windows: Sequence[int] = VC_WINDOWS,
+        vc_min_frames: int = VC_MIN_FRAMES,
+    ) -> None:
+        self.num_classes = int(num_classes)
+        self.ignore_index = int(ignore_index)
+        self._cm_host = np.zeros((self.num_classes, self.num_classes), np.int64)
+        self._cm_device: jax.Array | None = None
+        self._device_pixels = 0
+        self._vc = VideoConsistency(vc_windows, vc_min_frames)
+        self._video: str | None = None
+        self._last_frame = -1
+        self._finished: set[str] = set()
+        self.num_frames = 0
+
+    def _flush_confusion(self) -> None:
+        if self._cm_device is not None:
+            self._cm_host += np.asarray(jax.device_get(self._cm_device), np.int64)
+            self._cm_device = None
+            self._device_pixels = 0
+
+    def update(self, video: str, frame_idx: int, pred: Any, label: Any) -> None:
+        """Add one frame.
+
+        Args:
+          video: video name; a new name ends the previous video.
+          frame_idx: index of the frame in its video; must follow the previous one of the same video by 1.
+          pred: (H, W) integer prediction (class ids 0..K-1), numpy or jax array.
+          label: (H, W) integer ground truth, already mapped (reduce-zero-label), same size as ``pred``.
+        """
+        if np.shape(pred) != np.shape(label) or len(np.shape(pred)) != 2:
+            raise ValueError(
+                f"video {video!r} frame {frame_idx}: prediction shape {np.shape(pred)} does not match label "
+                f"shape {np.shape(label)} (both must be (H, W) at the original frame size)"
+            )
+        if video != self._video:
+            if video in self._finished:
+                raise ValueError(
+                    f"video {video!r} was already finished; frames of a video must be contiguous"
+                )
+            if self._video is not None:
+                self._finished.add(self._video)
+            self._vc.end_video()
+            self._video = video
+            self._last_frame = frame_idx - 1
+        if frame_idx != self._last_frame + 1:
+            raise ValueError(
+                f"video {video!r}: frame {frame_idx} follows frame {self._last_frame}; frames must be "
+                "consecutive"
+            )
+        self._last_frame = frame_idx
+
+        pixels = int(np.prod(np.shape(pred)))
+        if self._device_pixels + pixels > _INT32_MAX:
+            self._flush_confusion()
+        if self._cm_device is None:
+            self._cm_device = jnp.zeros((self.num_classes, self.num_classes), jnp.int32)
+        pred, label = jnp.asarray(pred), jnp.asarray(label)
+        self._cm_device = _add_confusion(self._cm_device, pred, label, self.num_classes, self.ignore_index)
+        self._device_pixels += pixels
+        self._vc.add_frame(pred, label)
+        self.num_frames += 1
+
+    def confusion_matrix(self) -> np.ndarray:
+        """The accumulated (K, K) int64 confusion matrix (rows = GT, columns = prediction)."""
+        self._flush_confusion()
+        return self._cm_host.copy()
+
+    def compute(self) -> dict[str, Any]:
+        """Scores so far, in percent; may be called at any time (the current video is not ended).
+
+        Returns:
+          dict with floats ``miou``, ``miou_gt_present``, ``aacc``, ``macc``, ``fwiou``, ``mvc8``, ``mvc16``,
+          lists ``per_class_iou`` and ``per_class_acc`` (K floats, NaN where undefined) and ints
+          ``num_frames``, ``num_videos``.
+        """
+        scores = summarize_confusion(self.confusion_matrix())
+        scores["per_class_iou"] = scores["per_class_iou"].tolist()
+        scores["per_class_acc"] = scores["per_class_acc"].tolist()
+        scores.update(self._vc.result())
+        scores["num_frames"] = self.num_frames
+        scores["num_videos"] = len(self._finished) + (self._video is not None)
+        return scores
