@@ -350,7 +350,7 @@ def make_eval_dataset(
     skip_bad_videos: bool = False,
     num_classes: int = NUM_CLASSES,
 ) -> grain.MapDataset:
-    """A grain ``MapDataset`` with one unbatched item per frame of every video (videos in order, frames in order).
+    """A grain ``MapDataset``: one unbatched item per frame of every video (videos and frames in order).
 
     Items: ``image`` (H', W', 3) float32, ``label`` (H, W) int32 (absent without masks), ``video_index``,
     ``frame_index``, ``clip_frame_indices`` (1 or 4,) int32 and ``original_size`` (2,) int32.

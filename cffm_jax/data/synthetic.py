@@ -1,4 +1,4 @@
-"""Synthetic VSPW-layout video dataset (the default data of demos, tests and benchmarks; SPEC.md section 10.1).
+"""Synthetic VSPW-layout video dataset: default data of demos, tests and benchmarks (SPEC.md section 10.1).
 
 ``python -m cffm_jax.data.synthetic --out DIR [--videos N --frames F --size HxW --seed S]`` writes::
 
@@ -68,7 +68,7 @@ def _pattern(name: str, u: np.ndarray, v: np.ndarray, period: float, phase: np.n
 def _texture(
     c: int, num_classes: int, u: np.ndarray, v: np.ndarray, unit: float, jitter: np.ndarray
 ) -> np.ndarray:
-    """(..., 3) float RGB in [0, 1] of raw class c (0 = grey 'others') at local coordinates (u, v) (pixels)."""
+    """(..., 3) float RGB in [0, 1] of raw class c (0 = grey 'others') at local pixel coordinates (u, v)."""
     if c == 0:
         val = 0.5 + 0.25 * np.sin(u / (1.3 * unit) + jitter[0]) * np.sin(v / (0.9 * unit) + jitter[1])
         return np.repeat(val[..., None], 3, -1).astype(np.float32)

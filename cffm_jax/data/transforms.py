@@ -340,7 +340,9 @@ def train_transform(
     return np.stack(out_images), np.stack(out_labels).astype(np.int32)
 
 
-def test_size(size_wh: tuple[int, int], img_scale=IMG_SCALE, size_divisor: int = SIZE_DIVISOR) -> tuple[int, int]:
+def test_size(
+    size_wh: tuple[int, int], img_scale: tuple[int, int] = IMG_SCALE, size_divisor: int = SIZE_DIVISOR
+) -> tuple[int, int]:
     """Network input size (W', H') of a frame of size ``size_wh`` in the test pipeline."""
     w, h = rescale_size(size_wh, img_scale)
     return math.ceil(w / size_divisor) * size_divisor, math.ceil(h / size_divisor) * size_divisor

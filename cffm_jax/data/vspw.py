@@ -259,6 +259,10 @@ def _list_files(folder: str, suffix: str) -> list[str]:
     return sorted(f for f in os.listdir(folder) if f.lower().endswith(suffix))
 
 
+def _mask_file(mask_dir: str, stem: str) -> str:
+    return os.path.join(mask_dir, stem + MASK_SUFFIX)
+
+
 def scan_video(root: str, name: str, index: int, *, require_labels: bool) -> VideoInfo:
     """Lists the frames (and masks) of one video and checks that they pair up.
 
@@ -275,7 +279,7 @@ def scan_video(root: str, name: str, index: int, *, require_labels: bool) -> Vid
     origin = os.path.join(video_dir, "origin")
     mask_dir = os.path.join(video_dir, "mask")
     if not os.path.isdir(video_dir):
-        raise DatasetError(f"{video_dir}: video {name!r} is listed in the split file but its folder is missing")
+        raise DatasetError(f"{video_dir}: video {name!r} is listed in a split file but its folder is missing")
     if not os.path.isdir(origin):
         raise DatasetError(f"{origin}: frames folder of video {name!r} is missing")
     frames = _list_files(origin, FRAME_SUFFIX)
@@ -293,9 +297,9 @@ def scan_video(root: str, name: str, index: int, *, require_labels: bool) -> Vid
         extra = sorted(set(mask_stems) - set(stems))
         parts = [f"{len(frames)} frames but {len(masks)} masks"]
         if missing:
-            parts.append("missing masks: " + ", ".join(os.path.join(mask_dir, s + MASK_SUFFIX) for s in missing[:5]))
+            parts.append("missing masks: " + ", ".join(_mask_file(mask_dir, s) for s in missing[:5]))
         if extra:
-            parts.append("masks without frame: " + ", ".join(os.path.join(mask_dir, s + MASK_SUFFIX) for s in extra[:5]))
+            parts.append("masks without frame: " + ", ".join(_mask_file(mask_dir, s) for s in extra[:5]))
         raise DatasetError(f"{video_dir}: frame/mask mismatch in video {name!r}: " + "; ".join(parts))
     return VideoInfo(name, index, stems, has_labels=True)
 
@@ -378,24 +382,43 @@ class FolderSource:
         )
 
     def frame_path(self, video: VideoInfo, t: int) -> str:
-        return os.path.join(self.root, "data", video.name, "origin", video.frame_names[t] + FRAME_SUFFIX)
+        return folder_frame_path(self.root, video, t)
 
     def mask_path(self, video: VideoInfo, t: int) -> str:
-        return os.path.join(self.root, "data", video.name, "mask", video.frame_names[t] + MASK_SUFFIX)
+        return folder_mask_path(self.root, video, t)
 
     def frame_name(self, video: VideoInfo, t: int) -> str:
         return self.frame_path(video, t)
 
     def load_frame(self, video: VideoInfo, t: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Returns ((H, W, 3) uint8 RGB, (H, W) uint8 reduced labels or None)."""
-        image_path = self.frame_path(video, t)
-        image = decode_image(read_bytes(image_path), image_path)
-        if not video.has_labels:
-            return image, None
-        mask_path = self.mask_path(video, t)
-        mask = decode_mask(read_bytes(mask_path), mask_path, self.num_classes)
-        check_same_size(image, mask, image_path, mask_path)
-        return image, reduce_zero_label(mask)
+        return load_folder_frame(self.root, video, t, self.num_classes)
+
+
+def folder_frame_path(root: str, video: VideoInfo, t: int) -> str:
+    return os.path.join(root, "data", video.name, "origin", video.frame_names[t] + FRAME_SUFFIX)
+
+
+def folder_mask_path(root: str, video: VideoInfo, t: int) -> str:
+    return os.path.join(root, "data", video.name, "mask", video.frame_names[t] + MASK_SUFFIX)
+
+
+def load_folder_frame(
+    root: str, video: VideoInfo, t: int, num_classes: int = NUM_CLASSES
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Reads frame t of a video of a VSPW folder and checks it.
+
+    Returns:
+      ((H, W, 3) uint8 RGB image, (H, W) uint8 reduced labels, or None if the video has no masks).
+    """
+    image_path = folder_frame_path(root, video, t)
+    image = decode_image(read_bytes(image_path), image_path)
+    if not video.has_labels:
+        return image, None
+    mask_path = folder_mask_path(root, video, t)
+    mask = decode_mask(read_bytes(mask_path), mask_path, num_classes)
+    check_same_size(image, mask, image_path, mask_path)
+    return image, reduce_zero_label(mask)
 
 
 def is_tfds_dir(path: str) -> bool:
