@@ -34,7 +34,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cffm_jax.models.layers import gelu, resize_bilinear, torch_bias_init, torch_linear_kernel_init, trunc_normal_init
+from cffm_jax.models.layers import (
+    gelu,
+    resize_bilinear,
+    torch_bias_init,
+    torch_linear_kernel_init,
+    trunc_normal_init,
+)
 
 MASK_VALUE = -100.0  # SPEC 4.3 step 5 / section 12.4: added to the scores of unfold-padding keys.
 
@@ -111,7 +117,9 @@ def _unfold_index(grid_h: int, grid_w: int, n_h: int, n_w: int, kernel: int, str
     pad = kernel // 2
     for size, n in ((grid_h, n_h), (grid_w, n_w)):
         if (size + 2 * pad - kernel) // stride + 1 != n:
-            raise ValueError(f"unfold of {size} cells (kernel {kernel}, stride {stride}) does not give {n} windows")
+            raise ValueError(
+                f"unfold of {size} cells (kernel {kernel}, stride {stride}) does not give {n} windows"
+            )
     a, b = np.meshgrid(np.arange(n_h), np.arange(n_w), indexing="ij")
     u, v = np.divmod(np.arange(kernel * kernel), kernel)
     rows = stride * a.reshape(-1, 1) + u[None] - pad
@@ -164,7 +172,8 @@ def key_layout(
         parts.append(np.where(cells >= 0, cells, zero_row))
     index = np.concatenate(parts, axis=1).astype(np.int32)
     mask = np.concatenate(
-        [np.zeros_like(parts[0], np.float32)] + [np.where(c >= 0, 0.0, MASK_VALUE).astype(np.float32) for c in unfolded],
+        [np.zeros_like(parts[0], np.float32)]
+        + [np.where(c >= 0, 0.0, MASK_VALUE).astype(np.float32) for c in unfolded],
         axis=1,
     )
     return index, mask, tuple(grids)
@@ -210,16 +219,22 @@ class CFFMAttention(nn.Module):
         ws, nh = self.window_size, self.num_heads
         n_ring = len(_rolled_ring(ws, self.expand_size)[0])
         tn = trunc_normal_init(0.02)
-        own = self.param("relative_position_bias_table", nn.initializers.zeros_init(), ((2 * ws - 1) ** 2, nh))
+        own = self.param(
+            "relative_position_bias_table", nn.initializers.zeros_init(), ((2 * ws - 1) ** 2, nh)
+        )
         ring = self.param("relative_position_bias_table_to_neighbors", tn, (1, nh, ws * ws, n_ring))
-        pooled = self.param("relative_position_bias_table_to_windows_0", tn, (nh, (ws + self.focal_window - 1) ** 2))
+        pooled = self.param(
+            "relative_position_bias_table_to_windows_0", tn, (nh, (ws + self.focal_window - 1) ** 2)
+        )
         parts = [
             jnp.transpose(own[relative_position_index(ws, ws, ws)], (2, 0, 1)),
             ring[0],
             pooled[:, relative_position_index(ws, self.focal_window, self.focal_window)],
         ]
         for j, kk in enumerate(self.focal_kernel_clips):
-            table = self.param(f"relative_position_bias_table_to_windows_clips_{j}", tn, (nh, (ws + kk - 1) ** 2))
+            table = self.param(
+                f"relative_position_bias_table_to_windows_clips_{j}", tn, (nh, (ws + kk - 1) ** 2)
+            )
             parts.append(table[:, relative_position_index(ws, kk, kk)])
         return jnp.concatenate(parts, axis=-1).astype(self.dtype)
 
@@ -252,7 +267,9 @@ class CFFMAttention(nn.Module):
         n_win, n_keys = index.shape
 
         # One projection for the target and all pooled maps (SPEC 4.3 steps 3, 4c, 4d).
-        tokens = jnp.concatenate([target.reshape(batch, hp * wp, dim)] + [p.reshape(batch, -1, dim) for p in pooled], 1)
+        tokens = jnp.concatenate(
+            [target.reshape(batch, hp * wp, dim)] + [p.reshape(batch, -1, dim) for p in pooled], 1
+        )
         qkv = nn.Dense(
             3 * dim,
             dtype=self.dtype,
@@ -283,7 +300,11 @@ class CFFMAttention(nn.Module):
             out, "b h (nh nw) (p q) d -> b (nh p) (nw q) (h d)", nh=hp // ws, nw=wp // ws, p=ws, q=ws
         )
         return nn.Dense(
-            dim, dtype=self.dtype, kernel_init=torch_linear_kernel_init(), bias_init=torch_bias_init(dim), name="proj"
+            dim,
+            dtype=self.dtype,
+            kernel_init=torch_linear_kernel_init(),
+            bias_init=torch_bias_init(dim),
+            name="proj",
         )(out)
 
 
@@ -419,7 +440,9 @@ class CFFMTransformer(nn.Module):
                 f"got {refs.shape}"
             )
         if self.dim != target.shape[-1] or self.dim % self.num_heads:
-            raise ValueError(f"feature dim {target.shape[-1]} must equal dim={self.dim}, divisible by num_heads")
+            raise ValueError(
+                f"feature dim {target.shape[-1]} must equal dim={self.dim}, divisible by num_heads"
+            )
         for i in range(self.depth):
             target = CFFMBlock(
                 dim=self.dim,

@@ -1,0 +1,271 @@
+"""Tests of the CFFM coarse-to-fine cross-frame attention ``decoder_focal`` (SPEC.md section 4.3).
+
+Parity with the official code on ``cffm_tiny.npz``; at other map sizes (padding, a single window, wrap-around)
+against a literal PyTorch transcription of SPEC 4.3 that uses ``torch.roll``, ``F.unfold`` and
+``F.interpolate`` for the key construction, in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cffm_jax.models.cffm_attention import CFFMTransformer, index_buffers, key_layout
+
+PREFIX = "state_dict/decode_head.decoder_focal."
+
+
+def params_from_state_dict(state_dict: dict[str, np.ndarray], prefix: str = PREFIX) -> tuple[dict, dict]:
+    """Official ``decoder_focal`` state dict -> (Flax params, int64 buffers), by the project's naming rule.
+
+    Digit components merge into the previous one with '_'; a 2-D 'weight' becomes a transposed Dense 'kernel',
+    a 1-D 'weight' a LayerNorm 'scale'; everything else keeps its name and torch layout.
+    """
+    params: dict = {}
+    buffers: dict = {}
+    for key, value in state_dict.items():
+        if not key.startswith(prefix):
+            continue
+        parts: list[str] = []
+        for part in key[len(prefix) :].split("."):
+            if part.isdigit():
+                parts[-1] += "_" + part
+            else:
+                parts.append(part)
+        if value.dtype == np.int64:
+            buffers["/".join(parts)] = value
+            continue
+        if parts[-1] == "weight":
+            parts[-1], value = ("kernel", value.T) if value.ndim == 2 else ("scale", value)
+        node = params
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = jnp.asarray(value)
+    return params, buffers
+
+
+@pytest.fixture(scope="module")
+def tiny(cffm_tiny):
+    arrays, meta = cffm_tiny
+    params, buffers = params_from_state_dict(arrays)
+    head = meta["decode_head"]
+    model = CFFMTransformer(
+        dim=head["embed_dim"], depth=head["decoder_depth"], num_heads=head["decoder_num_heads"]
+    )
+    x = np.transpose(arrays["output/head_focal_in"], (0, 1, 3, 4, 2))  # (B, T, E, h, w) -> (B, T, h, w, E)
+    target = np.transpose(arrays["output/head_focal_out_target"], (0, 2, 3, 1))
+    return model, params, buffers, x, target
+
+
+def test_index_buffers_equal_official(tiny):
+    _, _, buffers, _, _ = tiny
+    ours = index_buffers()
+    assert len(buffers) == 2 * 6
+    for name, value in buffers.items():
+        block, _, leaf = name.split("/")
+        assert block in ("blocks_0", "blocks_1")
+        np.testing.assert_array_equal(ours[leaf], value, err_msg=name)
+        assert ours[leaf].dtype == np.int64
+
+
+def test_param_tree_matches_official_names_and_shapes(tiny):
+    model, params, _, x, _ = tiny
+    init = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    flat_init = {
+        "/".join(k.key for k in path): v.shape for path, v in jax.tree_util.tree_leaves_with_path(init)
+    }
+    flat_ours = {
+        "/".join(k.key for k in path): v.shape for path, v in jax.tree_util.tree_leaves_with_path(params)
+    }
+    assert flat_init == flat_ours
+    assert flat_init["blocks_1/attn/relative_position_bias_table_to_neighbors"] == (1, 8, 49, 132)
+    assert flat_init["blocks_0/pool_layers_clips_2/kernel"] == (4, 1)
+
+
+def test_matches_official_fixture(tiny):
+    model, params, _, x, target = tiny
+    assert x.shape == (2, 4, 8, 16, 32)  # h8 x w8 = 8 x 16 -> padded 14 x 21: padding and wrap-around
+    out = jax.jit(model.apply)({"params": params}, x)
+    assert out.shape == x.shape and out.dtype == jnp.float32
+    np.testing.assert_allclose(out[:, -1], target, atol=2e-5, rtol=1e-5)
+    assert np.abs(np.asarray(out[:, -1]) - target).max() < 2e-5
+    np.testing.assert_array_equal(out[:, :-1], x[:, :-1])  # the references pass through unchanged
+    assert np.abs(target - x[:, -1]).max() > 0.1  # and the target really changed
+
+
+def test_enhance_target_and_batch_independence(tiny):
+    model, params, _, x, target = tiny
+    enhance = jax.jit(lambda p, t, r: model.apply({"params": p}, t, r, method=CFFMTransformer.enhance_target))
+    full = enhance(params, x[:, -1], x[:, :-1])
+    np.testing.assert_allclose(full, target, atol=2e-5, rtol=1e-5)
+    for b in range(x.shape[0]):
+        single = enhance(params, x[b : b + 1, -1], x[b : b + 1, :-1])
+        np.testing.assert_allclose(single[0], full[b], atol=1e-6, rtol=1e-6)
+    swapped = enhance(params, x[::-1, -1], x[::-1, :-1])
+    np.testing.assert_allclose(swapped[::-1], full, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("num_frames", [3, 5])
+def test_wrong_number_of_frames_raises(tiny, num_frames):
+    model, params, _, x, _ = tiny
+    clip = np.concatenate([x, x], axis=1)[:, :num_frames]
+    with pytest.raises(ValueError, match="T=4"):
+        model.apply({"params": params}, clip)
+
+
+def test_init_follows_official_scheme():
+    model = CFFMTransformer(dim=16, depth=1)
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4, 3, 5, 16)))["params"]["blocks_0"]
+    attn = params["attn"]
+    np.testing.assert_array_equal(attn["relative_position_bias_table"], 0.0)
+    for name in (
+        "relative_position_bias_table_to_neighbors",
+        "relative_position_bias_table_to_windows_clips_0",
+    ):
+        assert 0.01 < float(jnp.std(attn[name])) < 0.03, name
+    for name, ws in (("pool_layers_0", 7), ("pool_layers_clips_0", 7), ("pool_layers_clips_1", 3)):
+        np.testing.assert_allclose(params[name]["kernel"], 1.0 / ws**2)
+        np.testing.assert_array_equal(params[name]["bias"], 0.0)
+    bound = 1.0 / math.sqrt(16)
+    assert (
+        float(jnp.abs(attn["qkv"]["kernel"]).max()) <= bound and float(jnp.std(attn["qkv"]["kernel"])) > 0.1
+    )
+    np.testing.assert_array_equal(params["norm1"]["scale"], 1.0)
+
+
+def test_key_layout_geometry():
+    index, mask, grids = key_layout(14, 21)
+    assert index.shape == mask.shape == (6, 289) and grids == ((2, 3), (2, 3), (4, 6), (6, 9))
+    wp = 21
+    rows, cols = np.divmod(
+        index[4, :181], wp
+    )  # window (1, 1): top-left (7, 7); its ring wraps to row/col 0-2
+    dy, dx = (rows - 7) % 14, (cols - 7) % 21
+    np.testing.assert_array_equal(dy[:49] * 7 + dx[:49], np.arange(49))  # own window, row-major
+    offsets = set(zip(((rows - 4) % 14).tolist(), ((cols - 4) % 21).tolist(), strict=True))
+    assert len(offsets) == 13 * 13  # own + ring = the 13x13 block around the window (120 + 49 distinct cells)
+    np.testing.assert_array_equal(mask[:, :181], 0.0)
+    assert set(np.unique(mask).tolist()) == {0.0, -100.0}
+    zero_row = 14 * 21 + 6 + 6 + 24 + 54
+    np.testing.assert_array_equal(index[mask < 0], zero_row)  # masked keys read the all-zero row
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A literal float64 PyTorch transcription of one block (SPEC 4.3), for sizes the fixture does not cover.
+
+
+def _reference_block(x: np.ndarray, p: dict, heads: int) -> np.ndarray:
+    """x (B, T, h, w, E) -> enhanced target (B, h, w, E) by SPEC 4.3 steps 1-6, using torch ops literally."""
+
+    def t(a):
+        return torch.tensor(np.array(a), dtype=torch.float64)
+
+    def lin(a, layer):
+        return a @ t(layer["kernel"]) + t(layer["bias"])
+
+    def windows(m, ws=7):  # (B, H, W, C) -> (B*nW, ws*ws, C), windows batch-major then row-major
+        b, hh, ww, c = m.shape
+        m = m.reshape(b, hh // ws, ws, ww // ws, ws, c).permute(0, 1, 3, 2, 4, 5)
+        return m.reshape(-1, ws * ws, c)
+
+    def pool(m, layer, ws):  # weighted sum over ws x ws windows -> (B, H/ws, W/ws, C)
+        b, hh, ww, c = m.shape
+        pooled = windows(m, ws).transpose(1, 2) @ t(layer["kernel"]) + t(layer["bias"])
+        return pooled.reshape(b, hh // ws, ww // ws, c)
+
+    def unfold(m, kernel, stride):  # (B, gh, gw, C) -> (B*nW, kernel^2, C) and the -100 mask (nW, kernel^2)
+        b, _, _, c = m.shape
+        cols = F.unfold(m.permute(0, 3, 1, 2), kernel, padding=kernel // 2, stride=stride)
+        keys = cols.reshape(b, c, kernel * kernel, -1).permute(0, 3, 2, 1).reshape(-1, kernel * kernel, c)
+        ones = F.unfold(
+            torch.ones_like(m[:1, ..., :1]).permute(0, 3, 1, 2), kernel, padding=kernel // 2, stride=stride
+        )
+        return keys, torch.where(ones[0].T > 0, 0.0, -100.0).double()
+
+    x = t(x)
+    b, _, h, w, e = x.shape
+    xn = F.layer_norm(x, (e,), t(p["norm1"]["scale"]), t(p["norm1"]["bias"]), 1e-5)
+    hp, wp = 7 * math.ceil(h / 7), 7 * math.ceil(w / 7)
+    xn = F.pad(xn, (0, 0, 0, wp - w, 0, hp - h))
+    y = xn[:, -1]
+    a = p["attn"]
+    q, k, v = lin(y, a["qkv"]).chunk(3, dim=-1)
+    keys, values = [windows(k)], [windows(v)]
+    bufs = {name: torch.as_tensor(value) for name, value in index_buffers().items()}
+    shifts = ((-3, -3), (-3, 3), (3, -3), (3, 3))
+    for src, out in ((k, keys), (v, values)):
+        rolled = torch.cat([windows(torch.roll(src, s, dims=(1, 2))) for s in shifts], dim=1)
+        out.append(rolled[:, bufs["valid_ind_rolled"]])
+    n_win = keys[0].shape[0] // b
+    masks = [torch.zeros(n_win, 49 + 132, dtype=torch.float64)]
+    sources = [(pool(y, p["pool_layers_0"], 7), 5, 1)]
+    for j, (level, kernel) in enumerate(((1, 7), (2, 5), (3, 3))):
+        ws_j = 7 // level
+        ref = xn[:, j].permute(0, 3, 1, 2)
+        size = (level * hp // 7 * ws_j, level * wp // 7 * ws_j)
+        if tuple(ref.shape[-2:]) != size:
+            ref = F.interpolate(ref, size=size, mode="bilinear", align_corners=False)
+        sources.append((pool(ref.permute(0, 2, 3, 1), p[f"pool_layers_clips_{j}"], ws_j), kernel, level))
+    for pooled, kernel, stride in sources:
+        _, pk, pv = lin(pooled, a["qkv"]).chunk(3, dim=-1)
+        (kk, mask), (vv, _) = unfold(pk, kernel, stride), unfold(pv, kernel, stride)
+        keys.append(kk), values.append(vv), masks.append(mask)
+    keys, values, mask = torch.cat(keys, 1), torch.cat(values, 1), torch.cat(masks, 1)
+
+    d = e // heads
+    bias = [t(a["relative_position_bias_table"])[bufs["relative_position_index"]].permute(2, 0, 1)]
+    bias.append(t(a["relative_position_bias_table_to_neighbors"])[0])
+    bias.append(t(a["relative_position_bias_table_to_windows_0"])[:, bufs["relative_position_index_0"]])
+    for j in range(3):
+        table = t(a[f"relative_position_bias_table_to_windows_clips_{j}"])
+        bias.append(table[:, bufs[f"relative_position_index_clips_{j}"]])
+    bias = torch.cat(bias, -1)  # (heads, 49, 289)
+
+    def split(m):  # (B*nW, n, E) -> (B*nW, heads, n, d)
+        return m.reshape(m.shape[0], m.shape[1], heads, d).transpose(1, 2)
+
+    scores = (split(windows(q)) * d**-0.5) @ split(keys).transpose(-1, -2) + bias
+    scores = scores + mask.repeat(b, 1)[:, None, None, :]
+    out = (scores.softmax(-1) @ split(values)).transpose(1, 2).reshape(-1, 49, e)
+    out = lin(out, a["proj"])
+    out = out.reshape(b, hp // 7, wp // 7, 7, 7, e).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, e)[:, :h, :w]
+    z = x[:, -1] + out
+    zn = F.layer_norm(z, (e,), t(p["norm2"]["scale"]), t(p["norm2"]["bias"]), 1e-5)
+    return (z + lin(F.gelu(lin(zn, p["mlp"]["fc1"])), p["mlp"]["fc2"])).numpy()
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    """A depth-1, E=16 model with random parameters (no zero tables or uniform pooling that could hide
+    indexing errors). Parameter shapes do not depend on the map size."""
+    model = CFFMTransformer(dim=16, depth=1, num_heads=8)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4, 1, 1, 16)))["params"]
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: (0.3 * rng.normal(size=s.shape)).astype(np.float32), shapes)
+    for name, ws in (
+        ("pool_layers_0", 7),
+        ("pool_layers_clips_0", 7),
+        ("pool_layers_clips_1", 3),
+        ("pool_layers_clips_2", 2),
+    ):
+        params["blocks_0"][name]["kernel"] += 1.0 / ws**2
+    params["blocks_0"]["norm1"]["scale"] += 1.0
+    params["blocks_0"]["norm2"]["scale"] += 1.0
+    return model, params
+
+
+@pytest.mark.parametrize("size", [(15, 9), (7, 7), (1, 1), (9, 22)])
+def test_other_sizes_match_literal_reference(small_model, size):
+    model, params = small_model
+    x = np.random.default_rng(sum(size)).normal(size=(2, 4, *size, 16)).astype(np.float32)
+    out = jax.jit(model.apply)({"params": params}, x)
+    assert out.shape == x.shape and bool(jnp.isfinite(out).all())
+    np.testing.assert_array_equal(out[:, :-1], x[:, :-1])
+    expected = _reference_block(x, jax.tree.map(np.asarray, params["blocks_0"]), heads=8)
+    np.testing.assert_allclose(out[:, -1], expected, atol=2e-5, rtol=1e-5)
