@@ -140,7 +140,8 @@ def test_hsv_conversions():
         assert min(dh, 180 - dh) <= 1
     back = T.hsv_to_rgb(hsv)
     assert np.abs(back.astype(int) - rgb.astype(int)).max() <= 3  # uint8 HSV quantisation
-    assert (T.rgb_to_hsv(np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], np.uint8))[:, 0] == [0, 60, 120]).all()
+    primaries = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], np.uint8)
+    np.testing.assert_array_equal(T.rgb_to_hsv(primaries)[:, 0], [0, 60, 120])
 
 
 def _reference_photometric(img, rng):
@@ -260,7 +261,7 @@ def test_test_transform_sizes():
 
 
 def test_resizes_match_opencv_when_installed():
-    cv2 = pytest.importorskip("cv2", reason="opencv is optional; the comparison runs only where it is installed")
+    cv2 = pytest.importorskip("cv2", reason="opencv is optional; this comparison runs where it is installed")
     rng = np.random.default_rng(9)
     for _ in range(6):
         h, w, oh, ow = (int(x) for x in rng.integers(10, 300, 4))

@@ -17,12 +17,16 @@ import os
 import sys
 
 from cffm_jax.data.vspw import (
+    FRAME_SUFFIX,
+    MASK_SUFFIX,
     NUM_CLASSES,
     SPLITS,
     DatasetError,
     VideoInfo,
+    decode_mask,
     folder_frame_path,
     load_folder_frame,
+    read_bytes,
     read_split,
     scan_video,
     split_file,
@@ -76,6 +80,27 @@ def _check_video(root: str, video: VideoInfo, num_classes: int) -> list[str]:
     return problems
 
 
+def _scan_unpaired(root: str, name: str, index: int, report: Report, num_classes: int) -> VideoInfo | None:
+    """For a video whose frames and masks do not pair up: checks every mask file on its own and returns the
+    video without labels (so its frames are still checked), or None if it has no frames folder."""
+    origin = os.path.join(root, "data", name, "origin")
+    mask_dir = os.path.join(root, "data", name, "mask")
+    if os.path.isdir(mask_dir):
+        for f in sorted(os.listdir(mask_dir)):
+            if f.lower().endswith(MASK_SUFFIX):
+                path = os.path.join(mask_dir, f)
+                try:
+                    decode_mask(read_bytes(path), path, num_classes)
+                except DatasetError as e:
+                    report.problems.append(str(e))
+    if not os.path.isdir(origin):
+        return None
+    stems = tuple(
+        f[: -len(FRAME_SUFFIX)] for f in sorted(os.listdir(origin)) if f.lower().endswith(FRAME_SUFFIX)
+    )
+    return VideoInfo(name, index, stems, has_labels=False) if stems else None
+
+
 def validate_dataset(
     root: str,
     splits: list[str] | None = None,
@@ -120,7 +145,9 @@ def validate_dataset(
                 video = scan_video(root, name, index, require_labels=False)
             except DatasetError as e:
                 report.problems.append(str(e))
-                continue
+                video = _scan_unpaired(root, name, index, report, num_classes)
+                if video is None:
+                    continue
             videos.append(video)
     with concurrent.futures.ThreadPoolExecutor(max(workers, 1)) as pool:
         results = pool.map(lambda video: _check_video(root, video, num_classes), videos)
