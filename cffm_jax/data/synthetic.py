@@ -7,7 +7,7 @@
     DIR/data/<video>/mask/<frame>.png       palette PNG masks with *raw* VSPW values
 
 Scenes: two textured background classes (raw labels 1 and 2) split by a wavy horizon that pans slowly,
-a few moving, rotating, mutually occluding textured shapes of the other classes (raw 3..K), sometimes a
+a few moving, rotating, mutually occluding textured shapes of the other classes (raw 3..K), a
 grey noisy blob labelled 0 ('others', ignored after ``reduce_zero_label``), and thin 255 (ignore) bands
 along the inside of some object outlines. Every class has its own hue AND its own texture (stripes, checker,
 dots, waves, grid, rings, blotches), identical across videos up to a small per-video jitter, so a tiny model
@@ -132,20 +132,18 @@ def _render_video(
                 jitter=rng.random(5),
             )
         )
-    others = None
-    if rng.random() < 0.6:
-        others = _Shape(
-            cls=0,
-            kind="ellipse",
-            center=np.array([rng.uniform(0.2, 0.8) * h, rng.uniform(0.1, 0.9) * w]),
-            velocity=rng.uniform(-0.5, 0.5, size=2) * unit,
-            radii=np.array([0.1, 0.16]) * min(h, w),
-            angle=rng.uniform(0, np.pi),
-            spin=0.0,
-            outline=False,
-            jitter=rng.random(5),
-        )
-        shapes.insert(int(rng.integers(0, len(shapes) + 1)), others)
+    others = _Shape(
+        cls=0,
+        kind="ellipse",
+        center=np.array([rng.uniform(0.2, 0.8) * h, rng.uniform(0.1, 0.9) * w]),
+        velocity=rng.uniform(-0.5, 0.5, size=2) * unit,
+        radii=np.array([0.1, 0.16]) * min(h, w) * rng.uniform(0.7, 1.3),
+        angle=rng.uniform(0, np.pi),
+        spin=0.0,
+        outline=False,
+        jitter=rng.random(5),
+    )
+    shapes.insert(int(rng.integers(0, len(shapes) + 1)), others)
     noise_rng = np.random.default_rng(rng.integers(2**32))
     images, masks = [], []
     for t in range(frames):

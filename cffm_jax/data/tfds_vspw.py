@@ -26,6 +26,7 @@ import os
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 from PIL import Image
 
 from cffm_jax.data.vspw import (
@@ -64,6 +65,9 @@ class Vspw(tfds.core.GeneratorBasedBuilder):
         "Download and extract VSPW 480p (https://www.vspwdataset.com/) and pass the folder that contains "
         "train.txt, val.txt, test.txt and data/ as manual_dir (e.g. data/vspw/VSPW_480p)."
     )
+    # tfds locates a builder's source through importlib_resources, which is not installed with this stack
+    # (ModuleNotFoundError inside download_and_prepare); the file path is all it needs (no checksums file).
+    code_path = epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
