@@ -112,14 +112,18 @@ def resize_bilinear(
         return image[y0:y1, x0:x1].copy()
     sy0, sy1, b0, b1 = _linear_taps(h, out_h, y0, y1, clamp_weights=False)
     sx0, sx1, a0, a1 = _linear_taps(w, out_w, x0, x1, clamp_weights=True)
+    # Horizontal pass once per distinct source row, then the vertical pass.
+    rows, inverse = np.unique(np.concatenate([sy0, sy1]), return_inverse=True)
+    src = image[rows]
     a0, a1 = a0[None, :, None], a1[None, :, None]
-    rows0 = image[sy0].astype(np.int32)
-    rows1 = image[sy1].astype(np.int32)
-    h0 = rows0[:, sx0] * a0 + rows0[:, sx1] * a1  # (oh, ow, C), values up to 255 * 2048
-    h1 = rows1[:, sx0] * a0 + rows1[:, sx1] * a1
-    b0, b1 = b0[:, None, None], b1[:, None, None]
-    out = (((h0 >> 4) * b0) >> 16) + (((h1 >> 4) * b1) >> 16)
-    return np.clip((out + 2) >> 2, 0, 255).astype(np.uint8)
+    horiz = src[:, sx0].astype(np.int32) * a0 + src[:, sx1].astype(np.int32) * a1
+    horiz >>= 4  # values up to 255 * 2048 / 16: the int16 range of OpenCV's SIMD vertical pass
+    n = len(sy0)
+    out = (horiz[inverse[:n]] * b0[:, None, None]) >> 16
+    out += (horiz[inverse[n:]] * b1[:, None, None]) >> 16
+    out += 2
+    out >>= 2
+    return np.clip(out, 0, 255).astype(np.uint8)
 
 
 def resize_nearest(
@@ -197,8 +201,8 @@ def _convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray
 
 
 _HSV_SHIFT = 12
-_SDIV = np.array([0] + [round((255 << _HSV_SHIFT) / i) for i in range(1, 256)], np.int64)
-_HDIV = np.array([0] + [round((180 << _HSV_SHIFT) / (6.0 * i)) for i in range(1, 256)], np.int64)
+_SDIV = np.array([0] + [round((255 << _HSV_SHIFT) / i) for i in range(1, 256)], np.int32)
+_HDIV = np.array([0] + [round((180 << _HSV_SHIFT) / (6.0 * i)) for i in range(1, 256)], np.int32)
 
 
 def rgb_to_hsv(image: np.ndarray) -> np.ndarray:
@@ -210,10 +214,10 @@ def rgb_to_hsv(image: np.ndarray) -> np.ndarray:
     Returns:
       (..., 3) uint8 HSV.
     """
-    rgb = image.astype(np.int64)
+    rgb = image.astype(np.int32)
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    v = rgb.max(-1)
-    diff = v - rgb.min(-1)
+    v = np.maximum(np.maximum(r, g), b)
+    diff = v - np.minimum(np.minimum(r, g), b)
     s = (diff * _SDIV[v] + (1 << (_HSV_SHIFT - 1))) >> _HSV_SHIFT
     hue = np.where(v == r, g - b, np.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
     hue = (hue * _HDIV[diff] + (1 << (_HSV_SHIFT - 1))) >> _HSV_SHIFT
@@ -241,9 +245,9 @@ def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
     h = np.mod(h, np.float32(6.0))
     sector = np.floor(h)
     frac = h - sector
-    sector = sector.astype(np.int64) % 6
-    tab = np.stack([v, v * (1 - s), v * (1 - s * frac), v * (1 - s * (1 - frac))], -1)
-    rgb = np.take_along_axis(tab, _SECTOR_RGB[sector], axis=-1)
+    sector = sector.astype(np.intp) % 6
+    tab = [v, v * (1 - s), v * (1 - s * frac), v * (1 - s * (1 - frac))]
+    rgb = np.stack([np.choose(_SECTOR_RGB[:, c][sector], tab) for c in range(3)], -1)
     rgb = np.where((s == 0)[..., None], v[..., None], rgb)
     return np.clip(np.rint(rgb * np.float32(255.0)), 0, 255).astype(np.uint8)
 
