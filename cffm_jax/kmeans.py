@@ -24,6 +24,13 @@ Initialisation (``init``):
 Everything is a small pure function with static ``k``, ``max_iter`` and shapes, so it jits once per problem
 size and ``jax.vmap``s over videos (:func:`kmeans_batched`). Memory: the (N, K) similarity matrix (26 MB for
 64,800 x 100) is materialised; nothing of size N x K x D is.
+
+Determinism: on CPU results are bit-reproducible. On GPU the centre sums use scatter-add (``segment_sum``),
+whose float32 summation order is not fixed unless XLA runs with ``--xla_gpu_deterministic_ops=true``; without
+it, reruns can differ at float32 rounding level (and, rarely, flip a near-tie label in a later iteration).
+
+Speed (``scripts/benchmark_kmeans.py``, 64,800 x 256, K=100, 10 iterations, 2 CPU cores): about 3x faster than
+both fast-pytorch-kmeans 0.2.2 and scikit-learn's Lloyd, with labels identical to fast-pytorch-kmeans.
 """
 
 from __future__ import annotations
