@@ -1,0 +1,476 @@
+"""Conversion of PyTorch checkpoints (official CFFM / CFFM++, SegFormer ImageNet ``mit_b*.pth``, Hugging Face
+SegFormer) into Flax variables. Pure numpy; torch is imported only to read ``.pth`` files.
+
+The mapping is one rule plus a short table, because the Flax modules keep the official names:
+
+* an official key is split on ``.``; every all-digit component is merged into the previous one with ``_``
+  (``backbone.block1.0.attn.q.weight`` -> ``backbone/block1_0/attn/q/weight``);
+* the last component decides the Flax leaf and the layout change:
+  ``weight`` -> ``kernel`` of a Dense (torch ``(out, in)`` transposed; a 1x1 conv ``(out, in, 1, 1)`` used as a
+  per-pixel Linear squeezed then transposed) or of a Conv (``OIHW`` -> ``HWIO``), or ``scale`` of a
+  LayerNorm/BatchNorm; ``bias`` -> ``bias``; BatchNorm ``running_mean``/``running_var`` -> the ``batch_stats``
+  collection's ``mean``/``var``; any other name (the relative-position bias tables) is kept with the identical
+  PyTorch layout.
+
+Source keys that are deliberately not converted (``IGNORED``, each with its reason) are reported, never silently
+dropped; anything else that does not map onto a Flax leaf is an error, as is a Flax leaf that no source key fills
+(unless ``init_variables`` supplies fresh values for it) and any shape mismatch. All problems are collected and raised
+together in one ``ConversionError``.
+
+Hugging Face SegFormer names are first renamed to the official ones (``hf_to_official``), for both the published
+checkpoint naming (``segformer.encoder.block.0.0.attention.self.query``, transformers 4.x) and the transformers 5.x
+module naming (``stages.0.blocks.0.attention.q_proj``); the separate key/value projections are concatenated into the
+official ``kv``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import zipfile
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from cffm_jax.models import build_model
+
+# Keys that exist in official checkpoints but carry nothing our model needs; matched against the canonical key.
+IGNORED: tuple[tuple[str, str], ...] = (
+    (
+        r"^decode_head\.conv_seg\.",
+        "unused classifier of the mmseg base head (never called by the CFFM heads)",
+    ),
+    (r"num_batches_tracked$", "BatchNorm step counter (the momentum is fixed)"),
+    (r"\.relative_position_index(_\w+)?$", "integer index buffer, recomputed and checked"),
+    (r"\.valid_ind_rolled$", "integer index buffer, recomputed and checked"),
+)
+IGNORED_IMAGENET_HEAD = r"^head\."  # classifier of the ImageNet MiT checkpoints
+IGNORED_HF_HEAD = r"^(decode_head|classifier)\."  # Hugging Face segmentation/classification heads
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not match the model: lists every missing, unexpected and mis-shaped key."""
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    """What a conversion did, for the one-screen summary."""
+
+    converted: list[str]
+    ignored: dict[str, str]  # source key -> reason
+    fresh: list[str]  # Flax leaves initialised fresh (not in the checkpoint)
+    source_format: str  # 'official' or 'huggingface'
+    num_params: int
+
+    def summary(self) -> str:
+        lines = [
+            f"source naming: {self.source_format}",
+            f"converted: {len(self.converted)} keys",
+            f"ignored: {len(self.ignored)} keys",
+        ]
+        reasons: dict[str, int] = {}
+        for reason in self.ignored.values():
+            reasons[reason] = reasons.get(reason, 0) + 1
+        lines += [f"  {n:4d} x {reason}" for reason, n in sorted(reasons.items())]
+        if self.fresh:
+            modules = sorted({"/".join(p.split("/")[:-1]) for p in self.fresh})
+            lines.append(f"freshly initialised (not in the checkpoint): {len(self.fresh)} leaves in")
+            lines += [f"  {m}" for m in _collapse(modules)]
+        lines.append(f"parameters: {self.num_params:,}")
+        return "\n".join(lines)
+
+
+def _collapse(modules: list[str], limit: int = 12) -> list[str]:
+    """Module paths for the summary, shortened to their first two levels when there are many."""
+    if len(modules) <= limit:
+        return modules
+    return sorted({"/".join(m.split("/")[:3]) for m in modules})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading checkpoints.
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads a checkpoint into a flat ``{name: array}`` dict.
+
+    Supported: ``.pth``/``.pt``/``.bin`` (torch, loaded with ``weights_only=True``: no arbitrary unpickling; a dict
+    whose weights sit under ``state_dict`` or ``model`` is unwrapped), ``.npz`` (keys may carry a ``state_dict/``
+    prefix, as the parity fixtures do) and ``.safetensors``.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Checkpoint not found: {path}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                out = {}
+                for key in data.files:
+                    if key.startswith("state_dict/"):
+                        out[key[len("state_dict/") :]] = data[key]
+                    elif "/" not in key:
+                        out[key] = data[key]
+        except (zipfile.BadZipFile, ValueError, OSError) as e:
+            raise ConversionError(f"{path}: not a readable .npz checkpoint ({e})") from e
+        return out
+    if ext == ".safetensors":
+        from safetensors.numpy import load_file
+
+        try:
+            return dict(load_file(path))
+        except Exception as e:  # safetensors raises its own error types
+            raise ConversionError(f"{path}: not a readable .safetensors checkpoint ({e})") from e
+    if ext in (".pth", ".pt", ".bin", ".ckpt"):
+        return _load_torch(path)
+    raise ConversionError(
+        f"{path}: unknown checkpoint extension {ext!r} (expected .pth, .pt, .bin, .npz, .safetensors)"
+    )
+
+
+def _load_torch(path: str) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            f"Reading {path} needs PyTorch: pip install 'cffm-jax[torch]' (torch is used only to read .pth files)"
+        ) from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, zip errors, refused globals...
+        raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            if key in obj and isinstance(obj[key], Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping):
+        raise ConversionError(
+            f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}"
+        )
+    out = {}
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            raise ConversionError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        value = value.detach().cpu()
+        if value.dtype == torch.bfloat16:
+            value = value.float()
+        out[str(key)] = value.numpy()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hugging Face names.
+
+_HF_V4 = [  # transformers 4.x / published checkpoints
+    (r"^encoder\.patch_embeddings\.(\d+)\.proj\.", lambda m: f"patch_embed{int(m[1]) + 1}.proj."),
+    (r"^encoder\.patch_embeddings\.(\d+)\.layer_norm\.", lambda m: f"patch_embed{int(m[1]) + 1}.norm."),
+    (r"^encoder\.layer_norm\.(\d+)\.", lambda m: f"norm{int(m[1]) + 1}."),
+    (r"^encoder\.block\.(\d+)\.(\d+)\.", lambda m: f"block{int(m[1]) + 1}.{m[2]}."),
+]
+_HF_V5 = [  # transformers 5.x module names
+    (r"^stages\.(\d+)\.patch_embeddings\.proj\.", lambda m: f"patch_embed{int(m[1]) + 1}.proj."),
+    (r"^stages\.(\d+)\.patch_embeddings\.layer_norm\.", lambda m: f"patch_embed{int(m[1]) + 1}.norm."),
+    (r"^stages\.(\d+)\.layer_norm\.", lambda m: f"norm{int(m[1]) + 1}."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.", lambda m: f"block{int(m[1]) + 1}.{m[2]}."),
+]
+_HF_BLOCK = {  # inside a block, both namings
+    "layer_norm_1.": "norm1.",
+    "layernorm_before.": "norm1.",
+    "layer_norm_2.": "norm2.",
+    "layernorm_after.": "norm2.",
+    "attention.self.query.": "attn.q.",
+    "attention.q_proj.": "attn.q.",
+    "attention.self.key.": "attn.k.",
+    "attention.k_proj.": "attn.k.",
+    "attention.self.value.": "attn.v.",
+    "attention.v_proj.": "attn.v.",
+    "attention.output.dense.": "attn.proj.",
+    "attention.o_proj.": "attn.proj.",
+    "attention.self.sr.": "attn.sr.",
+    "attention.sequence_reduction.sequence_reduction.": "attn.sr.",
+    "attention.self.layer_norm.": "attn.norm.",
+    "attention.sequence_reduction.layer_norm.": "attn.norm.",
+    "mlp.dense1.": "mlp.fc1.",
+    "mlp.fc1.": "mlp.fc1.",
+    "mlp.dense2.": "mlp.fc2.",
+    "mlp.fc2.": "mlp.fc2.",
+    "mlp.dwconv.dwconv.": "mlp.dwconv.dwconv.",
+}
+
+
+def is_huggingface(state_dict: Mapping[str, Any]) -> bool:
+    """Whether the keys use Hugging Face SegFormer naming."""
+    return any(
+        re.match(r"^(segformer\.)?(encoder\.(block|patch_embeddings)|stages)\.", k) for k in state_dict
+    )
+
+
+def hf_to_official(state_dict: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Renames Hugging Face SegFormer keys to the official MiT names (no prefix).
+
+    Returns (renamed state dict, ignored keys with reasons). Separate key/value projections are concatenated into
+    ``attn.kv`` (key rows first). A key that fits no rule is kept under its own name so that the converter reports it
+    as unexpected.
+    """
+    out: dict[str, np.ndarray] = {}
+    ignored: dict[str, str] = {}
+    pending_kv: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in state_dict.items():
+        name = key[len("segformer.") :] if key.startswith("segformer.") else key
+        if re.match(IGNORED_HF_HEAD, name):
+            ignored[key] = "Hugging Face decode/classification head (not the CFFM head)"
+            continue
+        if name.endswith("num_batches_tracked"):
+            ignored[key] = "BatchNorm step counter (the momentum is fixed)"
+            continue
+        new = None
+        for pattern, repl in _HF_V4 + _HF_V5:
+            m = re.match(pattern, name)
+            if m:
+                rest = name[m.end() :]
+                new = repl(m)
+                if pattern.endswith(r"(\d+)\."):  # block: rename the inside
+                    for old, canonical in _HF_BLOCK.items():
+                        if rest.startswith(old):
+                            rest = canonical + rest[len(old) :]
+                            break
+                new += rest
+                break
+        if new is None:
+            out[key] = value
+            continue
+        m = re.match(r"^(.*)\.attn\.([kv])\.(weight|bias)$", new)
+        if m:
+            pending_kv.setdefault(f"{m[1]}.attn.kv.{m[3]}", {})[m[2]] = value
+            continue
+        out[new] = value
+    for name, parts in pending_kv.items():
+        if set(parts) != {"k", "v"}:
+            missing = "value" if "k" in parts else "key"
+            raise ConversionError(f"Hugging Face checkpoint: {name} has no matching {missing} projection")
+        out[name] = np.concatenate([parts["k"], parts["v"]], axis=0)
+    return out, ignored
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Conversion.
+
+
+def _flax_path(key: str) -> list[str]:
+    """``a.b.0.c`` -> ``['a', 'b_0', 'c']``."""
+    parts: list[str] = []
+    for part in key.split("."):
+        if part.isdigit() and parts:
+            parts[-1] = f"{parts[-1]}_{part}"
+        else:
+            parts.append(part)
+    return parts
+
+
+def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = value
+    return out
+
+
+def _to_flax(value: np.ndarray, target_shape: tuple[int, ...], leaf: str) -> np.ndarray | None:
+    """Re-lays a torch tensor for a Flax leaf; None when the shapes cannot correspond."""
+    if leaf == "kernel":
+        if value.ndim == 2 and len(target_shape) == 2:
+            value = value.T
+        elif value.ndim == 4 and len(target_shape) == 2 and value.shape[2:] == (1, 1):
+            value = value[:, :, 0, 0].T
+        elif value.ndim == 4 and len(target_shape) == 4:
+            value = value.transpose(2, 3, 1, 0)
+        else:
+            return None
+    if tuple(value.shape) != tuple(target_shape):
+        return None
+    return np.ascontiguousarray(value, dtype=np.float32)
+
+
+def model_shapes(config) -> dict[str, dict[tuple[str, ...], tuple[int, ...]]]:
+    """Flat ``{collection: {path: shape}}`` of a model's variables, without allocating them."""
+    import jax
+    import jax.numpy as jnp
+
+    model = build_model(config)
+    if config.arch == "mit":
+        args = (jnp.zeros((1, 64, 64, 3)),)
+    else:
+        args = (jnp.zeros((1, config.num_clips, 64, 64, 3)),)
+    kwargs = {}
+    if config.arch == "cffmpp":
+        kwargs["prototypes"] = jnp.zeros((1, 4, config.decoder_embed_dim))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))
+    return {col: {p: tuple(x.shape) for p, x in _flatten(tree).items()} for col, tree in shapes.items()}
+
+
+def _expected_index_buffers(config) -> dict[str, np.ndarray]:
+    """Canonical key -> the int64 index buffer our modules recompute (for checking a checkpoint's buffers)."""
+    if config.arch == "mit":
+        return {}
+    from cffm_jax.models.cffm_attention import index_buffers
+
+    buffers = index_buffers()
+    out = {}
+    for i in range(config.decoder_depth):
+        for name, value in buffers.items():
+            out[f"decode_head.decoder_focal.blocks.{i}.attn.{name}"] = value
+    if config.arch == "cffmpp":
+        out["decode_head.decoder_swin.blocks.0.attn.relative_position_index"] = buffers[
+            "relative_position_index"
+        ]
+    return out
+
+
+def canonicalize(
+    state_dict: Mapping[str, np.ndarray], config
+) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
+    """Official names with the prefixes the target model expects.
+
+    Returns (state dict, ignored keys with reasons, source naming). For a MiT model the ``backbone.`` prefix of a
+    CFFM checkpoint is stripped and its ``decode_head.*`` ignored; for a CFFM/CFFM++ model the keys of an ImageNet
+    MiT checkpoint (no prefix) get ``backbone.`` and its ``head.*`` classifier is ignored.
+    """
+    ignored: dict[str, str] = {}
+    source = "official"
+    if is_huggingface(state_dict):
+        state_dict, ignored = hf_to_official(state_dict)
+        source = "huggingface"
+    out: dict[str, np.ndarray] = {}
+    for key, value in state_dict.items():
+        if config.arch == "mit":
+            if key.startswith("decode_head."):
+                ignored[key] = "decode head of a segmentation checkpoint (converting the backbone only)"
+                continue
+            name = key[len("backbone.") :] if key.startswith("backbone.") else key
+        else:
+            name = key if key.startswith(("backbone.", "decode_head.")) else f"backbone.{key}"
+        bare = name[len("backbone.") :] if name.startswith("backbone.") else name
+        if re.match(IGNORED_IMAGENET_HEAD, bare):
+            ignored[key] = "ImageNet classification head of the MiT checkpoint"
+            continue
+        out[name] = value
+    return out, ignored, source
+
+
+def convert_state_dict(
+    state_dict: Mapping[str, np.ndarray],
+    config,
+    *,
+    init_variables: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Converts a PyTorch state dict into Flax variables ``{'params': ..., 'batch_stats': ...}``.
+
+    Args:
+      state_dict: flat ``{official or Hugging Face name: array}`` (e.g. from ``load_state_dict``); float16/bfloat16
+        values are cast to float32.
+      config: the target model's config (``cffm_jax.models.model_config``).
+      init_variables: fresh variables of the same model; leaves missing from the checkpoint are taken from here
+        (e.g. a CFFM head on top of ImageNet MiT weights, or the CFFM++ prototype block on top of a CFFM
+        checkpoint) instead of raising.
+    Returns:
+      the variables as nested dicts of float32 numpy arrays.
+    Raises:
+      ConversionError: listing every missing, unexpected and mis-shaped key at once.
+    """
+    return convert_state_dict_with_report(state_dict, config, init_variables=init_variables)[0]
+
+
+def convert_state_dict_with_report(
+    state_dict: Mapping[str, np.ndarray],
+    config,
+    *,
+    init_variables: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Any], ConversionReport]:
+    """As ``convert_state_dict``, also returning a ``ConversionReport``."""
+    canonical, ignored, source = canonicalize(state_dict, config)
+    targets = model_shapes(config)
+    params_t = targets.get("params", {})
+    stats_t = targets.get("batch_stats", {})
+    expected_buffers = _expected_index_buffers(config)
+
+    filled: dict[str, dict[tuple[str, ...], np.ndarray]] = {"params": {}, "batch_stats": {}}
+    converted: list[str] = []
+    unexpected: list[str] = []
+    misshaped: list[str] = []
+    for key, value in canonical.items():
+        value = np.asarray(value)
+        reason = next((r for pattern, r in IGNORED if re.search(pattern, key)), None)
+        if reason is not None:
+            if key in expected_buffers and not np.array_equal(value, expected_buffers[key]):
+                misshaped.append(f"{key}: index buffer differs from ours (a different window configuration?)")
+            ignored[key] = reason
+            continue
+        path = _flax_path(key)
+        leaf = path[-1]
+        if leaf in ("running_mean", "running_var"):
+            collection = "batch_stats"
+            path = tuple(path[:-1]) + ("mean" if leaf == "running_mean" else "var",)
+        else:
+            collection = "params"
+            if leaf == "weight":
+                stem = tuple(path[:-1])
+                path = stem + ("kernel",) if stem + ("kernel",) in params_t else stem + ("scale",)
+            else:
+                path = tuple(path)
+        shapes = params_t if collection == "params" else stats_t
+        if path not in shapes:
+            unexpected.append(f"{key} {tuple(value.shape)}")
+            continue
+        if not np.issubdtype(value.dtype, np.floating):
+            misshaped.append(f"{key}: dtype {value.dtype}, expected a floating-point tensor")
+            continue
+        new = _to_flax(value.astype(np.float32), shapes[path], path[-1])
+        if new is None:
+            misshaped.append(
+                f"{key}: shape {tuple(value.shape)} does not fit {'/'.join(path)} {shapes[path]}"
+            )
+            continue
+        filled[collection][path] = new
+        converted.append(key)
+
+    fresh: list[str] = []
+    missing: list[str] = []
+    init_flat = {col: _flatten(tree) for col, tree in (init_variables or {}).items()}
+    for collection, shapes in (("params", params_t), ("batch_stats", stats_t)):
+        for path, shape in shapes.items():
+            if path in filled[collection]:
+                continue
+            if init_variables is not None and path in init_flat.get(collection, {}):
+                filled[collection][path] = np.asarray(init_flat[collection][path], dtype=np.float32)
+                fresh.append(f"{collection}/{'/'.join(path)}")
+            else:
+                missing.append(f"{collection}/{'/'.join(path)} {shape}")
+
+    if missing or unexpected or misshaped:
+        parts = [f"Checkpoint does not match model {config.name!r}:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if items:
+                parts.append(f"  {len(items)} {title}:")
+                parts += [f"    {item}" for item in items]
+        raise ConversionError("\n".join(parts))
+
+    variables = {col: _unflatten(flat) for col, flat in filled.items() if flat or col == "params"}
+    variables.setdefault("batch_stats", {})
+    num_params = int(sum(v.size for v in filled["params"].values()))
+    report = ConversionReport(sorted(converted), ignored, sorted(fresh), source, num_params)
+    return variables, report

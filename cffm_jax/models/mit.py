@@ -1,0 +1,203 @@
+"""MiT (SegFormer Mix Transformer) backbone, SPEC.md section 3.
+
+Channels-last: frames (N, H, W, 3) -> four stage outputs (N, H_s, W_s, C_s) at strides 4, 8, 16, 32.
+Module names follow the official state dict (``patch_embed1/proj``, ``block1_0/attn/kv``, ``norm1``...) so that
+weight conversion is a table of transposes (see ``cffm_jax.convert``).
+
+Known differences from the official code: none in evaluation. In training, stochastic depth draws its masks from
+JAX's RNG, so individual dropped samples differ from PyTorch's (the distribution is the same).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cffm_jax.models.layers import DropPath, conv_fan_out_init, gelu, trunc_normal_init
+
+# SPEC.md section 3. All variants: num_heads (1, 2, 5, 8), sr_ratios (8, 4, 2, 1), mlp_ratios (4, 4, 4, 4).
+VARIANTS: dict[str, dict[str, tuple[int, ...]]] = {
+    "mit_b0": {"embed_dims": (32, 64, 160, 256), "depths": (2, 2, 2, 2)},
+    "mit_b1": {"embed_dims": (64, 128, 320, 512), "depths": (2, 2, 2, 2)},
+    "mit_b2": {"embed_dims": (64, 128, 320, 512), "depths": (3, 4, 6, 3)},
+    "mit_b3": {"embed_dims": (64, 128, 320, 512), "depths": (3, 4, 18, 3)},
+    "mit_b4": {"embed_dims": (64, 128, 320, 512), "depths": (3, 8, 27, 3)},
+    "mit_b5": {"embed_dims": (64, 128, 320, 512), "depths": (3, 6, 40, 3)},
+}
+COMMON = {"num_heads": (1, 2, 5, 8), "sr_ratios": (8, 4, 2, 1), "mlp_ratios": (4, 4, 4, 4)}
+
+# LayerNorm epsilons (SPEC.md section 12.1).
+BLOCK_NORM_EPS = 1e-6  # block norm1/norm2 and the stage norms
+PATCH_NORM_EPS = 1e-5  # patch_embed{s}.norm and attn.norm (spatial reduction)
+
+_dense_init = {"kernel_init": trunc_normal_init(0.02), "bias_init": nn.initializers.zeros}
+
+
+def _dense(features: int, name: str, dtype: Any) -> nn.Dense:
+    return nn.Dense(features, name=name, dtype=dtype, **_dense_init)
+
+
+class OverlapPatchEmbed(nn.Module):
+    """Strided conv (kernel k, stride s, padding k//2) + LayerNorm(eps 1e-5): (N, H, W, C) -> (N, H', W', dim)."""
+
+    dim: int
+    kernel: int
+    stride: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        p = self.kernel // 2
+        x = nn.Conv(
+            self.dim,
+            (self.kernel, self.kernel),
+            strides=(self.stride, self.stride),
+            padding=((p, p), (p, p)),
+            kernel_init=conv_fan_out_init(),
+            bias_init=nn.initializers.zeros,
+            dtype=self.dtype,
+            name="proj",
+        )(x)
+        return nn.LayerNorm(epsilon=PATCH_NORM_EPS, dtype=self.dtype, name="norm")(x)
+
+
+class EfficientSelfAttention(nn.Module):
+    """Self-attention whose keys/values come from a map reduced by a strided conv (kernel = stride = sr)."""
+
+    dim: int
+    num_heads: int
+    sr_ratio: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: (N, H, W, C) normed tokens as a map -> (N, H, W, C)."""
+        n, h, w, c = x.shape
+        head_dim = c // self.num_heads
+        q = _dense(self.dim, "q", self.dtype)(x)
+        kv_in = x
+        if self.sr_ratio > 1:
+            r = self.sr_ratio
+            kv_in = nn.Conv(
+                self.dim,
+                (r, r),
+                strides=(r, r),
+                padding="VALID",
+                kernel_init=conv_fan_out_init(),
+                bias_init=nn.initializers.zeros,
+                dtype=self.dtype,
+                name="sr",
+            )(kv_in)
+            kv_in = nn.LayerNorm(epsilon=PATCH_NORM_EPS, dtype=self.dtype, name="norm")(kv_in)
+        kv = _dense(2 * self.dim, "kv", self.dtype)(kv_in)
+        k, v = jnp.split(kv, 2, axis=-1)  # k = first C outputs, v = last C
+        q = einops.rearrange(q, "n h w (heads d) -> n heads (h w) d", heads=self.num_heads)
+        k = einops.rearrange(k, "n h w (heads d) -> n heads (h w) d", heads=self.num_heads)
+        v = einops.rearrange(v, "n h w (heads d) -> n heads (h w) d", heads=self.num_heads)
+        attn = jnp.einsum("nhqd,nhkd->nhqk", q * head_dim**-0.5, k)
+        attn = jax.nn.softmax(attn, axis=-1)
+        out = jnp.einsum("nhqk,nhkd->nhqd", attn, v)
+        out = einops.rearrange(out, "n heads (h w) d -> n h w (heads d)", h=h, w=w)
+        return _dense(self.dim, "proj", self.dtype)(out)
+
+
+class DWConv(nn.Module):
+    """Depthwise 3x3 conv (official ``mlp.dwconv.dwconv``)."""
+
+    dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.Conv(
+            self.dim,
+            (3, 3),
+            padding=((1, 1), (1, 1)),
+            feature_group_count=self.dim,
+            kernel_init=conv_fan_out_init(groups=self.dim),
+            bias_init=nn.initializers.zeros,
+            dtype=self.dtype,
+            name="dwconv",
+        )(x)
+
+
+class MixFFN(nn.Module):
+    """fc1 -> depthwise 3x3 conv -> exact GELU -> fc2."""
+
+    dim: int
+    hidden_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = _dense(self.hidden_dim, "fc1", self.dtype)(x)
+        x = DWConv(self.hidden_dim, self.dtype, name="dwconv")(x)
+        x = gelu(x)
+        return _dense(self.dim, "fc2", self.dtype)(x)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + Attn(norm1(x)), then x + MixFFN(norm2(x)), with stochastic depth."""
+
+    dim: int
+    num_heads: int
+    mlp_ratio: int
+    sr_ratio: int
+    drop_path: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        drop = DropPath(self.drop_path, name="drop_path")
+        y = nn.LayerNorm(epsilon=BLOCK_NORM_EPS, dtype=self.dtype, name="norm1")(x)
+        y = EfficientSelfAttention(self.dim, self.num_heads, self.sr_ratio, self.dtype, name="attn")(y)
+        x = x + drop(y, deterministic=not train)
+        y = nn.LayerNorm(epsilon=BLOCK_NORM_EPS, dtype=self.dtype, name="norm2")(x)
+        y = MixFFN(self.dim, self.dim * self.mlp_ratio, self.dtype, name="mlp")(y)
+        return x + drop(y, deterministic=not train)
+
+
+class MixVisionTransformer(nn.Module):
+    """MiT backbone. Call with frames (N, H, W, 3); returns the four stage outputs (N, H_s, W_s, C_s).
+
+    Stage outputs are also sown as intermediates ``stage1``..``stage4`` (collection ``'intermediates'``).
+    """
+
+    embed_dims: tuple[int, ...] = VARIANTS["mit_b0"]["embed_dims"]
+    depths: tuple[int, ...] = VARIANTS["mit_b0"]["depths"]
+    num_heads: tuple[int, ...] = COMMON["num_heads"]
+    sr_ratios: tuple[int, ...] = COMMON["sr_ratios"]
+    mlp_ratios: tuple[int, ...] = COMMON["mlp_ratios"]
+    drop_path_rate: float = 0.1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
+        rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths))
+        outputs = []
+        block_index = 0
+        for s in range(4):
+            kernel, stride = (7, 4) if s == 0 else (3, 2)
+            x = OverlapPatchEmbed(self.embed_dims[s], kernel, stride, self.dtype, name=f"patch_embed{s + 1}")(
+                x
+            )
+            for i in range(self.depths[s]):
+                x = Block(
+                    self.embed_dims[s],
+                    self.num_heads[s],
+                    self.mlp_ratios[s],
+                    self.sr_ratios[s],
+                    float(rates[block_index]),
+                    self.dtype,
+                    name=f"block{s + 1}_{i}",
+                )(x, train)
+                block_index += 1
+            x = nn.LayerNorm(epsilon=BLOCK_NORM_EPS, dtype=self.dtype, name=f"norm{s + 1}")(x)
+            self.sow("intermediates", f"stage{s + 1}", x)
+            outputs.append(x)
+        return tuple(outputs)

@@ -1,0 +1,98 @@
+"""MiT backbone: parameter counts, parity with the official outputs and with Hugging Face SegFormer."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cffm_jax.convert import convert_state_dict, load_state_dict
+from cffm_jax.models import build_model, model_config
+
+TINY = dict(embed_dims=(8, 16, 40, 64), depths=(2, 1, 1, 2))
+
+
+def _count(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+@pytest.mark.parametrize("name,expected", [("mit_b0", 3_319_392), ("mit_b1", 13_151_424)])
+def test_official_parameter_counts(name, expected):
+    model = build_model(model_config(name))
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    assert _count(shapes["params"]) == expected
+
+
+@pytest.mark.parametrize("size", range(6))
+def test_all_variants_build_with_their_stage_shapes(size):
+    cfg = model_config(f"mit_b{size}")
+    model = build_model(cfg)
+    out = jax.eval_shape(model.init_with_output, jax.random.key(0), jnp.zeros((2, 480, 480, 3)))[0]
+    assert [o.shape for o in out] == [
+        (2, 480 // s, 480 // s, c) for s, c in zip((4, 8, 16, 32), cfg.embed_dims, strict=True)
+    ]
+
+
+@pytest.mark.parametrize(
+    "hw,expected",
+    [((61, 97), [(16, 25), (8, 13), (4, 7), (2, 4)]), ((7, 5), [(2, 2), (1, 1), (1, 1), (1, 1)])],
+)
+def test_any_input_size_follows_the_conv_arithmetic(hw, expected):
+    model = build_model(model_config("mit_b0", **TINY))
+    out = jax.eval_shape(model.init_with_output, jax.random.key(0), jnp.zeros((1, *hw, 3)))[0]
+    assert [o.shape[1:3] for o in out] == expected
+
+
+def test_parity_with_official_stages(cffm_tiny):
+    arrays, meta = cffm_tiny
+    bb = meta["backbone"]
+    cfg = model_config(
+        "mit_b0",
+        embed_dims=bb["embed_dims"],
+        depths=bb["depths"],
+        num_heads=bb["num_heads"],
+        sr_ratios=bb["sr_ratios"],
+        mlp_ratios=bb["mlp_ratios"],
+    )
+    sd = {k[len("state_dict/") :]: v for k, v in arrays.items() if k.startswith("state_dict/")}
+    variables = convert_state_dict(sd, cfg)  # backbone.* consumed, decode_head.* ignored
+    clip = arrays["input/clip"]  # (B, T, 3, H, W)
+    b, t = clip.shape[:2]
+    frames = jnp.asarray(clip.reshape(b * t, *clip.shape[2:]).transpose(0, 2, 3, 1))
+    stages = jax.jit(build_model(cfg).apply)(variables, frames)
+    for s, out in enumerate(stages, start=1):
+        ref = arrays[f"output/backbone_stage{s}"]  # (B, T, C, h, w)
+        ref = ref.reshape(b * t, *ref.shape[2:]).transpose(0, 2, 3, 1)
+        np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5, rtol=1e-5, err_msg=f"stage {s}")
+
+
+def test_train_mode_drop_path_is_stochastic_and_eval_is_not():
+    cfg = model_config("mit_b0", **TINY, drop_path_rate=0.5)
+    model = build_model(cfg)
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    variables = jax.jit(model.init)(jax.random.key(0), x)
+    train = jax.jit(lambda v, key: model.apply(v, x, train=True, rngs={"dropout": key})[-1])
+    evaluate = jax.jit(lambda v: model.apply(v, x, train=False)[-1])
+    a, b = train(variables, jax.random.key(2)), train(variables, jax.random.key(3))
+    e1, e2 = evaluate(variables), evaluate(variables)
+    assert not np.allclose(a, b)
+    np.testing.assert_array_equal(e1, e2)
+
+
+def test_stage_outputs_are_sown_as_intermediates():
+    model = build_model(model_config("mit_b0", **TINY))
+    x = jnp.zeros((1, 32, 32, 3))
+    variables = jax.jit(model.init)(jax.random.key(0), x)
+    out, state = jax.jit(lambda v: model.apply(v, x, mutable=["intermediates"]))(variables)
+    np.testing.assert_array_equal(state["intermediates"]["stage3"][0], out[2])
+
+
+def test_npz_checkpoint_is_readable(tmp_path, cffm_tiny):
+    arrays, _ = cffm_tiny
+    path = tmp_path / "w.npz"
+    backbone = {k: v for k, v in arrays.items() if k.startswith("state_dict/backbone.")}
+    np.savez(path, **backbone)
+    sd = load_state_dict(path)
+    assert sorted(sd) == sorted(k[len("state_dict/") :] for k in backbone)
+    np.testing.assert_array_equal(
+        sd["backbone.block1.0.attn.kv.weight"], arrays["state_dict/backbone.block1.0.attn.kv.weight"]
+    )
