@@ -55,6 +55,16 @@ def test_same_training_batches(folders):
     np.testing.assert_array_equal(frame_a.label, frame_b.label)
 
 
+def test_source_pickles_for_worker_processes(folders):
+    import pickle
+
+    source = open_source(folders[1], "val")
+    video = source.videos[0]
+    image, _ = source.load_frame(video, 0)  # opens the array_record reader
+    clone = pickle.loads(pickle.dumps(source))
+    np.testing.assert_array_equal(clone.load_frame(video, 0)[0], image)
+
+
 def test_unknown_split_is_a_clear_error(folders):
     from cffm_jax.data.vspw import DatasetError
 

@@ -69,9 +69,7 @@ def test_resize_window_equals_full_then_crop():
     np.testing.assert_array_equal(
         T.resize_bilinear(img, (67, 52), window), T.resize_bilinear(img, (67, 52))[7:40, 3:29]
     )
-    np.testing.assert_array_equal(
-        T.resize_nearest(lab, (67, 52), window), T.resize_nearest(lab, (67, 52))[7:40, 3:29]
-    )
+    np.testing.assert_array_equal(T.resize_nearest(lab, (67, 52), window), T.resize_nearest(lab, (67, 52))[7:40, 3:29])
 
 
 def test_resize_nearest_preserves_values():

@@ -203,9 +203,7 @@ def make_train_dataset(
     ds = ds.map_with_index(loader)
     ds = ds[shard_index::shard_count]
     ds = ds.batch(batch_size, drop_remainder=True)
-    it = ds.to_iter_dataset(
-        grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
-    )
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
     if num_workers > 0:
         _mark_flags_parsed()
         it = it.mp_prefetch(
@@ -218,8 +216,9 @@ def make_train_iterator(root: str, **kwargs) -> grain.DatasetIterator:
     """``iter(make_train_dataset(root, **kwargs))``: a checkpointable iterator of training batches.
 
     ``it.get_state()`` returns a small dict to save (e.g. with orbax) and ``it.set_state(state)`` on a fresh
-    iterator of the same pipeline resumes at exactly the next batch. Keyword arguments as
-    :func:`make_train_dataset` (``batch_size`` and ``seed`` are required).
+    iterator of the same pipeline resumes at exactly the next batch (with the same ``num_workers``: the state
+    of a multi-worker iterator holds one entry per worker). Keyword arguments as :func:`make_train_dataset`
+    (``batch_size`` and ``seed`` are required). With ``num_workers > 0`` call ``it.close()`` when done.
     """
     return iter(make_train_dataset(root, **kwargs))
 

@@ -65,9 +65,7 @@ def _pattern(name: str, u: np.ndarray, v: np.ndarray, period: float, phase: np.n
     raise ValueError(f"unknown pattern {name!r}; valid: {_PATTERNS}")
 
 
-def _texture(
-    c: int, num_classes: int, u: np.ndarray, v: np.ndarray, unit: float, jitter: np.ndarray
-) -> np.ndarray:
+def _texture(c: int, num_classes: int, u: np.ndarray, v: np.ndarray, unit: float, jitter: np.ndarray) -> np.ndarray:
     """(..., 3) float RGB in [0, 1] of raw class c (0 = grey 'others') at local pixel coordinates (u, v)."""
     if c == 0:
         val = 0.5 + 0.25 * np.sin(u / (1.3 * unit) + jitter[0]) * np.sin(v / (0.9 * unit) + jitter[1])

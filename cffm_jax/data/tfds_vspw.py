@@ -141,9 +141,7 @@ def build(manual_dir: str, data_dir: str) -> str:
       The prepared version folder (``<data_dir>/vspw/1.0.0``), read by :class:`TfdsSource` and the pipelines.
     """
     builder = Vspw(data_dir=os.fspath(data_dir), file_format="array_record")
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
-    )
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
     return os.fspath(builder.data_dir)
 
 

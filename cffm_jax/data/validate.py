@@ -95,9 +95,7 @@ def _scan_unpaired(root: str, name: str, index: int, report: Report, num_classes
                     report.problems.append(str(e))
     if not os.path.isdir(origin):
         return None
-    stems = tuple(
-        f[: -len(FRAME_SUFFIX)] for f in sorted(os.listdir(origin)) if f.lower().endswith(FRAME_SUFFIX)
-    )
+    stems = tuple(f[: -len(FRAME_SUFFIX)] for f in sorted(os.listdir(origin)) if f.lower().endswith(FRAME_SUFFIX))
     return VideoInfo(name, index, stems, has_labels=False) if stems else None
 
 

@@ -164,9 +164,7 @@ def decode_mask(data: bytes, name: str, num_classes: int = NUM_CLASSES) -> np.nd
     values = np.unique(arr)
     bad = values[((values > num_classes) & (values != IGNORE_INDEX)) | (values < 0)]
     if bad.size:
-        raise DatasetError(
-            f"{name}: mask values {bad[:10].tolist()} outside the valid range 0..{num_classes} and 255"
-        )
+        raise DatasetError(f"{name}: mask values {bad[:10].tolist()} outside the valid range 0..{num_classes} and 255")
     return arr.astype(np.uint8)
 
 
