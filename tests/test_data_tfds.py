@@ -4,10 +4,8 @@ import numpy as np
 import pytest
 from data_helpers import assert_batches_equal, make_dataset
 
-from cffm_jax.data import pipeline
+from cffm_jax.data import pipeline, tfds_vspw
 from cffm_jax.data.vspw import FolderSource, open_source
-
-tfds_vspw = pytest.importorskip("cffm_jax.data.tfds_vspw", reason="needs tensorflow-datasets")
 
 
 @pytest.fixture(scope="module")
