@@ -55,9 +55,7 @@ def tiny(cffm_tiny):
     arrays, meta = cffm_tiny
     params, buffers = params_from_state_dict(arrays)
     head = meta["decode_head"]
-    model = CFFMTransformer(
-        dim=head["embed_dim"], depth=head["decoder_depth"], num_heads=head["decoder_num_heads"]
-    )
+    model = CFFMTransformer(dim=head["embed_dim"], depth=head["decoder_depth"], num_heads=head["decoder_num_heads"])
     x = np.transpose(arrays["output/head_focal_in"], (0, 1, 3, 4, 2))  # (B, T, E, h, w) -> (B, T, h, w, E)
     target = np.transpose(arrays["output/head_focal_out_target"], (0, 2, 3, 1))
     return model, params, buffers, x, target
@@ -77,12 +75,8 @@ def test_index_buffers_equal_official(tiny):
 def test_param_tree_matches_official_names_and_shapes(tiny):
     model, params, _, x, _ = tiny
     init = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
-    flat_init = {
-        "/".join(k.key for k in path): v.shape for path, v in jax.tree_util.tree_leaves_with_path(init)
-    }
-    flat_ours = {
-        "/".join(k.key for k in path): v.shape for path, v in jax.tree_util.tree_leaves_with_path(params)
-    }
+    flat_init = {"/".join(k.key for k in path): v.shape for path, v in jax.tree_util.tree_leaves_with_path(init)}
+    flat_ours = {"/".join(k.key for k in path): v.shape for path, v in jax.tree_util.tree_leaves_with_path(params)}
     assert flat_init == flat_ours
     assert flat_init["blocks_1/attn/relative_position_bias_table_to_neighbors"] == (1, 8, 49, 132)
     assert flat_init["blocks_0/pool_layers_clips_2/kernel"] == (4, 1)
@@ -111,6 +105,14 @@ def test_enhance_target_and_batch_independence(tiny):
     np.testing.assert_allclose(swapped[::-1], full, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("window_chunk", [1, 1000])
+def test_window_chunking_does_not_change_the_result(tiny, window_chunk):
+    # The default on CPU here is 2 chunks of 3 windows; 1 = one window per step, 1000 = all windows at once.
+    model, params, _, x, target = tiny
+    out = jax.jit(model.clone(window_chunk=window_chunk).apply)({"params": params}, x)
+    np.testing.assert_allclose(out[:, -1], target, atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("num_frames", [3, 5])
 def test_wrong_number_of_frames_raises(tiny, num_frames):
     model, params, _, x, _ = tiny
@@ -133,9 +135,7 @@ def test_init_follows_official_scheme():
         np.testing.assert_allclose(params[name]["kernel"], 1.0 / ws**2)
         np.testing.assert_array_equal(params[name]["bias"], 0.0)
     bound = 1.0 / math.sqrt(16)
-    assert (
-        float(jnp.abs(attn["qkv"]["kernel"]).max()) <= bound and float(jnp.std(attn["qkv"]["kernel"])) > 0.1
-    )
+    assert float(jnp.abs(attn["qkv"]["kernel"]).max()) <= bound and float(jnp.std(attn["qkv"]["kernel"])) > 0.1
     np.testing.assert_array_equal(params["norm1"]["scale"], 1.0)
 
 
@@ -143,9 +143,7 @@ def test_key_layout_geometry():
     index, mask, grids = key_layout(14, 21)
     assert index.shape == mask.shape == (6, 289) and grids == ((2, 3), (2, 3), (4, 6), (6, 9))
     wp = 21
-    rows, cols = np.divmod(
-        index[4, :181], wp
-    )  # window (1, 1): top-left (7, 7); its ring wraps to row/col 0-2
+    rows, cols = np.divmod(index[4, :181], wp)  # window (1, 1): top-left (7, 7); its ring wraps to row/col 0-2
     dy, dx = (rows - 7) % 14, (cols - 7) % 21
     np.testing.assert_array_equal(dy[:49] * 7 + dx[:49], np.arange(49))  # own window, row-major
     offsets = set(zip(((rows - 4) % 14).tolist(), ((cols - 4) % 21).tolist(), strict=True))
@@ -183,9 +181,7 @@ def _reference_block(x: np.ndarray, p: dict, heads: int) -> np.ndarray:
         b, _, _, c = m.shape
         cols = F.unfold(m.permute(0, 3, 1, 2), kernel, padding=kernel // 2, stride=stride)
         keys = cols.reshape(b, c, kernel * kernel, -1).permute(0, 3, 2, 1).reshape(-1, kernel * kernel, c)
-        ones = F.unfold(
-            torch.ones_like(m[:1, ..., :1]).permute(0, 3, 1, 2), kernel, padding=kernel // 2, stride=stride
-        )
+        ones = F.unfold(torch.ones_like(m[:1, ..., :1]).permute(0, 3, 1, 2), kernel, padding=kernel // 2, stride=stride)
         return keys, torch.where(ones[0].T > 0, 0.0, -100.0).double()
 
     x = t(x)
@@ -269,3 +265,13 @@ def test_other_sizes_match_literal_reference(small_model, size):
     np.testing.assert_array_equal(out[:, :-1], x[:, :-1])
     expected = _reference_block(x, jax.tree.map(np.asarray, params["blocks_0"]), heads=8)
     np.testing.assert_allclose(out[:, -1], expected, atol=2e-5, rtol=1e-5)
+
+
+def test_bfloat16_computation_stays_close(small_model):
+    model, params = small_model
+    x = np.random.default_rng(0).normal(size=(1, 4, 7, 7, 16)).astype(np.float32)
+    ref = jax.jit(model.apply)({"params": params}, x)
+    out = jax.jit(model.clone(dtype=jnp.bfloat16).apply)({"params": params}, x)
+    assert out.dtype == jnp.float32 and bool(jnp.isfinite(out).all())
+    err = float(jnp.abs(out[:, -1] - ref[:, -1]).max())
+    assert 0 < err < 0.1 * float(jnp.abs(ref[:, -1]).max())
