@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from cffm_jax.models import build_model
+from cffm_jax.models import build_model, example_inputs
 
 # Keys that exist in official checkpoints but carry nothing our model needs; matched against the canonical key.
 IGNORED: tuple[tuple[str, str], ...] = (
@@ -203,9 +203,7 @@ _HF_BLOCK = {  # inside a block, both namings
 
 def is_huggingface(state_dict: Mapping[str, Any]) -> bool:
     """Whether the keys use Hugging Face SegFormer naming."""
-    return any(
-        re.match(r"^(segformer\.)?(encoder\.(block|patch_embeddings)|stages)\.", k) for k in state_dict
-    )
+    return any(re.match(r"^(segformer\.)?(encoder\.(block|patch_embeddings)|stages)\.", k) for k in state_dict)
 
 
 def hf_to_official(state_dict: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -309,16 +307,9 @@ def _to_flax(value: np.ndarray, target_shape: tuple[int, ...], leaf: str) -> np.
 def model_shapes(config) -> dict[str, dict[tuple[str, ...], tuple[int, ...]]]:
     """Flat ``{collection: {path: shape}}`` of a model's variables, without allocating them."""
     import jax
-    import jax.numpy as jnp
 
     model = build_model(config)
-    if config.arch == "mit":
-        args = (jnp.zeros((1, 64, 64, 3)),)
-    else:
-        args = (jnp.zeros((1, config.num_clips, 64, 64, 3)),)
-    kwargs = {}
-    if config.arch == "cffmpp":
-        kwargs["prototypes"] = jnp.zeros((1, 4, config.decoder_embed_dim))
+    args, kwargs = example_inputs(config)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))
     return {col: {p: tuple(x.shape) for p, x in _flatten(tree).items()} for col, tree in shapes.items()}
 
@@ -335,15 +326,11 @@ def _expected_index_buffers(config) -> dict[str, np.ndarray]:
         for name, value in buffers.items():
             out[f"decode_head.decoder_focal.blocks.{i}.attn.{name}"] = value
     if config.arch == "cffmpp":
-        out["decode_head.decoder_swin.blocks.0.attn.relative_position_index"] = buffers[
-            "relative_position_index"
-        ]
+        out["decode_head.decoder_swin.blocks.0.attn.relative_position_index"] = buffers["relative_position_index"]
     return out
 
 
-def canonicalize(
-    state_dict: Mapping[str, np.ndarray], config
-) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
+def canonicalize(state_dict: Mapping[str, np.ndarray], config) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
     """Official names with the prefixes the target model expects.
 
     Returns (state dict, ignored keys with reasons, source naming). For a MiT model the ``backbone.`` prefix of a
@@ -412,6 +399,7 @@ def convert_state_dict_with_report(
     converted: list[str] = []
     unexpected: list[str] = []
     misshaped: list[str] = []
+    targeted: set[tuple[str, tuple[str, ...]]] = set()  # leaves a mis-shaped key was meant for (not "missing")
     for key, value in canonical.items():
         value = np.asarray(value)
         reason = next((r for pattern, r in IGNORED if re.search(pattern, key)), None)
@@ -441,9 +429,8 @@ def convert_state_dict_with_report(
             continue
         new = _to_flax(value.astype(np.float32), shapes[path], path[-1])
         if new is None:
-            misshaped.append(
-                f"{key}: shape {tuple(value.shape)} does not fit {'/'.join(path)} {shapes[path]}"
-            )
+            targeted.add((collection, path))
+            misshaped.append(f"{key}: shape {tuple(value.shape)} does not fit {'/'.join(path)} {shapes[path]}")
             continue
         filled[collection][path] = new
         converted.append(key)
@@ -453,7 +440,7 @@ def convert_state_dict_with_report(
     init_flat = {col: _flatten(tree) for col, tree in (init_variables or {}).items()}
     for collection, shapes in (("params", params_t), ("batch_stats", stats_t)):
         for path, shape in shapes.items():
-            if path in filled[collection]:
+            if path in filled[collection] or (collection, path) in targeted:
                 continue
             if init_variables is not None and path in init_flat.get(collection, {}):
                 filled[collection][path] = np.asarray(init_flat[collection][path], dtype=np.float32)

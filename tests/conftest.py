@@ -1,11 +1,16 @@
-"""Shared test set-up: float32 matmuls at full precision, and access to the parity fixtures."""
+"""Shared test set-up: XLA flags, float32 matmuls at full precision, and access to the parity fixtures."""
 
 import json
+import os
 import pathlib
 
-import jax
-import numpy as np
-import pytest
+# Tiny models in tests are dominated by XLA compile time; backend optimisations off halves it. The parity CLI test
+# runs the user's path (default flags) in a subprocess.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
