@@ -1,0 +1,443 @@
+"""Whole-video inference with the official test protocol and a per-frame feature cache (SPEC.md 4.2, 5, 7, 10.2).
+
+Test protocol (SPEC sections 7, 10.2, 10.3): every frame t of a video is the target of one clip,
+``cffm_jax.data.vspw.eval_clip_indices(t)`` -- frames 0, 1, 2 alone (T = 1: the model returns the plain
+per-frame logits), 3..8 the fixed sets ([0,1,2,3], [0,2,3,4], ...), t >= 9 [t-9, t-6, t-3, t]. Frames enter
+the network at the test size (keep-ratio rescale to fit ``img_scale``, each side resized to a multiple of 32:
+``cffm_jax.data.transforms.test_transform``). The target logits (1/4 resolution) are resized bilinearly (PyTorch
+``align_corners=False``) first to the network input size and then to the original frame size, and the argmax
+over classes is the prediction (the official softmax before the argmax does not change it).
+
+:class:`VideoSegmenter` runs that protocol in two modes that give the same predictions:
+
+* **streaming** (default): each frame goes through ``encode_frames`` (backbone, all-MLP decoder, per-frame
+  logits, 1/8 features) exactly once. The 1/8 features are written into a device-resident ring buffer of
+  ``R = batch_size + 9`` frames (slot = frame index mod R), from which the clip features of every target are
+  gathered for ``decode_clip`` (the CFFM cross-frame attention and, for CFFM++, the prototype branch). Frames
+  0-2 take their own per-frame logits. Frames are processed in chunks of ``batch_size``: one ``encode_frames``
+  call on the chunk's frames, then one ``decode_clip`` call on the chunk's targets (whose references are at most
+  9 frames back, hence in the ring). Memory is bounded by the ring (the clip span plus one chunk), not by the
+  video length. Each jitted function compiles once per distinct (network input size, original size).
+* **clip-by-clip** (``streaming=False``, the reference): ``model.apply`` on the whole clip of every target
+  (T = 1 for frames 0-2, T = 4 after), as the official ``tools/test.py`` does; each frame passes through the
+  backbone up to four times.
+
+Several devices: the batch of frames (streaming encode), the batch of target clips (decode, clip mode) and the
+resize/argmax are sharded over a 1-D ``('data',)`` mesh of the local devices; variables, prototypes and the
+feature ring are replicated. ``batch_size`` must be a multiple of the device count.
+
+Also here: :func:`compute_prototypes` (CFFM++ prototypes of a video on the fly, SPEC section 6) and
+:func:`prefetch` (load frames in a background thread).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from cffm_jax.data.pipeline import EvalFrame
+from cffm_jax.data.vspw import DILATIONS, eval_clip_indices
+from cffm_jax.kmeans import kmeans
+from cffm_jax.models import build_model
+from cffm_jax.models.cffm import upsample_logits
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_PER_DEVICE = 4
+# Frames before a target that a later target can still reference (the oldest clip member is t - 9).
+CLIP_SPAN = -DILATIONS[0]
+NUM_EARLY_FRAMES = 3  # targets 0, 1, 2 are predicted without temporal context (T = 1)
+NUM_PROTOTYPE_FRAMES = 10
+NUM_PROTOTYPES = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameResult:
+    """The prediction for one frame.
+
+    Attributes:
+      index: frame position in the video.
+      frame: the input frame (its ``label`` is passed through for evaluation).
+      pred: (H, W) class ids at the original frame size (uint8 when K <= 256, else int32).
+      logits: (h, w, K) float32 target logits at 1/4 of the network input size, if requested.
+    """
+
+    index: int
+    frame: EvalFrame
+    pred: np.ndarray
+    logits: np.ndarray | None = None
+
+
+def _labels(logits: jax.Array, input_size: tuple[int, int], output_size: tuple[int, int]) -> jax.Array:
+    """(B, h, w, K) logits -> (B, H, W) class ids: bilinear to the input size, then to the original size."""
+    x = upsample_logits(logits.astype(jnp.float32), input_size)
+    x = upsample_logits(x, output_size)
+    ids = jnp.argmax(x, axis=-1)
+    return ids.astype(jnp.uint8) if logits.shape[-1] <= 256 else ids.astype(jnp.int32)
+
+
+def _constrain(x: jax.Array, sharding: NamedSharding | None) -> jax.Array:
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
+def _broadcast_prototypes(prototypes: jax.Array | None, batch: int) -> jax.Array | None:
+    return None if prototypes is None else jnp.broadcast_to(prototypes, (batch, *prototypes.shape))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(model, variables: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return model.apply(variables, images, method="encode_frames")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
+def _decode_step(
+    model,
+    sizes: tuple[tuple[int, int], tuple[int, int]],
+    sharding: NamedSharding | None,
+    variables: Any,
+    ring: jax.Array,
+    logits: jax.Array,
+    feats: jax.Array,
+    write_slots: jax.Array,
+    clip_slots: jax.Array,
+    use_perframe: jax.Array,
+    prototypes: jax.Array | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Writes a chunk's features into the ring, decodes its targets, resizes and takes the argmax."""
+    ring = ring.at[write_slots].set(feats.astype(ring.dtype))
+    clip_feats = _constrain(ring[clip_slots], sharding)  # (B, 4, h8, w8, E)
+    batch = clip_slots.shape[0]
+    target = model.apply(
+        variables,
+        clip_feats,
+        size=logits.shape[1:3],
+        prototypes=_broadcast_prototypes(prototypes, batch),
+        method="decode_clip",
+    )
+    out = jnp.where(use_perframe[:, None, None, None], logits.astype(target.dtype), target)
+    return ring, out, _labels(out, *sizes)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _clip_forward(
+    model,
+    sizes: tuple[tuple[int, int], tuple[int, int]],
+    sharding: NamedSharding | None,
+    variables: Any,
+    clips: jax.Array,
+    prototypes: jax.Array | None,
+) -> tuple[jax.Array, jax.Array]:
+    """model.apply on a batch of whole clips (B, T, H, W, 3) -> (target logits, class ids)."""
+    clips = _constrain(clips, sharding)
+    out = model.apply(variables, clips, prototypes=_broadcast_prototypes(prototypes, clips.shape[0]))
+    return out, _labels(out, *sizes)
+
+
+@dataclasses.dataclass
+class _Pending:
+    """A dispatched chunk whose device results have not been fetched yet."""
+
+    indices: list[int]
+    frames: list[EvalFrame]
+    logits: jax.Array
+    labels: jax.Array
+
+
+class VideoSegmenter:
+    """Segments videos frame by frame with the official test protocol (see the module docstring).
+
+    Args:
+      config: model config (``cffm_jax.models.model_config``), arch 'cffm' or 'cffmpp'.
+      variables: ``{'params', 'batch_stats'}`` of that model (numpy or jax arrays).
+      batch_size: frames per chunk (a multiple of the device count); default 4 per device.
+      devices: devices of the ('data',) mesh; default ``jax.local_devices()``.
+      keep_logits: also return the 1/4-resolution target logits of every frame (tests, debugging).
+    """
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        variables: Any,
+        *,
+        batch_size: int | None = None,
+        devices: Sequence[jax.Device] | None = None,
+        keep_logits: bool = False,
+    ):
+        if config.arch not in ("cffm", "cffmpp"):
+            raise ValueError(f"video segmentation needs a CFFM or CFFM++ model, got arch {config.arch!r}")
+        self.config = config
+        self.model = build_model(config)
+        devices = list(devices) if devices is not None else jax.local_devices()
+        self.mesh = Mesh(np.asarray(devices), ("data",))
+        num_devices = len(devices)
+        self.batch_size = int(DEFAULT_BATCH_PER_DEVICE * num_devices if batch_size is None else batch_size)
+        if self.batch_size < 1 or self.batch_size % num_devices:
+            raise ValueError(f"batch_size {self.batch_size} must be a positive multiple of {num_devices} devices")
+        self._replicated = NamedSharding(self.mesh, PartitionSpec())
+        self._batch = NamedSharding(self.mesh, PartitionSpec("data"))
+        self._constraint = self._batch if num_devices > 1 else None
+        self.variables = jax.device_put(variables, self._replicated)
+        self.keep_logits = keep_logits
+        self.ring_size = self.batch_size + CLIP_SPAN
+        self._rings: dict[tuple[int, ...], jax.Array] = {}
+
+    @property
+    def needs_prototypes(self) -> bool:
+        """Whether the model is CFFM++ (then every video needs its (Kp, E) prototypes)."""
+        return self.config.arch == "cffmpp"
+
+    # ----------------------------------------------------------------------------------------------------
+    # Device placement helpers.
+
+    def _put_batch(self, images: list[np.ndarray]) -> jax.Array:
+        """Stacks a list of arrays, pads to ``batch_size`` by repeating the last one, shards along the batch."""
+        pad = self.batch_size - len(images)
+        batch = np.stack(list(images) + [images[-1]] * pad)
+        return jax.device_put(batch, self._batch)
+
+    def _put_prototypes(self, prototypes: Any) -> jax.Array | None:
+        if not self.needs_prototypes:
+            return None
+        if prototypes is None:
+            raise ValueError(
+                "CFFM++ needs the video's prototypes (Kp, E): pass a prototype store or compute them with "
+                "cffm_jax.streaming.compute_prototypes"
+            )
+        prototypes = np.asarray(prototypes, np.float32)
+        e = self.config.decoder_embed_dim
+        if prototypes.ndim != 2 or prototypes.shape[1] != e:
+            raise ValueError(f"prototypes must have shape (Kp, {e}) for this model, got {prototypes.shape}")
+        return jax.device_put(prototypes, self._replicated)
+
+    def encode(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """``encode_frames`` on any number of frames of one size, in chunks of ``batch_size``.
+
+        Args:
+          images: N normalised network inputs (H, W, 3) float32.
+        Returns:
+          per-frame logits (N, H/4, W/4, K) and 1/8 features (N, H/8, W/8, E), float32 numpy.
+        """
+        logits, feats = [], []
+        for start in range(0, len(images), self.batch_size):
+            chunk = list(images[start : start + self.batch_size])
+            out_logits, out_feats = _encode(self.model, self.variables, self._put_batch(chunk))
+            logits.append(np.asarray(out_logits, np.float32)[: len(chunk)])
+            feats.append(np.asarray(out_feats, np.float32)[: len(chunk)])
+        return np.concatenate(logits), np.concatenate(feats)
+
+    # ----------------------------------------------------------------------------------------------------
+    # The two modes.
+
+    def segment(
+        self, frames: Iterable[EvalFrame], prototypes: Any = None, *, streaming: bool = True
+    ) -> Iterator[FrameResult]:
+        """Predicts every frame of one video, in order.
+
+        Args:
+          frames: the video's frames in temporal order through the test transform (``EvalFrame``: image
+            (H', W', 3) float32 normalised, original_size (H, W); ``label`` is passed through untouched). All
+            frames must have the same size.
+          prototypes: (Kp, E) prototypes of this video (CFFM++ only).
+          streaming: feature-cache mode (default) or the clip-by-clip reference.
+        Yields:
+          a :class:`FrameResult` per frame, in order. Device work for a chunk is dispatched before the
+          previous chunk's results are fetched, so loading and device compute overlap.
+        """
+        protos = self._put_prototypes(prototypes)
+        step = self._stream_chunk if streaming else self._clip_chunk
+        images: dict[int, np.ndarray] = {}  # clip mode: recent frames, at most the clip span + one chunk
+        pending: _Pending | None = None
+        for indices, chunk in _chunks(_checked(frames), self.batch_size):
+            dispatched = step(indices, chunk, protos, images)
+            if pending is not None:
+                yield from self._fetch(pending)
+            pending = dispatched
+        if pending is not None:
+            yield from self._fetch(pending)
+
+    def _sizes(self, frame: EvalFrame) -> tuple[tuple[int, int], tuple[int, int]]:
+        return tuple(frame.image.shape[:2]), tuple(int(s) for s in frame.original_size)
+
+    def _ring(self, feats: jax.Array) -> jax.Array:
+        key = (*feats.shape[1:], str(feats.dtype))
+        if key not in self._rings:
+            ring = jnp.zeros((self.ring_size, *feats.shape[1:]), feats.dtype)
+            self._rings[key] = jax.device_put(ring, self._replicated)
+        return self._rings.pop(key)
+
+    def _stream_chunk(
+        self, indices: list[int], chunk: list[EvalFrame], protos: jax.Array | None, images: dict
+    ) -> _Pending:
+        del images
+        b, r = self.batch_size, self.ring_size
+        logits, feats = _encode(self.model, self.variables, self._put_batch([f.image for f in chunk]))
+        start = indices[0]
+        write_slots = np.arange(start, start + b) % r  # padding rows land in slots no target still needs
+        targets = indices + [indices[-1]] * (b - len(indices))
+        clip_slots = np.asarray(
+            [[s % r for s in _clip(t)] for t in targets], np.int32
+        )
+        use_perframe = np.asarray([t < NUM_EARLY_FRAMES for t in targets])
+        ring = self._ring(feats)
+        ring, out, labels = _decode_step(
+            self.model,
+            self._sizes(chunk[0]),
+            self._constraint,
+            self.variables,
+            ring,
+            logits,
+            feats,
+            jnp.asarray(write_slots, jnp.int32),
+            jax.device_put(clip_slots, self._batch),
+            jax.device_put(use_perframe, self._batch),
+            protos,
+        )
+        self._rings[(*feats.shape[1:], str(feats.dtype))] = ring
+        return _Pending(indices, chunk, out, labels)
+
+    def _clip_chunk(
+        self, indices: list[int], chunk: list[EvalFrame], protos: jax.Array | None, images: dict
+    ) -> _Pending:
+        for t, frame in zip(indices, chunk, strict=True):
+            images[t] = frame.image
+        sizes = self._sizes(chunk[0])
+        outs, labels = [], []
+        early = [t for t in indices if t < NUM_EARLY_FRAMES]
+        late = [t for t in indices if t >= NUM_EARLY_FRAMES]
+        for targets, p in ((early, None), (late, protos)):
+            if not targets:
+                continue
+            clips = [np.stack([images[i] for i in eval_clip_indices(t)]) for t in targets]
+            out, ids = _clip_forward(
+                self.model, sizes, self._constraint, self.variables, self._put_batch(clips), p
+            )
+            outs.append(out[: len(targets)])
+            labels.append(ids[: len(targets)])
+        oldest_needed = indices[-1] + 1 - CLIP_SPAN
+        for i in [i for i in images if i < oldest_needed]:
+            del images[i]
+        return _Pending(indices, chunk, jnp.concatenate(outs), jnp.concatenate(labels))
+
+    def _fetch(self, pending: _Pending) -> Iterator[FrameResult]:
+        labels = np.asarray(pending.labels)
+        logits = np.asarray(pending.logits, np.float32) if self.keep_logits else None
+        for i, (t, frame) in enumerate(zip(pending.indices, pending.frames, strict=True)):
+            yield FrameResult(t, frame, labels[i], None if logits is None else logits[i])
+
+
+def _clip(t: int) -> list[int]:
+    """The 4 clip members of target t for the streaming decode (targets 0-2: a placeholder, never used)."""
+    return [t] * 4 if t < NUM_EARLY_FRAMES else eval_clip_indices(t)
+
+
+def _checked(frames: Iterable[EvalFrame]) -> Iterator[EvalFrame]:
+    """Passes frames through, checking that every frame of the video has the first frame's sizes."""
+    first: EvalFrame | None = None
+    for t, frame in enumerate(frames):
+        if first is None:
+            first = frame
+        elif frame.image.shape != first.image.shape or tuple(frame.original_size) != tuple(first.original_size):
+            raise ValueError(
+                f"frame {t} has size {tuple(frame.original_size)} (network input {frame.image.shape[:2]}), but "
+                f"frame 0 has {tuple(first.original_size)} ({first.image.shape[:2]}): all frames of a video "
+                "must have the same size"
+            )
+        yield frame
+
+
+def _chunks(frames: Iterable[EvalFrame], size: int) -> Iterator[tuple[list[int], list[EvalFrame]]]:
+    indices: list[int] = []
+    chunk: list[EvalFrame] = []
+    for t, frame in enumerate(frames):
+        indices.append(t)
+        chunk.append(frame)
+        if len(chunk) == size:
+            yield indices, chunk
+            indices, chunk = [], []
+    if chunk:
+        yield indices, chunk
+
+
+def compute_prototypes(
+    segmenter: VideoSegmenter,
+    images: Sequence[np.ndarray],
+    *,
+    num_prototypes: int = NUM_PROTOTYPES,
+    seed: int = 0,
+    max_iter: int = 10,
+) -> np.ndarray:
+    """CFFM++ prototypes of one video on the fly (SPEC section 6): k-means centres of its 1/8 features.
+
+    Args:
+      segmenter: a segmenter of the model whose ``encode_frames`` features are clustered.
+      images: the video's prototype frames through the test transform (the official rule picks 10 frames,
+        ``cffm_jax.prototype_store.prototype_frame_indices``), (H', W', 3) float32, all the same size.
+      num_prototypes: K of the k-means (100 in the official code).
+      seed: seed of the k-means initialisation (the official code is unseeded).
+      max_iter: k-means iterations (10 in the official code).
+    Returns:
+      (num_prototypes, E) float32.
+    """
+    _, feats = segmenter.encode(images)
+    x = feats.reshape(-1, feats.shape[-1])  # rows ordered (frame, y, x), as the official generator
+    if x.shape[0] < num_prototypes:
+        raise ValueError(
+            f"{x.shape[0]} feature vectors are too few for {num_prototypes} prototypes (frames too small?)"
+        )
+    centers, _ = kmeans(x, k=num_prototypes, key=jax.random.key(seed), max_iter=max_iter)
+    return np.asarray(centers, np.float32)
+
+
+_END = object()
+
+
+def prefetch(iterable: Iterable[Any], size: int = 4) -> Iterator[Any]:
+    """Iterates ``iterable`` in a background thread, at most ``size`` items ahead (e.g. frame decoding).
+
+    Exceptions of the producer are re-raised in the consumer; closing the returned generator stops the thread
+    at its next item.
+    """
+    q: queue.Queue = queue.Queue(maxsize=max(1, size))
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in iterable:
+                if not put((item, None)):
+                    return
+            put((_END, None))
+        except BaseException as e:  # forwarded to the consumer
+            put((_END, e))
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = q.get()
+            if item is _END:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()

@@ -1,0 +1,183 @@
+"""Streaming inference with the feature cache equals clip-by-clip inference (cffm_jax.streaming).
+
+Tiny official-weight fixtures (tests/fixtures) on a synthetic video of 20 frames at 48x80 (network input 64x96),
+batch 4, so the frames 0-8 special cases, several chunks, a padded last chunk and wrap-around of the 13-slot
+feature ring are all exercised. The frame size, batch size and models are the same as in test_evaluate.py and
+test_predict.py, so in one pytest process every jitted function compiles once.
+"""
+
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from conftest import load_fixture
+
+from cffm_jax.convert import convert_state_dict
+from cffm_jax.data.pipeline import EvalFrame, list_eval_videos
+from cffm_jax.data.synthetic import generate
+from cffm_jax.parity import config_from_meta
+from cffm_jax.prototype_store import prototype_frame_indices
+from cffm_jax.streaming import VideoSegmenter, _encode, compute_prototypes, prefetch
+
+IMG_SCALE = (80, 48)  # frames of 48x80 (H x W) keep their size and enter the network at 64x96
+FRAMES = 20
+BATCH = 4
+
+
+@functools.cache
+def tiny_model(name: str):
+    """(config, variables) of the official tiny CFFM ('cffm_tiny.npz') or CFFM++ ('cffmpp_tiny.npz') fixture."""
+    arrays, meta = load_fixture(name)
+    config = config_from_meta(meta)
+    state = {k[len("state_dict/") :]: v for k, v in arrays.items() if k.startswith("state_dict/")}
+    return config, convert_state_dict(state, config)
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("syn"))
+    generate(root, videos=0, val_videos=1, test_videos=0, frames=FRAMES, size=(48, 80), seed=3)
+    (video,) = list_eval_videos(root, "val")
+    return video
+
+
+def _frames(video):
+    return [video.load(t, img_scale=IMG_SCALE) for t in range(video.num_frames)]
+
+
+def _prototypes(segmenter, video):
+    images = [video.load(t, img_scale=IMG_SCALE).image for t in prototype_frame_indices(video.num_frames)]
+    return compute_prototypes(segmenter, images)
+
+
+@pytest.mark.parametrize("fixture", ["cffm_tiny.npz", "cffmpp_tiny.npz"])
+def test_streaming_matches_clip_by_clip(video, fixture):
+    config, variables = tiny_model(fixture)
+    segmenter = VideoSegmenter(config, variables, batch_size=BATCH, keep_logits=True)
+    protos = _prototypes(segmenter, video) if segmenter.needs_prototypes else None
+    frames = _frames(video)
+    streamed = list(segmenter.segment(frames, protos))
+    reference = list(segmenter.segment(frames, protos, streaming=False))
+
+    assert [r.index for r in streamed] == list(range(FRAMES))
+    assert [r.index for r in reference] == list(range(FRAMES))
+    for s, r in zip(streamed, reference, strict=True):
+        assert s.pred.shape == (48, 80) and s.logits.shape == (16, 24, config.num_classes)
+        np.testing.assert_array_equal(s.pred, r.pred, err_msg=f"frame {s.index}")
+        np.testing.assert_allclose(s.logits, r.logits, atol=1e-5, rtol=0, err_msg=f"frame {s.index}")
+        assert s.frame.label is frames[s.index].label  # labels pass through for evaluation
+    preds = np.stack([s.pred for s in streamed])
+    assert len(np.unique(preds)) > 1, "degenerate predictions would make the comparison meaningless"
+
+    # Frames 0-2 are the plain per-frame logits; later frames use the temporal head and differ from them.
+    perframe, _ = segmenter.encode([f.image for f in frames])
+    for t in range(3):
+        np.testing.assert_allclose(streamed[t].logits, perframe[t], atol=1e-5, rtol=0)
+    assert np.abs(streamed[5].logits - perframe[5]).max() > 1e-3
+
+
+def test_compiles_once_per_size_and_ring_is_bounded(video):
+    config, variables = tiny_model("cffm_tiny.npz")
+    segmenter = VideoSegmenter(config, variables, batch_size=BATCH)
+    frames = _frames(video)
+    first = [r.pred for r in segmenter.segment(frames)]
+    cache_size = _encode._cache_size()
+    # A second video of the same size (here: the frames reversed) reuses the compiled functions and the ring.
+    second = [r.pred for r in segmenter.segment(frames[::-1])]
+    assert _encode._cache_size() == cache_size
+    assert len(second) == len(first) == FRAMES
+    (ring,) = segmenter._rings.values()
+    assert ring.shape[0] == BATCH + 9 < FRAMES  # the clip span plus one chunk, independent of the video length
+    np.testing.assert_array_equal(first[0], [r.pred for r in segmenter.segment(frames[:1])][0])
+
+
+def test_frames_of_different_sizes_raise(video):
+    config, variables = tiny_model("cffm_tiny.npz")
+    segmenter = VideoSegmenter(config, variables, batch_size=BATCH)
+    frames = _frames(video)[:5]
+    odd = EvalFrame(np.zeros((32, 64, 3), np.float32), None, (30, 60))
+    with pytest.raises(ValueError, match="frame 5 has size .* all frames of a video must have the same size"):
+        list(segmenter.segment(frames + [odd]))
+
+
+def test_cffmpp_needs_prototypes_of_the_right_shape(video):
+    config, variables = tiny_model("cffmpp_tiny.npz")
+    segmenter = VideoSegmenter(config, variables, batch_size=BATCH)
+    frames = _frames(video)[:2]
+    with pytest.raises(ValueError, match="CFFM\\+\\+ needs the video's prototypes"):
+        list(segmenter.segment(frames))
+    with pytest.raises(ValueError, match="prototypes must have shape"):
+        list(segmenter.segment(frames, np.zeros((100, 16), np.float32)))
+
+
+def test_batch_size_must_divide_over_devices():
+    config, variables = tiny_model("cffm_tiny.npz")
+    with pytest.raises(ValueError, match="multiple of"):
+        VideoSegmenter(config, variables, batch_size=0)
+    devices = jax.local_devices()
+    assert VideoSegmenter(config, variables).batch_size == 4 * len(devices)
+
+
+def test_prefetch_keeps_order_and_forwards_errors():
+    assert list(prefetch(iter(range(50)), size=3)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise RuntimeError("boom")
+
+    it = prefetch(failing())
+    assert next(it) == 1
+    with pytest.raises(RuntimeError, match="boom"):
+        next(it)
+
+
+_MULTI_DEVICE = textwrap.dedent(
+    """
+    import os, sys
+    import numpy as np
+    import jax
+    jax.config.update("jax_default_matmul_precision", "highest")
+    sys.path.insert(0, sys.argv[1])
+    import test_streaming as ts
+    from cffm_jax.streaming import VideoSegmenter
+    assert len(jax.local_devices()) == 2, jax.local_devices()
+    config, variables = ts.tiny_model("cffmpp_tiny.npz")
+    from cffm_jax.data.synthetic import generate
+    from cffm_jax.data.pipeline import list_eval_videos
+    generate(sys.argv[2], videos=0, val_videos=1, test_videos=0, frames=14, size=(48, 80), seed=3)
+    (video,) = list_eval_videos(sys.argv[2], "val")
+    frames = ts._frames(video)
+    one = VideoSegmenter(config, variables, batch_size=4, devices=jax.local_devices()[:1], keep_logits=True)
+    two = VideoSegmenter(config, variables, batch_size=4, keep_logits=True)
+    protos = ts._prototypes(one, video)
+    a = list(one.segment(frames, protos))
+    b = list(two.segment(frames, protos))
+    c = list(two.segment(frames, protos, streaming=False))
+    for x, y, z in zip(a, b, c, strict=True):
+        np.testing.assert_array_equal(x.pred, y.pred)
+        np.testing.assert_array_equal(x.pred, z.pred)
+        np.testing.assert_allclose(x.logits, y.logits, atol=1e-5, rtol=0)
+    print("OK", len(a))
+    """
+)
+
+
+@pytest.mark.heavy
+def test_two_devices_match_one(tmp_path):
+    """Sharding over a 2-device ('data',) mesh (fake CPU devices, fresh process) gives the same predictions."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    tests_dir = os.path.dirname(__file__)
+    proc = subprocess.run(
+        [sys.executable, "-c", _MULTI_DEVICE, tests_dir, str(tmp_path / "syn")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OK 14" in proc.stdout
