@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cffm_jax.checkpoint import config_from_json
 from cffm_jax.convert import convert_state_dict
 from cffm_jax.models import build_model, model_config
 from cffm_jax.models.cffm import upsample_logits
@@ -93,7 +94,14 @@ def _torch_layout(x: jax.Array) -> np.ndarray:
     return np.moveaxis(np.asarray(x, dtype=np.float32), -1, -3)
 
 
-def model_outputs(arrays: dict[str, np.ndarray], config) -> dict[str, Callable[[], np.ndarray]]:
+@functools.lru_cache(maxsize=8)
+def _runner(config_json: str):
+    """A jitted forward pass returning the intermediates, one per model config (so repeated checks compile once)."""
+    model = build_model(config_from_json(json.loads(config_json)))
+    return jax.jit(lambda variables, clip, kwargs: model.apply(variables, clip, mutable=["intermediates"], **kwargs))
+
+
+def model_outputs(arrays: dict[str, np.ndarray], config) -> dict[str, np.ndarray]:
     """Runs the model on the fixture input; returns our value of every fixture output name (PyTorch layout)."""
     state_dict = {k[len("state_dict/") :]: v for k, v in arrays.items() if k.startswith("state_dict/")}
     if not state_dict:
@@ -101,12 +109,11 @@ def model_outputs(arrays: dict[str, np.ndarray], config) -> dict[str, Callable[[
     if "input/clip" not in arrays:
         raise FixtureError("no input/clip")
     variables = convert_state_dict(state_dict, config)
-    model = build_model(config)
     clip = jnp.asarray(np.moveaxis(arrays["input/clip"].astype(np.float32), 2, -1))  # (B, T, H, W, 3)
     b, t, h, w, _ = clip.shape
     if config.arch == "mit":
         frames = clip.reshape(b * t, h, w, 3)
-        stages = jax.jit(model.apply)(variables, frames)
+        stages, _ = _runner(config.to_json())(variables, frames, {})
         return {
             f"backbone_stage{s + 1}": _torch_layout(x).reshape(b, t, *x.shape[-1:], *x.shape[1:3])
             for s, x in enumerate(stages)
@@ -116,12 +123,7 @@ def model_outputs(arrays: dict[str, np.ndarray], config) -> dict[str, Callable[[
         if "input/prototypes" not in arrays:
             raise FixtureError("a CFFM++ fixture needs input/prototypes")
         kwargs["prototypes"] = jnp.asarray(arrays["input/prototypes"].astype(np.float32))
-
-    @jax.jit
-    def run(variables, clip, kwargs):
-        return model.apply(variables, clip, mutable=["intermediates"], **kwargs)
-
-    out, state = run(variables, clip, kwargs)
+    out, state = _runner(config.to_json())(variables, clip, kwargs)
     inter = state["intermediates"]
     head = inter["decode_head"]
 
