@@ -1,12 +1,13 @@
-"""Whole-video evaluation of CFFM / CFFM++ with the official test protocol and metrics (SPEC.md sections 7, 10, 11).
+"""Whole-video evaluation of CFFM / CFFM++: official test protocol and metrics (SPEC.md sections 7, 10, 11).
 
 Protocol (``cffm_jax.streaming``): every frame of every video of the split is a target; frames go through the
 test transform (keep-ratio rescale to fit ``img_scale`` = (853, 480), each side resized to a multiple of 32);
 clips follow SPEC 10.2 (frames 0-2 alone, 3-8 the fixed sets, then [t-9, t-6, t-3, t]); target logits are
 resized bilinearly to the network input size, then to the original frame size, and the argmax is the
-prediction. CFFM++ uses per-video prototypes (a :class:`cffm_jax.prototype_store.PrototypeStore`, or ``'auto'``:
-k-means of the video's own features on the fly, SPEC section 6). Streaming with a feature cache is the default;
-``--no-streaming`` runs the clip-by-clip reference (same predictions, each frame encoded up to 4 times).
+prediction. CFFM++ uses per-video prototypes (a :class:`cffm_jax.prototype_store.PrototypeStore`, or
+``'auto'``: k-means of the video's own features on the fly, SPEC section 6). Streaming with a feature cache
+is the default; ``--no-streaming`` runs the clip-by-clip reference (same predictions, each frame encoded up
+to 4 times).
 
 Reported metrics (``cffm_jax.metrics``, all in percent, over every labelled pixel of every frame; ground truth
 mapped with reduce-zero-label, ignore label 255):
@@ -15,14 +16,15 @@ mapped with reduce-zero-label, ignore label 255):
   or the predictions); ``per_class_iou``: the K per-class IoUs (None in JSON where undefined);
 * ``miou_gt_present``: the VSPW ``Evaluator`` mIoU (mean over classes present in the GT);
 * ``aacc``: pixel accuracy; ``macc``: mean class accuracy; ``fwiou``: frequency-weighted IoU;
-* ``mvc8``, ``mvc16``: video consistency (``VC_perclip.py``; videos with <= 16 frames are skipped, so on a set of
-  short videos these are NaN / null);
+* ``mvc8``, ``mvc16``: video consistency (``VC_perclip.py``; videos with <= 16 frames are skipped, so on a set
+  of short videos these are NaN / null);
 * ``num_frames``, ``num_videos``: labelled frames and videos scored.
 
-Prediction files (``--predictions-out DIR``) use the VSPW submission layout ``DIR/<video>/<frame>.png``: indexed
-PNGs at the original frame size holding **class id + 1** (1..K), i.e. raw VSPW mask values, so reading them
-back through reduce-zero-label (raw v -> v - 1) gives the class ids, exactly like the ground truth. Colours:
-``cffm_jax.visualize.palette``. The folder is written as ``.DIR.partial`` and renamed to ``DIR`` when complete.
+Prediction files (``--predictions-out DIR``) use the VSPW submission layout ``DIR/<video>/<frame>.png``:
+indexed PNGs at the original frame size holding **class id + 1** (1..K), i.e. raw VSPW mask values, so reading
+them back through reduce-zero-label (raw v -> v - 1) gives the class ids, exactly like the ground truth.
+Colours: ``cffm_jax.visualize.palette``. The folder is written as ``.DIR.partial`` and renamed to ``DIR`` when
+complete.
 
 Command lines::
 
@@ -30,7 +32,8 @@ Command lines::
         [--split val] [--json PATH] [--predictions-out DIR] [--max-videos N] [--no-streaming]
         [--batch-size N] [--prototypes DIR|auto] [--data-root ROOT] [--img-scale W H]
     python -m cffm_jax.evaluate --checkpoint PATH [--model NAME] --data-root ROOT ...   (no config)
-    python -m cffm_jax.evaluate --predictions DIR --data-root ROOT [--split val] [--num-classes 124] [--json PATH]
+    python -m cffm_jax.evaluate --predictions DIR --data-root ROOT [--split val] [--num-classes 124]
+        [--json PATH]
 
 ``--checkpoint`` defaults to ``config.workdir`` (a training workdir); a raw ``.pth`` needs the model from the
 config or ``--model``. The last form scores saved predictions against the ground truth without a model.
@@ -75,10 +78,10 @@ PrototypeSource = Callable[[str], np.ndarray] | str | None
 
 
 class PredictionWriter:
-    """Writes predictions in the VSPW submission layout ``<out>/<video>/<frame>.png`` (see the module docstring).
+    """Writes predictions in the VSPW submission layout ``<out>/<video>/<frame>.png`` (module docstring).
 
-    Files go to ``.<out>.partial`` (PNG encoding on a small thread pool) and the folder is renamed to ``out`` by
-    :meth:`commit`; :meth:`abort` (or leaving a ``with`` block with an exception) deletes it.
+    Files go to ``.<out>.partial`` (PNG encoding on a small thread pool) and the folder is renamed to ``out``
+    by :meth:`commit`; :meth:`abort` (or leaving a ``with`` block with an exception) deletes it.
 
     Args:
       out_dir: destination; must not exist or be empty unless ``overwrite``.
@@ -229,7 +232,9 @@ def evaluate_videos(
         raise
     seconds = time.perf_counter() - start
     if accumulator.num_frames == 0:
-        log.warning("split %r of %s has no labelled frames: the metrics are undefined (NaN)", split, data_root)
+        log.warning(
+            "split %r of %s has no labelled frames: the metrics are undefined (NaN)", split, data_root
+        )
     scores = accumulator.compute()
     scores["num_predicted_frames"] = predicted
     scores["seconds"] = seconds
@@ -242,7 +247,7 @@ def evaluate_videos(
 
 
 def read_prediction(path: str | os.PathLike, num_classes: int = NUM_CLASSES) -> np.ndarray:
-    """Reads a prediction PNG (raw values = class id + 1) -> (H, W) uint8 class ids (raw 0 -> 255, ignored)."""
+    """Reads a prediction PNG (raw values = class id + 1) -> (H, W) uint8 class ids (raw 0 -> 255)."""
     path = os.fspath(path)
     return reduce_zero_label(decode_mask(read_bytes(path), path, num_classes))
 
@@ -287,8 +292,8 @@ def score_predictions(
             _, label = video.source.load_frame(video.info, t)
             if pred.shape != label.shape:
                 raise DatasetError(
-                    f"{path}: prediction size {pred.shape[1]}x{pred.shape[0]} (WxH) differs from the ground truth "
-                    f"{label.shape[1]}x{label.shape[0]} of {video.source.frame_name(video.info, t)}"
+                    f"{path}: prediction size {pred.shape[1]}x{pred.shape[0]} (WxH) differs from the ground "
+                    f"truth {label.shape[1]}x{label.shape[0]} of {video.source.frame_name(video.info, t)}"
                 )
             yield t, pred, label
 
@@ -387,13 +392,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     model = parser.add_argument_group("evaluation of a model")
     model.add_argument("--config", help="experiment config file, configs/X.py[:arg]")
-    model.add_argument("--checkpoint", help="weights dir, training workdir or raw .pth (default: config.workdir)")
+    model.add_argument(
+        "--checkpoint", help="weights dir, training workdir or raw .pth (default: config.workdir)"
+    )
     model.add_argument("--model", help="model name (e.g. cffm_b1) for a raw checkpoint without --config")
     model.add_argument("--predictions-out", help="also save predictions in the VSPW submission layout here")
     model.add_argument("--overwrite", action="store_true", help="replace a non-empty --predictions-out")
-    model.add_argument("--prototypes", help="CFFM++: prototype store dir, or 'auto' to compute them on the fly")
+    model.add_argument(
+        "--prototypes", help="CFFM++: prototype store dir, or 'auto' to compute them on the fly"
+    )
     model.add_argument("--img-scale", nargs=2, type=int, metavar=("W", "H"), help="test rescale bound")
-    model.add_argument("--no-streaming", action="store_true", help="clip-by-clip reference instead of streaming")
+    model.add_argument(
+        "--no-streaming", action="store_true", help="clip-by-clip reference instead of streaming"
+    )
     model.add_argument("--batch-size", type=int, help="frames per batch (multiple of the device count)")
     score = parser.add_argument_group("scoring saved predictions")
     score.add_argument("--predictions", help="folder <video>/<frame>.png to score (no model)")

@@ -5,13 +5,13 @@
 
 Input: a folder of frames (``.jpg``/``.jpeg``/``.png``/``.bmp``/``.webp``, sorted by file name), an animated
 GIF / WebP / APNG (read with Pillow), or a video file (``.mp4``, ``.avi``, ...; read with PyAV, the optional
-``av`` package: ``pip install av``). All frames must have the same size. Frames are processed in temporal order
-with the streaming feature cache (``cffm_jax.streaming``): frames 0-2 without temporal context, then the
-official clips [t-9, t-6, t-3, t] (the special sets for t < 9), at the test size (rescale to fit ``img_scale``,
-default 853x480, sides to multiples of 32), predictions at the original frame size.
+``av`` package: ``pip install av``). All frames must have the same size. Frames are processed in temporal
+order with the streaming feature cache (``cffm_jax.streaming``): frames 0-2 without temporal context, then the
+official clips [t-9, t-6, t-3, t] (the special sets for t < 9), at the test size (rescale to fit
+``img_scale``, default 853x480, sides to multiples of 32), predictions at the original frame size.
 
-CFFM++ needs the video's prototypes: from a prototype store (``--prototypes DIR``, looked up by the video name =
-the folder name or the file name without extension) or, by default, computed on the fly as the official
+CFFM++ needs the video's prototypes: from a prototype store (``--prototypes DIR``, looked up by the video name
+= the folder name or the file name without extension) or, by default, computed on the fly as the official
 generator does (SPEC section 6): the 1/8 features of 10 evenly spaced frames, k-means with K = 100.
 
 Output (written into ``.DIR.partial`` and renamed to ``DIR`` when everything is written)::
@@ -138,8 +138,8 @@ def _import_av():
         import av
     except ImportError as e:
         raise InputError(
-            "reading video files needs PyAV, which is not installed: pip install av (or extract the frames to "
-            "a folder, e.g. ffmpeg -i video.mp4 frames/%06d.png, and pass the folder)"
+            "reading video files needs PyAV, which is not installed: pip install av (or extract the frames "
+            "to a folder, e.g. ffmpeg -i video.mp4 frames/%06d.png, and pass the folder)"
         ) from e
     return av
 
@@ -228,7 +228,9 @@ def load_model(checkpoint: str, model: str | None = None, num_classes: int | Non
         expected = model_config(model, **({} if num_classes is None else {"num_classes": num_classes}))
     variables, config = load_for_inference(checkpoint, model=expected)
     if config.arch not in ("cffm", "cffmpp"):
-        raise CheckpointError(f"{checkpoint} holds a {config.name} model; video segmentation needs CFFM or CFFM++")
+        raise CheckpointError(
+            f"{checkpoint} holds a {config.name} model; video segmentation needs CFFM or CFFM++"
+        )
     if num_classes is not None and config.num_classes != num_classes:
         raise CheckpointError(
             f"{checkpoint} predicts {config.num_classes} classes, but --num-classes {num_classes} was given"
@@ -288,7 +290,9 @@ def predict_video(
     try:
         frames = _frames(reader, tuple(img_scale))
         results = segmenter.segment(frames, prototypes, streaming=streaming)
-        for result in tqdm(results, total=reader.num_frames, unit="frame", disable=not progress, desc="predict"):
+        for result in tqdm(
+            results, total=reader.num_frames, unit="frame", disable=not progress, desc="predict"
+        ):
             frame: _UserFrame = result.frame
             ids = np.asarray(result.pred)
             colors = colorize(ids)
@@ -339,9 +343,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--img-scale", nargs=2, type=int, default=IMG_SCALE, metavar=("W", "H"))
     parser.add_argument("--prototypes", help="CFFM++: prototype store dir (default: computed on the fly)")
-    parser.add_argument("--prototype-seed", type=int, default=0, help="k-means seed for on-the-fly prototypes")
+    parser.add_argument(
+        "--prototype-seed", type=int, default=0, help="k-means seed for on-the-fly prototypes"
+    )
     parser.add_argument("--batch-size", type=int, help="frames per batch (multiple of the device count)")
-    parser.add_argument("--no-streaming", action="store_true", help="clip-by-clip reference instead of streaming")
+    parser.add_argument(
+        "--no-streaming", action="store_true", help="clip-by-clip reference instead of streaming"
+    )
     parser.add_argument("--alpha", type=float, default=0.5, help="mask opacity in the overlays")
     parser.add_argument("--fps", type=float, default=10.0, help="frame rate of preview.gif")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
@@ -350,7 +358,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    """Runs the command line (see the module docstring); returns the output folder. Errors raise exceptions."""
+    """Runs the command line (module docstring); returns the output folder. Errors raise exceptions."""
     from cffm_jax.prototype_store import PrototypeStore, prototype_frame_indices
     from cffm_jax.streaming import VideoSegmenter, compute_prototypes
 

@@ -1,12 +1,12 @@
-"""Whole-video inference with the official test protocol and a per-frame feature cache (SPEC.md 4.2, 5, 7, 10.2).
+"""Whole-video inference: official test protocol, per-frame feature cache (SPEC.md 4.2, 5, 7, 10.2).
 
 Test protocol (SPEC sections 7, 10.2, 10.3): every frame t of a video is the target of one clip,
 ``cffm_jax.data.vspw.eval_clip_indices(t)`` -- frames 0, 1, 2 alone (T = 1: the model returns the plain
 per-frame logits), 3..8 the fixed sets ([0,1,2,3], [0,2,3,4], ...), t >= 9 [t-9, t-6, t-3, t]. Frames enter
 the network at the test size (keep-ratio rescale to fit ``img_scale``, each side resized to a multiple of 32:
-``cffm_jax.data.transforms.test_transform``). The target logits (1/4 resolution) are resized bilinearly (PyTorch
-``align_corners=False``) first to the network input size and then to the original frame size, and the argmax
-over classes is the prediction (the official softmax before the argmax does not change it).
+``cffm_jax.data.transforms.test_transform``). The target logits (1/4 resolution) are resized bilinearly
+(PyTorch ``align_corners=False``) first to the network input size and then to the original frame size,
+and the argmax over classes is the prediction (the official softmax before the argmax does not change it).
 
 :class:`VideoSegmenter` runs that protocol in two modes that give the same predictions:
 
@@ -15,9 +15,9 @@ over classes is the prediction (the official softmax before the argmax does not 
   ``R = batch_size + 9`` frames (slot = frame index mod R), from which the clip features of every target are
   gathered for ``decode_clip`` (the CFFM cross-frame attention and, for CFFM++, the prototype branch). Frames
   0-2 take their own per-frame logits. Frames are processed in chunks of ``batch_size``: one ``encode_frames``
-  call on the chunk's frames, then one ``decode_clip`` call on the chunk's targets (whose references are at most
-  9 frames back, hence in the ring). Memory is bounded by the ring (the clip span plus one chunk), not by the
-  video length. Each jitted function compiles once per distinct (network input size, original size).
+  call on the chunk's frames, then one ``decode_clip`` call on the chunk's targets (whose references are at
+  most 9 frames back, hence in the ring). Memory is bounded by the ring (the clip span plus one chunk), not
+  by the video length. Each jitted function compiles once per distinct (network input size, original size).
 * **clip-by-clip** (``streaming=False``, the reference): ``model.apply`` on the whole clip of every target
   (T = 1 for frames 0-2, T = 4 after), as the official ``tools/test.py`` does; each frame passes through the
   backbone up to four times.
@@ -183,7 +183,9 @@ class VideoSegmenter:
         num_devices = len(devices)
         self.batch_size = int(DEFAULT_BATCH_PER_DEVICE * num_devices if batch_size is None else batch_size)
         if self.batch_size < 1 or self.batch_size % num_devices:
-            raise ValueError(f"batch_size {self.batch_size} must be a positive multiple of {num_devices} devices")
+            raise ValueError(
+                f"batch_size {self.batch_size} must be a positive multiple of {num_devices} devices"
+            )
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self._batch = NamedSharding(self.mesh, PartitionSpec("data"))
         self._constraint = self._batch if num_devices > 1 else None
@@ -201,7 +203,7 @@ class VideoSegmenter:
     # Device placement helpers.
 
     def _put_batch(self, images: list[np.ndarray]) -> jax.Array:
-        """Stacks a list of arrays, pads to ``batch_size`` by repeating the last one, shards along the batch."""
+        """Stacks arrays, pads to ``batch_size`` by repeating the last one, shards along the batch."""
         pad = self.batch_size - len(images)
         batch = np.stack(list(images) + [images[-1]] * pad)
         return jax.device_put(batch, self._batch)
@@ -285,9 +287,7 @@ class VideoSegmenter:
         start = indices[0]
         write_slots = np.arange(start, start + b) % r  # padding rows land in slots no target still needs
         targets = indices + [indices[-1]] * (b - len(indices))
-        clip_slots = np.asarray(
-            [[s % r for s in _clip(t)] for t in targets], np.int32
-        )
+        clip_slots = np.asarray([[s % r for s in _clip(t)] for t in targets], np.int32)
         use_perframe = np.asarray([t < NUM_EARLY_FRAMES for t in targets])
         ring = self._ring(feats)
         ring, out, labels = _decode_step(
@@ -343,15 +343,16 @@ def _clip(t: int) -> list[int]:
 
 def _checked(frames: Iterable[EvalFrame]) -> Iterator[EvalFrame]:
     """Passes frames through, checking that every frame of the video has the first frame's sizes."""
-    first: EvalFrame | None = None
+    first: tuple | None = None
     for t, frame in enumerate(frames):
+        sizes = (frame.image.shape, tuple(frame.original_size))
         if first is None:
-            first = frame
-        elif frame.image.shape != first.image.shape or tuple(frame.original_size) != tuple(first.original_size):
+            first = sizes
+        elif sizes != first:
             raise ValueError(
-                f"frame {t} has size {tuple(frame.original_size)} (network input {frame.image.shape[:2]}), but "
-                f"frame 0 has {tuple(first.original_size)} ({first.image.shape[:2]}): all frames of a video "
-                "must have the same size"
+                f"frame {t} has size {tuple(frame.original_size)} (network input {frame.image.shape[:2]}), "
+                f"but frame 0 has {first[1]} ({first[0][:2]}): all frames of a "
+                "video must have the same size"
             )
         yield frame
 

@@ -3,9 +3,10 @@
 Label conventions (SPEC.md section 10.1). The model predicts class ids 0..K-1 (K = 124 for VSPW). VSPW mask
 files hold *raw* values: 0 = 'others' (ignored), v = class v - 1, 255 = ignored. Prediction files in the VSPW
 submission layout (``cffm_jax.evaluate --predictions-out``) therefore store ``class id + 1``
-(:func:`ids_to_raw`), so they map back to class ids through the same reduce-zero-label rule as the ground truth
-(:func:`cffm_jax.data.vspw.reduce_zero_label`). Colours are indexed by raw value everywhere (the palette of the
-PNG files and :func:`colorize`), so class c has the colour ``palette()[c + 1]`` in every output; raw 0 is black.
+(:func:`ids_to_raw`), so they map back to class ids through the same reduce-zero-label rule as the ground
+truth (:func:`cffm_jax.data.vspw.reduce_zero_label`). Colours are indexed by raw value everywhere (the palette
+of the PNG files and :func:`colorize`), so class c has the colour ``palette()[c + 1]`` in every output; raw 0
+is black.
 
 The palette is the PASCAL VOC bit-interleaving colour map (index i spreads the bits of i over the high bits of
 R, G and B), a common choice for label PNGs: neighbouring indices get clearly different colours.
@@ -44,12 +45,14 @@ def ids_to_raw(ids: np.ndarray) -> np.ndarray:
     """Class ids (H, W) in 0..254 -> raw mask values id + 1 as uint8 (the VSPW file convention)."""
     ids = np.asarray(ids)
     if ids.size and (ids.min() < 0 or ids.max() > 253):
-        raise ValueError(f"class ids must be in 0..253 to be stored as raw values id + 1, got {ids.min()}..{ids.max()}")
+        raise ValueError(
+            f"class ids must be in 0..253 to be stored as raw values id + 1, got {ids.min()}..{ids.max()}"
+        )
     return (ids.astype(np.int32) + 1).astype(np.uint8)
 
 
 def colorize(ids: np.ndarray) -> np.ndarray:
-    """Class ids (H, W) -> (H, W, 3) uint8 colours (class c gets ``palette()[c + 1]``; 255 stays at index 255)."""
+    """Class ids (H, W) -> (H, W, 3) uint8 colours: class c gets ``palette()[c + 1]``, 255 gets index 255."""
     ids = np.asarray(ids).astype(np.int64)
     raw = np.where(ids == 255, 255, ids + 1)
     return _PALETTE[np.clip(raw, 0, NUM_COLORS - 1)]

@@ -22,7 +22,7 @@ from cffm_jax.prototype_store import PrototypeStore
 
 METRICS = ("miou", "miou_gt_present", "aacc", "fwiou", "mvc8", "mvc16")
 
-CONFIG = '''
+CONFIG = """
 import ml_collections
 from cffm_jax.models import model_config
 
@@ -44,14 +44,16 @@ def get_config(arg=None):
     config.data.num_workers = 0
     config.data.prototypes_dir = ""
     return config
-'''
+"""
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Dataset, weights directories of both fixtures, and a config file."""
     tmp = tmp_path_factory.mktemp("eval")
-    root = generate(str(tmp / "data"), videos=0, val_videos=2, test_videos=1, frames=20, size=(48, 80), seed=5)
+    root = generate(
+        str(tmp / "data"), videos=0, val_videos=2, test_videos=1, frames=20, size=(48, 80), seed=5
+    )
     weights = {}
     for name in ("cffm", "cffmpp"):
         config, variables = tiny_model(f"{name}_tiny.npz")
@@ -66,7 +68,8 @@ def streamed(setup):
     """A streaming evaluation run through the CLI, with saved predictions."""
     out = setup["tmp"] / "streamed"
     argv = [
-        "--config", setup["config"], f"--config.data.root={setup['root']}", "--checkpoint", setup["weights"]["cffm"],
+        "--config", setup["config"], f"--config.data.root={setup['root']}",
+        "--checkpoint", setup["weights"]["cffm"],
         "--json", str(out / "metrics.json"), "--predictions-out", str(out / "pred"), "--batch-size", "4",
         "--no-progress",
     ]  # fmt: skip
@@ -130,7 +133,7 @@ def test_clip_by_clip_gives_the_same_predictions(setup, streamed):
 
 
 def test_library_api_cffmpp_with_store_and_auto(setup):
-    """evaluate_videos as the training loop calls it; CFFM++ with a PrototypeStore equals 'auto' prototypes."""
+    """evaluate_videos as the training loop calls it; CFFM++ with a PrototypeStore equals 'auto'."""
     from cffm_jax.prototype_store import prototype_frame_indices
     from cffm_jax.streaming import VideoSegmenter, compute_prototypes
 
@@ -160,7 +163,8 @@ def test_library_api_cffmpp_with_store_and_auto(setup):
 
 
 def test_checkpoint_for_another_class_count_is_rejected(setup):
-    argv = ["--config", setup["config"], f"--config.data.root={setup['root']}", "--config.model.num_classes=5",
+    argv = ["--config", setup["config"], f"--config.data.root={setup['root']}",
+            "--config.model.num_classes=5",
             "--checkpoint", setup["weights"]["cffm"], "--no-progress"]  # fmt: skip
     with pytest.raises(CheckpointError, match="num_classes: checkpoint has 7, expected 5"):
         evaluate.main(argv)
@@ -182,7 +186,9 @@ def test_prediction_of_the_wrong_size_is_rejected(setup, streamed):
     path = bad / video / "00000007.png"
     with Image.open(path) as im:
         im.resize((40, 24), Image.Resampling.NEAREST).save(path)
-    with pytest.raises(DatasetError, match="00000007.png: prediction size 40x24 .* differs from the ground truth 80x48"):
+    with pytest.raises(
+        DatasetError, match="00000007.png: prediction size 40x24 .* differs from the ground truth 80x48"
+    ):
         evaluate.score_predictions(bad, setup["root"], num_classes=7, progress=False)
     path.unlink()
     with pytest.raises(DatasetError, match="prediction missing for frame 7"):
@@ -200,7 +206,13 @@ def test_existing_output_is_not_overwritten_and_failures_leave_nothing(setup, st
     out = setup["tmp"] / "partial_pred"
     with pytest.raises(DatasetError, match="00000012.jpg: cannot decode image"):
         evaluate.evaluate_videos(
-            config, variables, str(broken), img_scale=IMG_SCALE, predictions_dir=out, progress=False, batch_size=4
+            config,
+            variables,
+            str(broken),
+            img_scale=IMG_SCALE,
+            predictions_dir=out,
+            progress=False,
+            batch_size=4,
         )
     assert not out.exists()
     assert not any(".partial" in p.name for p in out.parent.iterdir())

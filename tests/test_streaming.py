@@ -1,9 +1,9 @@
 """Streaming inference with the feature cache equals clip-by-clip inference (cffm_jax.streaming).
 
-Tiny official-weight fixtures (tests/fixtures) on a synthetic video of 20 frames at 48x80 (network input 64x96),
-batch 4, so the frames 0-8 special cases, several chunks, a padded last chunk and wrap-around of the 13-slot
-feature ring are all exercised. The frame size, batch size and models are the same as in test_evaluate.py and
-test_predict.py, so in one pytest process every jitted function compiles once.
+Tiny official-weight fixtures (tests/fixtures) on a synthetic video of 20 frames at 48x80 (network input
+64x96), batch 4, so the frames 0-8 special cases, several chunks, a padded last chunk and wrap-around of the
+13-slot feature ring are all exercised. The frame size, batch size and models are the same as in
+test_evaluate.py and test_predict.py, so in one pytest process every jitted function compiles once.
 """
 
 import functools
@@ -31,7 +31,7 @@ BATCH = 4
 
 @functools.cache
 def tiny_model(name: str):
-    """(config, variables) of the official tiny CFFM ('cffm_tiny.npz') or CFFM++ ('cffmpp_tiny.npz') fixture."""
+    """(config, variables) of the tiny CFFM ('cffm_tiny.npz') or CFFM++ ('cffmpp_tiny.npz') fixture."""
     arrays, meta = load_fixture(name)
     config = config_from_meta(meta)
     state = {k[len("state_dict/") :]: v for k, v in arrays.items() if k.startswith("state_dict/")}
@@ -92,7 +92,9 @@ def test_compiles_once_per_size_and_ring_is_bounded(video):
     assert _encode._cache_size() == cache_size
     assert len(second) == len(first) == FRAMES
     (ring,) = segmenter._rings.values()
-    assert ring.shape[0] == BATCH + 9 < FRAMES  # the clip span plus one chunk, independent of the video length
+    assert (
+        ring.shape[0] == BATCH + 9 < FRAMES
+    )  # the clip span plus one chunk, independent of the video length
     np.testing.assert_array_equal(first[0], [r.pred for r in segmenter.segment(frames[:1])][0])
 
 
@@ -169,7 +171,7 @@ _MULTI_DEVICE = textwrap.dedent(
 
 @pytest.mark.heavy
 def test_two_devices_match_one(tmp_path):
-    """Sharding over a 2-device ('data',) mesh (fake CPU devices, fresh process) gives the same predictions."""
+    """Sharding over a 2-device ('data',) mesh (fake CPU devices, fresh process): same predictions."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     tests_dir = os.path.dirname(__file__)
     proc = subprocess.run(

@@ -1,0 +1,175 @@
+"""Segmenting users' videos (cffm_jax.predict): frame folders, animated GIFs, video files, bad input.
+
+Uses the tiny CFFM++ fixture (on-the-fly prototypes) on synthetic frames of 48x80 with --img-scale 80 48, the
+same shapes as test_streaming.py, so the jitted functions are shared within one pytest process.
+"""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image, ImageSequence
+from test_streaming import BATCH, IMG_SCALE, tiny_model
+
+from cffm_jax import predict
+from cffm_jax.checkpoint import CheckpointError, save_variables
+from cffm_jax.data import transforms
+from cffm_jax.data.pipeline import EvalFrame
+from cffm_jax.data.synthetic import generate
+from cffm_jax.prototype_store import prototype_frame_indices
+from cffm_jax.streaming import VideoSegmenter, compute_prototypes
+from cffm_jax.visualize import colorize
+
+NUM_FRAMES = 12
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("predict")
+    root = generate(
+        str(tmp / "data"), videos=0, val_videos=1, test_videos=0, frames=NUM_FRAMES, size=(48, 80)
+    )
+    (video,) = open(os.path.join(root, "val.txt")).read().split()
+    frames_dir = tmp / "my_video"
+    shutil.copytree(os.path.join(root, "data", video, "origin"), frames_dir)
+    weights = {}
+    for name in ("cffm", "cffmpp"):
+        config, variables = tiny_model(f"{name}_tiny.npz")
+        weights[name] = str(save_variables(tmp / f"{name}_weights", variables, config))
+    rgb = [np.asarray(Image.open(frames_dir / f)) for f in sorted(os.listdir(frames_dir))]
+    return {"tmp": tmp, "frames_dir": frames_dir, "weights": weights, "rgb": rgb}
+
+
+def _run(setup, input_path, out, *extra):
+    argv = ["--checkpoint", setup["weights"]["cffmpp"], "--input", str(input_path), "--output", str(out),
+            "--img-scale", *map(str, IMG_SCALE), "--batch-size", str(BATCH), "--no-progress",
+            *extra]  # fmt: skip
+    return predict.main(argv)
+
+
+def _expected_labels(frames_rgb):
+    """Class ids predicted directly with the library: on-the-fly prototypes (seed 0), streaming."""
+    config, variables = tiny_model("cffmpp_tiny.npz")
+    segmenter = VideoSegmenter(config, variables, batch_size=BATCH)
+    images = [transforms.test_transform(f, img_scale=IMG_SCALE) for f in frames_rgb]
+    protos = compute_prototypes(segmenter, [images[t] for t in prototype_frame_indices(len(images))])
+    frames = [EvalFrame(im, None, f.shape[:2]) for im, f in zip(images, frames_rgb, strict=True)]
+    return [r.pred for r in segmenter.segment(frames, protos)]
+
+
+def _check_outputs(out, names, frames_rgb):
+    assert sorted(os.listdir(out)) == ["labels", "manifest.json", "masks", "overlay", "preview.gif"]
+    for sub in ("labels", "masks", "overlay"):
+        assert sorted(os.listdir(out / sub)) == [f"{n}.png" for n in names]
+    expected = _expected_labels(frames_rgb)
+    for name, ids, rgb in zip(names, expected, frames_rgb, strict=True):
+        labels = np.asarray(Image.open(out / "labels" / f"{name}.png"))
+        np.testing.assert_array_equal(labels, ids)
+        np.testing.assert_array_equal(np.asarray(Image.open(out / "masks" / f"{name}.png")), colorize(ids))
+        blend = np.asarray(Image.open(out / "overlay" / f"{name}.png")).astype(int)
+        assert blend.shape == rgb.shape
+        assert np.abs(blend - (rgb.astype(int) + colorize(ids)) / 2).max() <= 1
+    with Image.open(out / "preview.gif") as gif:
+        assert gif.n_frames == len(names) and gif.size == (80, 48)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["frame_names"] == names and manifest["arch"] == "cffmpp"
+    assert manifest["prototypes"].startswith("on the fly")
+    assert len(np.unique(np.stack(expected))) > 1
+
+
+def test_folder_of_frames(setup):
+    out = setup["tmp"] / "out_folder"
+    assert _run(setup, setup["frames_dir"], out) == out
+    names = [f"{t:08d}" for t in range(NUM_FRAMES)]
+    _check_outputs(out, names, setup["rgb"])
+    assert not (setup["tmp"] / ".out_folder.partial").exists()
+
+
+def test_animated_gif(setup):
+    gif = setup["tmp"] / "clip.gif"
+    images = [Image.fromarray(f) for f in setup["rgb"]]
+    images[0].save(gif, save_all=True, append_images=images[1:], duration=100, loop=0)
+    with Image.open(gif) as im:
+        decoded = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)]
+    out = setup["tmp"] / "out_gif"
+    _run(setup, gif, out)
+    _check_outputs(out, [f"{t:06d}" for t in range(NUM_FRAMES)], decoded)
+
+
+def test_video_file(setup):
+    av = pytest.importorskip("av", reason="PyAV (the optional 'av' package) reads video files")
+    path = setup["tmp"] / "clip.mp4"
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 80, 48, "yuv420p"
+        for rgb in setup["rgb"]:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    reader = predict.open_input(path)
+    assert reader.num_frames == NUM_FRAMES and reader.name == "clip"
+    decoded = [f for _, f in reader.iterate()]
+    assert (
+        np.abs(decoded[3].astype(int) - setup["rgb"][3].astype(int)).mean() < 20
+    )  # lossy, but the same video
+    out = setup["tmp"] / "out_video"
+    _run(setup, path, out)
+    _check_outputs(out, [f"{t:06d}" for t in range(NUM_FRAMES)], decoded)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input: a clear error and no output folder.
+
+
+def test_bad_inputs(setup):
+    tmp = setup["tmp"]
+    out = tmp / "out_bad"
+    (tmp / "empty").mkdir()
+    with pytest.raises(predict.InputError, match="no frames found"):
+        _run(setup, tmp / "empty", out)
+    with pytest.raises(predict.InputError, match="input not found"):
+        _run(setup, tmp / "missing.mp4", out)
+    (tmp / "garbage.mp4").write_bytes(b"\x00not a video" * 100)
+    with pytest.raises(predict.InputError, match="PyAV|cannot decode video"):
+        _run(setup, tmp / "garbage.mp4", out)
+    (tmp / "garbage.gif").write_bytes(b"GIF89a-broken")
+    with pytest.raises(predict.InputError, match="cannot read image"):
+        _run(setup, tmp / "garbage.gif", out)
+    assert not out.exists()
+
+
+def test_checkpoint_for_another_model_or_class_count(setup):
+    out = setup["tmp"] / "out_model"
+    with pytest.raises(CheckpointError, match="different model"):
+        _run(setup, setup["frames_dir"], out, "--model", "cffm_b1")
+    with pytest.raises(CheckpointError, match="predicts 7 classes, but --num-classes 124"):
+        _run(setup, setup["frames_dir"], out, "--num-classes", "124")
+    assert not out.exists()
+
+
+def test_failure_midway_leaves_no_output(setup):
+    tmp = setup["tmp"]
+    broken = shutil.copytree(setup["frames_dir"], tmp / "broken_frames")
+    (broken / "00000011.jpg").write_bytes(b"truncated")  # not one of the 10 prototype frames
+    out = tmp / "out_broken"
+    with pytest.raises(predict.InputError, match="00000011.jpg: cannot read frame"):
+        _run(setup, broken, out)
+    assert not out.exists() and not (tmp / ".out_broken.partial").exists()
+
+    mixed = shutil.copytree(setup["frames_dir"], tmp / "mixed_sizes")
+    Image.fromarray(setup["rgb"][0]).resize((64, 40)).save(mixed / "00000010.jpg")
+    with pytest.raises(ValueError, match="all frames of a video must have the same size"):
+        _run(setup, mixed, out)
+    assert not out.exists() and not (tmp / ".out_broken.partial").exists()
+
+
+def test_existing_output_needs_overwrite(setup):
+    out = setup["tmp"] / "out_existing"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        _run(setup, setup["frames_dir"], out)
+    assert (out / "keep.txt").exists()
