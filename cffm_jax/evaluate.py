@@ -356,7 +356,11 @@ def resolve_data_root(config: ml_collections.ConfigDict) -> str:
         from cffm_jax.data.synthetic import generate
 
         log.info("generating the synthetic dataset in %s", root)
-        generate(root, **config.data.synthetic.to_dict())
+        tmp = f"{root}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        generate(tmp, **config.data.synthetic.to_dict())
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(tmp, root)
     return root
 
 

@@ -102,7 +102,8 @@ class FolderFrames(FrameReader):
             dupes = sorted({s for s in stems if stems.count(s) > 1})
             raise InputError(f"{path}: several frames share a name: {', '.join(dupes[:5])}")
         self.files = files
-        self.name = path.name
+        # A VSPW-layout video folder <video>/origin is named after <video> (e.g. for prototype store lookups).
+        self.name = path.resolve().parent.name if path.name == "origin" else path.name
         self.frame_names = stems
 
     def iterate(self, indices: Sequence[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:

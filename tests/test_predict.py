@@ -87,6 +87,25 @@ def test_folder_of_frames(setup):
     assert not (setup["tmp"] / ".out_folder.partial").exists()
 
 
+def test_prototypes_from_a_store(setup):
+    """--prototypes DIR: the store's entry for the video (named after the folder) is used."""
+    from cffm_jax.prototype_store import PrototypeStore
+
+    config, variables = tiny_model("cffmpp_tiny.npz")
+    segmenter = VideoSegmenter(config, variables, batch_size=BATCH)
+    images = [transforms.test_transform(f, img_scale=IMG_SCALE) for f in setup["rgb"]]
+    protos = compute_prototypes(segmenter, [images[t] for t in prototype_frame_indices(len(images))])
+    store = PrototypeStore(setup["tmp"] / "store", embed_dim=32, num_prototypes=100, source="generated")
+    with pytest.raises(FileNotFoundError, match="no prototypes for video 'my_video'"):
+        _run(setup, setup["frames_dir"], setup["tmp"] / "out_store", "--prototypes", str(store.root))
+    store.put("my_video", protos)
+    out = _run(setup, setup["frames_dir"], setup["tmp"] / "out_store", "--prototypes", str(store.root))
+    expected = _expected_labels(setup["rgb"])
+    for t, ids in enumerate(expected):
+        np.testing.assert_array_equal(np.asarray(Image.open(out / "labels" / f"{t:08d}.png")), ids)
+    assert json.loads((out / "manifest.json").read_text())["prototypes"].startswith("store")
+
+
 def test_animated_gif(setup):
     gif = setup["tmp"] / "clip.gif"
     images = [Image.fromarray(f) for f in setup["rgb"]]
