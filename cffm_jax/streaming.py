@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import queue
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -52,13 +52,10 @@ from cffm_jax.kmeans import kmeans
 from cffm_jax.models import build_model
 from cffm_jax.models.cffm import upsample_logits
 
-log = logging.getLogger(__name__)
-
 DEFAULT_BATCH_PER_DEVICE = 4
 # Frames before a target that a later target can still reference (the oldest clip member is t - 9).
 CLIP_SPAN = -DILATIONS[0]
 NUM_EARLY_FRAMES = 3  # targets 0, 1, 2 are predicted without temporal context (T = 1)
-NUM_PROTOTYPE_FRAMES = 10
 NUM_PROTOTYPES = 100
 
 
@@ -96,13 +93,13 @@ def _broadcast_prototypes(prototypes: jax.Array | None, batch: int) -> jax.Array
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _encode(model, variables: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _encode(model: nn.Module, variables: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     return model.apply(variables, images, method="encode_frames")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
 def _decode_step(
-    model,
+    model: nn.Module,
     sizes: tuple[tuple[int, int], tuple[int, int]],
     sharding: NamedSharding | None,
     variables: Any,
@@ -131,7 +128,7 @@ def _decode_step(
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _clip_forward(
-    model,
+    model: nn.Module,
     sizes: tuple[tuple[int, int], tuple[int, int]],
     sharding: NamedSharding | None,
     variables: Any,
