@@ -4,8 +4,8 @@
         --output DIR [--img-scale W H] [--prototypes DIR] [--batch-size N] [--overwrite] [--no-streaming]
 
 Input: a folder of frames (``.jpg``/``.jpeg``/``.png``/``.bmp``/``.webp``, sorted by file name), an animated
-GIF / WebP / APNG (read with Pillow), or a video file (``.mp4``, ``.avi``, ...; read with PyAV, the optional
-``av`` package: ``pip install av``). All frames must have the same size. Frames are processed in temporal
+GIF / WebP / APNG (read with Pillow), or a video file (``.mp4``, ``.avi``, ...; read with PyAV, the ``av``
+package: ``pip install av``). All frames must have the same size. Frames are processed in temporal
 order with the streaming feature cache (``cffm_jax.streaming``): frames 0-2 without temporal context, then the
 official clips [t-9, t-6, t-3, t] (the special sets for t < 9), at the test size (rescale to fit
 ``img_scale``, default 853x480, sides to multiples of 32), predictions at the original frame size.

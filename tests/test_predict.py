@@ -118,7 +118,7 @@ def test_animated_gif(setup):
 
 
 def test_video_file(setup):
-    av = pytest.importorskip("av", reason="PyAV (the optional 'av' package) reads video files")
+    av = pytest.importorskip("av", reason="PyAV (the 'av' package) reads video files")
     path = setup["tmp"] / "clip.mp4"
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("mpeg4", rate=10)
