@@ -83,10 +83,9 @@ def build_model(config: ml_collections.ConfigDict):
     if config.arch == "mit":
         return MixVisionTransformer(**backbone_kwargs)
     if config.arch in ("cffm", "cffmpp"):
-        from cffm_jax.models.cffm import CFFM
+        from cffm_jax.models.cffm import CFFM, CFFMHead
 
-        return CFFM(
-            backbone=MixVisionTransformer(**backbone_kwargs),
+        head = CFFMHead(
             embed_dim=config.decoder_embed_dim,
             decoder_depth=config.decoder_depth,
             decoder_num_heads=config.decoder_num_heads,
@@ -97,6 +96,7 @@ def build_model(config: ml_collections.ConfigDict):
             prototype_num_heads=config.get("prototype_num_heads", 8),
             dtype=dtype,
         )
+        return CFFM(backbone=MixVisionTransformer(**backbone_kwargs), decode_head=head)
     raise ValueError(f"Unknown arch {config.arch!r}; valid: {', '.join(ARCHS)}")
 
 

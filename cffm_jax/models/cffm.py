@@ -162,28 +162,7 @@ class CFFM(nn.Module):
     """MiT backbone + CFFM/CFFM++ head. See the module docstring for inputs and outputs."""
 
     backbone: MixVisionTransformer
-    embed_dim: int = 256
-    decoder_depth: int = 1
-    decoder_num_heads: int = 8
-    num_classes: int = 124
-    num_clips: int = 4
-    dropout_ratio: float = 0.1
-    use_prototypes: bool = False
-    prototype_num_heads: int = 8
-    dtype: Any = jnp.float32
-
-    def setup(self):
-        self.decode_head = CFFMHead(
-            embed_dim=self.embed_dim,
-            decoder_depth=self.decoder_depth,
-            decoder_num_heads=self.decoder_num_heads,
-            num_classes=self.num_classes,
-            num_clips=self.num_clips,
-            dropout_ratio=self.dropout_ratio,
-            use_prototypes=self.use_prototypes,
-            prototype_num_heads=self.prototype_num_heads,
-            dtype=self.dtype,
-        )
+    decode_head: CFFMHead
 
     def __call__(
         self, clip: jax.Array, train: bool = False, prototypes: jax.Array | None = None
