@@ -2,11 +2,12 @@
 
 For every video of the chosen splits (default train + val + test, as the official run):
 
-1. the 10 frames ``int((i + 0.5) * (n // 10))``, i = 0..9 (:func:`cffm_jax.prototype_store.prototype_frame_indices`;
-   frame 0 ten times when n < 10) go through the test transform (SPEC 10.3: keep-ratio rescale to fit
-   ``img_scale``, each side resized to a multiple of 32, normalise);
-2. ``encode_frames`` of a trained CFFM (or CFFM++: its frozen encoder is the CFFM one) gives the ``linear_fuse``
-   output bilinearly resized to (int(h/2), int(w/2)); rows ordered (frame, y, x) form X (10*h8*w8, E);
+1. the 10 frames ``int((i + 0.5) * (n // 10))``, i = 0..9 (frame 0 ten times when n < 10;
+   :func:`cffm_jax.prototype_store.prototype_frame_indices`) go through the test transform (SPEC 10.3:
+   keep-ratio rescale to fit ``img_scale``, each side resized to a multiple of 32, normalise);
+2. ``encode_frames`` of a trained CFFM (or CFFM++: its frozen encoder is the CFFM one) gives the
+   ``linear_fuse`` output bilinearly resized to (int(h/2), int(w/2)); rows ordered (frame, y, x) form
+   X (10*h8*w8, E);
 3. Lloyd k-means (:mod:`cffm_jax.kmeans`: the official algorithm, K = 100, 10 iterations, tol 1e-4, K distinct
    random rows as the initial centres) clusters X; the K centres are the video's prototypes;
 4. they are written atomically to a :class:`cffm_jax.prototype_store.PrototypeStore` (``<out>/<video>.npy``).
@@ -14,9 +15,9 @@ For every video of the chosen splits (default train + val + test, as the officia
 Reproducibility: the official initialisation is unseeded; here video v is initialised with the key
 :func:`video_key` ``(seed, v)`` (the seed folded with a hash of the name), so a video's prototypes depend only
 on the checkpoint, the seed, ``img_scale`` and the k-means settings, not on the processing order, the split
-selection or resumption. On CPU reruns are bit-identical. On GPU the k-means centre sums use scatter-add, which
-XLA makes deterministic only with ``--xla_gpu_deterministic_ops=true``; the command line adds that flag to
-``XLA_FLAGS`` unless the flag is already set.
+selection or resumption. On CPU reruns are bit-identical. On GPU the k-means centre sums use scatter-add,
+which XLA makes deterministic only with ``--xla_gpu_deterministic_ops=true``; the command line adds that flag
+to ``XLA_FLAGS`` unless the flag is already set.
 
 Resumption: videos already in the store are skipped (``overwrite`` recomputes them); every file is written
 atomically, so a killed run leaves only complete videos. The store's manifest records the settings (model,
@@ -25,22 +26,24 @@ embedding dimension is an error, a different checkpoint path only a warning.
 
 Devices: the frames of one video are encoded in batches of ``batch_frames`` (rounded up to a multiple of the
 local device count, padded by repeating the last frame) sharded over a 1-D ``('data',)`` mesh of the local
-devices, with replicated variables; the k-means of the video then runs on the first device. Each jitted function
-compiles once per network input size. Frames are decoded in background threads while the device works.
-Single process: for several hosts, run one process per host on disjoint split lists or stores.
+devices, with replicated variables; the k-means of the video then runs on the first device. Each jitted
+function compiles once per network input size. Frames are decoded in background threads while the device
+works. One process: for several hosts, run one process per host on disjoint ``--splits`` (they may share the
+store directory: writes are per video and atomic).
 
 Command lines::
 
     python -m cffm_jax.prototypes --checkpoint PATH [--model NAME] --data-root ROOT --out DIR
         [--splits train,val,test] [--img-scale W H] [--num-prototypes 100] [--seed 0] [--batch-frames 10]
         [--overwrite] [--no-progress]
-    python -m cffm_jax.prototypes --config configs/prototypes_vspw.py:b1 [--config.<field>=<value> ...] [flags]
+    python -m cffm_jax.prototypes --config configs/prototypes_vspw.py:b1 [--config.<field>=<value> ...]
+        [flags]
 
 With ``--config``, explicit flags win over config fields: checkpoint <- ``init_from`` (when the config has a
 ``prototypes`` section or is a CFFM++ config) or ``workdir``; data root <- ``data.root`` ('' = the synthetic
-dataset in ``<workdir>/data``, generated if missing); out <- ``data.prototypes_dir``; splits <- ``data.splits``;
-img_scale <- ``data.img_scale``; seed <- ``seed``; num_prototypes, num_frames, max_iter, tol, init, overwrite
-<- ``prototypes.*``; ``progress``.
+dataset in ``<workdir>/data``, generated if missing); out <- ``data.prototypes_dir``; splits <-
+``data.splits``; img_scale <- ``data.img_scale``; seed <- ``seed``; num_prototypes, num_frames, max_iter,
+tol, init, overwrite <- ``prototypes.*``; ``progress``.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -75,14 +79,14 @@ from cffm_jax.kmeans import kmeans_with_info
 from cffm_jax.models import build_model
 from cffm_jax.prototype_store import PrototypeStore, prototype_frame_indices
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("cffm_jax.prototypes")  # the same name under python -m
 
 SPLITS = ("train", "val", "test")
 NUM_PROTOTYPES = 100
 NUM_FRAMES = 10
 GENERATOR = "cffm_jax.prototypes"
-# Model config fields that decide the features fed to k-means (everything of the encoder: backbone, MLP decoder,
-# linear_fuse). A CFFM++ checkpoint shares them with the CFFM it was fine-tuned from.
+# Model config fields that decide the features fed to k-means (everything of the encoder: backbone, MLP
+# decoder, linear_fuse). A CFFM++ checkpoint shares them with the CFFM it was fine-tuned from.
 _ENCODER_FIELDS = ("embed_dims", "depths", "num_heads", "sr_ratios", "mlp_ratios", "decoder_embed_dim")
 
 
@@ -186,8 +190,8 @@ class PrototypeGenerator:
         x = self.features(images)
         if x.shape[0] < self.num_prototypes:
             raise ValueError(
-                f"video {video!r}: {x.shape[0]} feature vectors are too few for {self.num_prototypes} prototypes "
-                "(frames too small?)"
+                f"video {video!r}: {x.shape[0]} feature vectors are too few for {self.num_prototypes} "
+                "prototypes (frames too small?)"
             )
         result = kmeans_with_info(
             x,
@@ -215,7 +219,7 @@ def check_model(model_config: ml_collections.ConfigDict) -> None:
 
 
 def _split_available(root: str, split: str) -> bool:
-    """Whether ``split`` exists and lists at least one video (missing/empty splits are skipped, not errors)."""
+    """Whether ``split`` exists and lists a video (missing or empty splits are skipped, not errors)."""
     if is_tfds_dir(root):
         try:
             return bool(video_names(root, split))
@@ -353,7 +357,8 @@ class GenerationSummary:
         text = (
             f"generated prototypes for {len(self.generated)} videos in {self.seconds:.1f} s "
             f"({len(self.skipped)} already present) into {self.store.root} "
-            f"(Kp={self.store.num_prototypes}, E={self.store.embed_dim}); store now holds {len(self.store)} videos"
+            f"(Kp={self.store.num_prototypes}, E={self.store.embed_dim}); "
+            f"store now holds {len(self.store)} videos"
         )
         if self.skipped_splits:
             text += f"; skipped splits without videos: {', '.join(self.skipped_splits)}"
@@ -482,7 +487,10 @@ def generate_prototypes(
     workers = num_workers or min(8, os.cpu_count() or 1)
     generated: list[str] = []
     frames = _prefetched(todo, img_scale=img_scale, num_frames=num_frames, num_workers=workers, ahead=2)
-    with tqdm(total=len(todo), unit="video", disable=not progress, desc="prototypes") as bar:
+    with (
+        contextlib.closing(frames),  # on an error, stops the decoding threads now
+        tqdm(total=len(todo), unit="video", disable=not progress, desc="prototypes") as bar,
+    ):
         for video, images in frames:
             store.put(video.name, generator.prototypes(video.name, images))
             generated.append(video.name)
@@ -556,9 +564,10 @@ def load_model(
 ) -> tuple[Any, ml_collections.ConfigDict]:
     """(variables, model config) of a checkpoint for prototype generation.
 
-    A raw file is converted as ``model`` (a name) or else ``config.model``. For a directory the stored model is
-    used and its encoder (backbone, decoder width) must match ``model`` / ``config.model`` where given; CFFM
-    and CFFM++ are interchangeable here. With a config, its computation dtype is used.
+    A raw file is converted as ``model`` (a name) or else as ``config.model`` -- for a CFFM++ config as the
+    CFFM it is fine-tuned from (the official generator runs on a CFFM checkpoint). For a directory the stored
+    model is used and its encoder (backbone, decoder width) must match ``model`` / ``config.model`` where
+    given; CFFM and CFFM++ are interchangeable here. With a config, its computation dtype is used.
 
     Raises:
       CheckpointError: unreadable checkpoint, or an encoder that differs from the expected one.
@@ -569,6 +578,11 @@ def load_model(
 
     expected = named_config(model) if model else (config.model if config is not None else None)
     if os.path.isfile(checkpoint):
+        if not model and expected is not None and expected.get("arch") == "cffmpp":
+            fields = expected.to_dict()
+            for key in ("arch", "prototype_num_heads"):
+                fields.pop(key)
+            expected = named_config(fields.pop("name").replace("cffmpp_", "cffm_"), **fields)
         variables, found = load_for_inference(checkpoint, model=expected)
     else:
         variables, found = load_for_inference(checkpoint)
@@ -580,8 +594,8 @@ def load_model(
             ]
             if diffs:
                 raise CheckpointError(
-                    f"{checkpoint} holds {found.name}, not the expected {expected.name}:\n  "
-                    + "\n  ".join(diffs)
+                    f"{checkpoint}: the encoder of its {found.name} differs from the expected "
+                    f"{expected.name}:\n  " + "\n  ".join(diffs)
                 )
     check_model(found)
     if config is not None and config.model.get("dtype") and found.get("dtype") != config.model.dtype:
@@ -656,7 +670,10 @@ def main(argv: Sequence[str] | None = None) -> GenerationSummary:
 def _cli() -> int:
     from cffm_jax.checkpoint import CheckpointError
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # force: grain installs a root handler at import, which would make basicConfig a no-op. INFO only for this
+    # package (orbax and absl are chatty at INFO).
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("cffm_jax").setLevel(logging.INFO)
     try:
         main()
     except (DatasetError, CheckpointError, FileNotFoundError, ValueError) as e:

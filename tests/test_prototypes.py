@@ -1,9 +1,9 @@
 """Per-video CFFM++ prototype generation (cffm_jax.prototypes, SPEC.md section 6).
 
-A synthetic dataset of 3 videos (train, val, test; 12 frames of 48x64, the test video without masks), the official
-tiny CFFM weights (E = 32), the test rescale bound (64, 48) (network input 64x64, 8x8 features per frame, 640
-points per video) and K = 8 prototypes. The feature extraction is checked against the official generator's
-k-means input (``kmeans_tiny.npz``) and against the full forward pass's intermediates.
+A synthetic dataset of 3 videos (train, val, test; 12 frames of 48x64, the test video without masks), the
+official tiny CFFM weights (E = 32), the test rescale bound (64, 48) (network input 64x64, 8x8 features per
+frame, 640 points per video) and K = 8 prototypes. The feature extraction is checked against the official
+generator's k-means input (``kmeans_tiny.npz``) and against the full forward pass's intermediates.
 """
 
 import logging
@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from conftest import load_fixture
@@ -255,6 +256,15 @@ def test_cli_and_loader_errors(weights_dir, data_root, tmp_path):
         prototypes.load_model(weights_dir, "cffm_b1")
     _, found = prototypes.load_model(weights_dir, None)
     assert found.decoder_embed_dim == 32
+    # A raw official CFFM checkpoint with a CFFM++ config is read as the CFFM the config is fine-tuned from.
+    arrays, _ = load_fixture("cffm_tiny.npz")
+    raw = tmp_path / "cffm_tiny_raw.npz"
+    np.savez(raw, **{k: v for k, v in arrays.items() if k.startswith("state_dict/")})
+    cffmpp = ml_collections.ConfigDict({"model": config_from_meta(load_fixture("cffmpp_tiny.npz")[1])})
+    assert cffmpp.model.arch == "cffmpp"
+    variables, found = prototypes.load_model(str(raw), None, cffmpp)
+    assert (found.arch, found.decoder_depth) == ("cffm", 2)
+    assert "decoder_swin" not in variables["params"]["decode_head"]
 
 
 SUBPROCESS = """
