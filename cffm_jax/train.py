@@ -1,0 +1,543 @@
+r"""Training of CFFM / CFFM++ (SPEC.md sections 5, 7, 8, 9 and 10).
+
+    python -m cffm_jax.train --config configs/demo.py                 # synthetic data, CPU minutes
+    python -m cffm_jax.train --config configs/cffm_vspw.py:b1 [--config.batch_size=8 ...] [--workdir runs/x]
+    python -m cffm_jax.train --config configs/cffmpp_vspw.py:b1 --config.init_from=runs/cffm_vspw_b1
+
+Multi-host: start one process per host with ``--coordinator_address=host0:port --num_processes=N
+--process_id=i`` (or nothing where the platform tells JAX, e.g. SLURM, Cloud TPU pods).
+
+:func:`train_and_evaluate` reads top to bottom: workdir and config files, mesh and batch sizes, data, model and
+optimiser shapes, the update step, resume (workdir checkpoint > ``config.init_from`` > scratch), the loop
+(progress, metrics, NaN/Inf stop, checkpoints, periodic evaluation), the final evaluation.
+
+The update step (:func:`train_step`) is one ``jax.jit`` over a ``('data',)`` mesh of all devices: the batch is
+sharded along its first axis, the state replicated and donated. BatchNorm statistics are therefore computed over
+the global batch (the official SyncBN). With ``grad_accum_steps = n > 1`` the global batch is split into n
+micro-batches that run one after the other (``lax.scan``); gradients and the loss are averaged, which equals the
+large batch exactly except for BatchNorm: ``linear_fuse``'s batch statistics are then those of each micro-batch
+(the official SyncBN saw all 8 clips at once) and its running statistics are updated n times per step.
+CFFM++ is unaffected (its ``linear_fuse`` always uses running statistics).
+
+Metrics (process 0): ``<workdir>/metrics.jsonl`` (one row per logged step: ``step`` = number of updates done,
+``loss`` of that update, ``lr`` = base learning rate used by it (groups scale it), ``ce_frames``, ``ce_target``,
+``acc_seg``, ``grad_norm``, ``steps_per_sec``; evaluation rows with ``miou``, ``mvc8``, ...), TensorBoard scalars in
+``<workdir>/tensorboard``, ``config.json`` and ``model.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import pathlib
+import shutil
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from cffm_jax import sharding as shd
+from cffm_jax import train_state as ts
+from cffm_jax.losses import segmentation_loss
+from cffm_jax.models import build_model, trainable_mask
+from cffm_jax.optim import make_optimizer
+
+try:  # evaluation is written in parallel; training runs without it until it exists
+    from cffm_jax.evaluate import evaluate_videos
+except ImportError:
+    evaluate_videos = None
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.json"
+DATA_DIR = "data"
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`train_and_evaluate` returns.
+
+    Attributes:
+      state: the final train state (replicated global arrays).
+      eval_metrics: the final evaluation's metrics, or None when it did not run.
+      workdir: the run's directory.
+      checkpoint: the directory of the last checkpoint.
+      data_root: the dataset that was used.
+      predictions_dir: where the final evaluation wrote sample predictions (or None).
+    """
+
+    state: ts.TrainState
+    eval_metrics: dict[str, Any] | None
+    workdir: pathlib.Path
+    checkpoint: pathlib.Path | None
+    data_root: str
+    predictions_dir: pathlib.Path | None
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or Inf; names the step."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loss and update step
+
+
+def training_loss(
+    logits: jax.Array, labels: jax.Array, loss_config: Mapping[str, Any]
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """SPEC 8 loss of the head's training output (B, T+1, h, w, K) against labels (B, T, H, W)."""
+    chunk = loss_config.get("frames_per_chunk", 0)
+    return segmentation_loss(
+        logits,
+        labels,
+        frame_weight=loss_config.get("frame_weight", 0.5),
+        target_weight=loss_config.get("target_weight", 1.0),
+        frames_per_chunk=chunk or None,
+    )
+
+
+def loss_fn(
+    params: Any,
+    batch_stats: Any,
+    batch: Mapping[str, jax.Array],
+    key: jax.Array,
+    *,
+    model: Any,
+    loss_config: Mapping[str, Any],
+) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
+    """Loss of one (micro-)batch in training mode -> (loss, (aux metrics, updated batch_stats))."""
+    logits, updates = model.apply(
+        {"params": params, "batch_stats": batch_stats},
+        batch["clips"],
+        train=True,
+        prototypes=batch.get("prototypes"),
+        rngs={"dropout": key},
+        mutable=["batch_stats"],
+    )
+    loss, aux = training_loss(logits, batch["labels"], loss_config)
+    return loss, (aux, updates.get("batch_stats", batch_stats))
+
+
+def compute_grads(
+    params: Any,
+    batch_stats: Any,
+    batch: Mapping[str, jax.Array],
+    key: jax.Array,
+    *,
+    model: Any,
+    loss_config: Mapping[str, Any],
+    grad_accum_steps: int = 1,
+    mesh: jax.sharding.Mesh | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array], Any, Any]:
+    """(loss, aux, grads, new batch_stats) of a global batch, averaged over ``grad_accum_steps`` micro-batches.
+
+    Micro-batch i holds the clips ``i, i + n, i + 2n, ...`` of the batch (n = ``grad_accum_steps``), so each
+    device keeps its own rows (no communication) when the batch is sharded over ``mesh``; micro-batch i uses the
+    key ``fold_in(key, i)``; BatchNorm running statistics are threaded through the micro-batches in order.
+    """
+    grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, loss_config=loss_config), has_aux=True)
+    if grad_accum_steps == 1:
+        (loss, (aux, new_stats)), grads = grad_fn(params, batch_stats, batch, key)
+        return loss, aux, grads, new_stats
+    n = grad_accum_steps
+
+    def split(x):
+        x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+        if mesh is not None:
+            x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(None, shd.DATA_AXIS)))
+        return x
+
+    micro = jax.tree.map(split, dict(batch))
+
+    def body(carry, inputs):
+        stats, grad_sum, loss_sum, aux_sum = carry
+        i, mb = inputs
+        (loss, (aux, stats)), grads = grad_fn(params, stats, mb, jax.random.fold_in(key, i))
+        grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+        aux_sum = jax.tree.map(jnp.add, aux_sum, aux)
+        return (stats, grad_sum, loss_sum + loss, aux_sum), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    aux0 = {k: jnp.zeros((), jnp.float32) for k in ("ce_frames", "ce_target", "acc_seg")}
+    init = (batch_stats, zeros, jnp.zeros((), jnp.float32), aux0)
+    (stats, grad_sum, loss_sum, aux_sum), _ = jax.lax.scan(body, init, (jnp.arange(n), micro))
+    scale = 1.0 / n
+    return (
+        loss_sum * scale,
+        jax.tree.map(lambda a: a * scale, aux_sum),
+        jax.tree.map(lambda g: g * scale, grad_sum),
+        stats,
+    )
+
+
+def train_step(
+    state: ts.TrainState,
+    batch: Mapping[str, jax.Array],
+    *,
+    model: Any,
+    tx: optax.GradientTransformation,
+    schedule: Callable[[Any], Any],
+    loss_config: Mapping[str, Any],
+    grad_accum_steps: int = 1,
+    mesh: jax.sharding.Mesh | None = None,
+) -> tuple[ts.TrainState, dict[str, jax.Array]]:
+    """One optimiser update on a global batch -> (new state, scalar metrics of this update)."""
+    loss, aux, grads, new_stats = compute_grads(
+        state.params,
+        state.batch_stats,
+        batch,
+        state.step_key(),
+        model=model,
+        loss_config=loss_config,
+        grad_accum_steps=grad_accum_steps,
+        mesh=mesh,
+    )
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.global_norm(grads), **aux}
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state)
+    return new_state, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers of the main function
+
+
+def resolve_data_root(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> str:
+    """``config.data.root``, or the synthetic dataset in ``<workdir>/data`` (generated once, by process 0).
+
+    Generation writes to a temporary folder renamed at the end, so an interrupted run never leaves a partial
+    dataset that looks complete.
+    """
+    if config.data.root:
+        return config.data.root
+    root = workdir / DATA_DIR
+    if jax.process_index() == 0 and not (root / "train.txt").exists():
+        from cffm_jax.data import synthetic
+
+        tmp = workdir / (DATA_DIR + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("generating the synthetic dataset into %s", root)
+        synthetic.generate(str(tmp), **config.data.synthetic.to_dict())
+        shutil.rmtree(root, ignore_errors=True)
+        tmp.rename(root)
+    _barrier("synthetic_data")
+    return str(root)
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Consistency checks that would otherwise fail late or silently."""
+    if not config.data.root and config.model.num_classes != config.data.synthetic.num_classes:
+        raise ValueError(
+            f"synthetic data has {config.data.synthetic.num_classes} classes but config.model.num_classes="
+            f"{config.model.num_classes}"
+        )
+    if config.model.arch == "cffmpp" and not config.data.prototypes_dir:
+        raise ValueError("CFFM++ trains with per-video prototypes: set config.data.prototypes_dir")
+    if config.total_steps <= 0:
+        raise ValueError(f"config.total_steps must be positive, got {config.total_steps}")
+
+
+def write_run_files(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    """``config.json`` (resolved experiment config) and ``model.json`` (as in a weights directory)."""
+    from cffm_jax.checkpoint import config_to_json
+
+    (workdir / CONFIG_FILE).write_text(config.to_json(indent=2) + "\n")
+    meta = {"source": "cffm_jax.train", "workdir": str(workdir)}
+    (workdir / MODEL_FILE).write_text(json.dumps({"model": config_to_json(config.model), "metadata": meta}, indent=2))
+
+
+def run_evaluation(
+    config: ml_collections.ConfigDict,
+    variables: Mapping[str, Any],
+    data_root: str,
+    predictions_dir: pathlib.Path | None = None,
+) -> dict[str, Any] | None:
+    """Evaluation on ``config.data.val_split`` (process 0 only; None elsewhere or without the evaluator)."""
+    if jax.process_index() != 0:
+        return None
+    if evaluate_videos is None:
+        log.warning("cffm_jax.evaluate is not available: skipping evaluation")
+        return None
+    prototypes = None
+    if config.data.prototypes_dir:
+        from cffm_jax.prototype_store import PrototypeStore
+
+        prototypes = PrototypeStore(config.data.prototypes_dir)
+    return evaluate_videos(
+        config.model,
+        shd.to_host(dict(variables)),
+        data_root,
+        split=config.data.val_split,
+        img_scale=tuple(config.data.img_scale),
+        prototypes=prototypes,
+        max_videos=config.eval_max_videos,
+        predictions_dir=None if predictions_dir is None else str(predictions_dir),
+        progress=config.progress,
+    )
+
+
+def _eval_row(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The scalar entries of an evaluation result (for metrics.jsonl / TensorBoard; per-class lists are left out)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float | np.floating | np.integer)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Main
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> TrainResult:
+    """Trains (resuming whatever ``workdir`` holds), evaluates, returns the final state and metrics."""
+    from tqdm import tqdm
+
+    from cffm_jax.data.pipeline import make_train_iterator
+    from cffm_jax.logging_utils import MetricWriter
+
+    # --- Workdir and run files -------------------------------------------------------------------------------
+    check_config(config)
+    workdir = pathlib.Path(workdir).absolute()
+    is_main = jax.process_index() == 0
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_run_files(config, workdir)
+    _barrier("workdir")
+
+    # --- Mesh and batch sizes ---------------------------------------------------------------------------------
+    mesh = shd.make_mesh()
+    local_batch = shd.check_batch_size(config.batch_size, config.grad_accum_steps, mesh)
+    log.info(
+        "%d devices (%d processes), global batch %d clips = %d micro-batches of %d; %d clips per process",
+        mesh.devices.size,
+        jax.process_count(),
+        config.batch_size,
+        config.grad_accum_steps,
+        config.batch_size // config.grad_accum_steps,
+        local_batch,
+    )
+
+    # --- Data ---------------------------------------------------------------------------------------------
+    data_root = resolve_data_root(config, workdir)
+    prototype_lookup = None
+    if config.data.prototypes_dir:
+        from cffm_jax.prototype_store import PrototypeStore
+
+        prototype_lookup = PrototypeStore(config.data.prototypes_dir)
+    train_iter = make_train_iterator(
+        data_root,
+        split=config.data.train_split,
+        batch_size=local_batch,
+        crop_size=tuple(config.data.crop_size),
+        seed=config.seed,
+        num_workers=config.data.num_workers,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+        prototype_lookup=prototype_lookup,
+        repeat=config.data.repeat,
+        skip_bad_videos=config.data.skip_bad_videos,
+        num_classes=config.model.num_classes,
+        transform_kwargs={"img_scale": tuple(config.data.img_scale)},
+    )
+
+    # --- Model, optimiser and state shapes ------------------------------------------------------------------
+    model = build_model(config.model)
+    t0 = time.time()
+    fresh = ts.fresh_variables(config.model, config.seed)
+    log.info("initialised %s in %.1f s", config.model.name, time.time() - t0)
+    tx, schedule = make_optimizer(
+        config.optim, fresh["params"], config.total_steps, trainable_mask(config.model, fresh["params"])
+    )
+    abstract_state = jax.eval_shape(functools.partial(ts.create_train_state, tx=tx, seed=config.seed), fresh)
+    repl = shd.replicated(mesh)
+    state_sharding = jax.tree.map(lambda _: repl, abstract_state)
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sharding
+    )
+
+    # --- Update step -----------------------------------------------------------------------------------------
+    step_fn = jax.jit(
+        functools.partial(
+            train_step,
+            model=model,
+            tx=tx,
+            schedule=schedule,
+            loss_config=config.loss.to_dict(),
+            grad_accum_steps=config.grad_accum_steps,
+            mesh=mesh,
+        ),
+        in_shardings=(state_sharding, shd.batch_sharding(mesh)),
+        out_shardings=(state_sharding, repl),
+        donate_argnums=0,
+    )
+
+    # --- Resume: workdir checkpoint > config.init_from > scratch --------------------------------------------
+    manager = ts.checkpoint_manager(workdir, config.keep_checkpoints)
+    if manager.latest_step() is not None:
+        state = ts.restore_checkpoint(manager, abstract_state, train_iter)
+        log.info("resumed from %s at step %d", workdir / ts.CHECKPOINT_DIR, int(state.step))
+    else:
+        if config.model.arch == "cffmpp" and not config.init_from:
+            raise ValueError("CFFM++ fine-tunes a trained CFFM: set --config.init_from (e.g. runs/cffm_vspw_b1)")
+        variables = ts.initial_variables(config.model, config.init_from, fresh)
+        state = jax.jit(
+            functools.partial(ts.create_train_state, tx=tx, seed=config.seed), out_shardings=state_sharding
+        )(variables)
+    del fresh
+    start_step = int(state.step)
+    log.info("train state ready at step %d (%.1f s after initialisation)", start_step, time.time() - t0)
+
+    # --- Training loop ---------------------------------------------------------------------------------------
+    writer = MetricWriter(workdir, enabled=is_main, resume_step=start_step)
+    bar = tqdm(
+        total=config.total_steps,
+        initial=start_step,
+        disable=not (is_main and config.progress),
+        desc="train",
+        dynamic_ncols=True,
+    )
+    pending = None  # (step, metrics) of the previous update, fetched after the next one is dispatched
+    last_time, last_step = time.time(), start_step
+
+    def finish(step: int, metrics: Mapping[str, jax.Array]) -> None:
+        nonlocal last_time, last_step
+        values = {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
+        if not np.isfinite(values["loss"]):
+            raise NonFiniteLossError(
+                f"loss is {values['loss']} at step {step} (lr {values['lr']:.3g}); stopping. The last checkpoint "
+                f"is {manager.latest_step()} in {workdir / ts.CHECKPOINT_DIR}"
+            )
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", refresh=False)
+        if step % config.log_every == 0 or step in (1, config.total_steps):
+            now = time.time()
+            values["steps_per_sec"] = (step - last_step) / max(now - last_time, 1e-9)
+            last_time, last_step = now, step
+            writer.write(step, values)
+
+    try:
+        for step in range(start_step + 1, config.total_steps + 1):
+            batch = shd.global_batch(next(train_iter), mesh)
+            state, metrics = step_fn(state, batch)
+            if pending is not None:
+                finish(*pending)
+            elif step == start_step + 1:
+                jax.block_until_ready(metrics)
+                log.info("first step (with compilation) done %.1f s after initialisation", time.time() - t0)
+            pending = (step, metrics)
+            if step % config.checkpoint_every == 0 or step == config.total_steps:
+                finish(*pending)
+                pending = None
+                ts.save_checkpoint(manager, state, train_iter)
+            if config.eval_every > 0 and step % config.eval_every == 0 and step != config.total_steps:
+                if pending is not None:
+                    finish(*pending)
+                    pending = None
+                metrics_eval = run_evaluation(config, state.variables, data_root)
+                if metrics_eval is not None:
+                    writer.write(step, _eval_row(metrics_eval))
+                    log.info("step %d: mIoU %.2f", step, metrics_eval["miou"])
+                _barrier(f"eval_{step}")
+        if pending is not None:
+            finish(*pending)
+    finally:
+        bar.close()
+        manager.wait_until_finished()
+        if hasattr(train_iter, "close"):
+            train_iter.close()
+
+    # --- Final evaluation -------------------------------------------------------------------------------------
+    eval_metrics, predictions_dir = None, None
+    if config.eval_at_end:
+        predictions_dir = workdir / "predictions"
+        eval_metrics = run_evaluation(config, state.variables, data_root, predictions_dir)
+        if eval_metrics is not None:
+            writer.write(int(state.step), _eval_row(eval_metrics))
+        else:
+            predictions_dir = None
+        _barrier("final_eval")
+    writer.close()
+    latest = manager.latest_step()
+    manager.close()
+    return TrainResult(
+        state=state,
+        eval_metrics=eval_metrics,
+        workdir=workdir,
+        checkpoint=None if latest is None else workdir / ts.CHECKPOINT_DIR / str(latest),
+        data_root=data_root,
+        predictions_dir=predictions_dir,
+    )
+
+
+def main(argv: list[str]) -> None:
+    """CLI: flags -> distributed start-up -> :func:`train_and_evaluate` -> summary."""
+    from absl import flags
+
+    flags_ = flags.FLAGS
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax and grain log every file they write at INFO
+    if len(argv) > 1:
+        raise ValueError(f"unexpected arguments: {argv[1:]}")
+    shd.initialize_distributed(flags_.coordinator_address, flags_.num_processes, flags_.process_id)
+    config = flags_.config
+    workdir = flags_.workdir or config.workdir
+    if not workdir:
+        raise ValueError("no workdir: set --workdir or config.workdir")
+    with config.unlocked():
+        config.workdir = workdir
+    try:
+        result = train_and_evaluate(config, workdir)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)  # noqa: T201
+        sys.exit(1)
+    if jax.process_index() != 0:
+        return
+    lines = [f"workdir:     {result.workdir}", f"checkpoint:  {result.checkpoint}"]
+    if result.eval_metrics is not None:
+        m = result.eval_metrics
+        lines.insert(
+            0,
+            f"{config.data.val_split}: mIoU {m['miou']:.2f}  mVC8 {m.get('mvc8', float('nan')):.2f}  "
+            f"mVC16 {m.get('mvc16', float('nan')):.2f}  aAcc {m.get('aacc', float('nan')):.2f} (percent)",
+        )
+    if result.predictions_dir is not None:
+        lines.append(f"predictions: {result.predictions_dir}")
+    print("\n".join(lines))  # noqa: T201
+
+
+def _define_flags() -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "experiment config: configs/<file>.py[:arg]", lock_config=True)
+    flags.DEFINE_string("workdir", "", "run directory (overrides config.workdir)")
+    flags.DEFINE_string(
+        "coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS", ""), "multi-host: host:port of process 0"
+    )
+    flags.DEFINE_integer(
+        "num_processes", int(os.environ.get("JAX_NUM_PROCESSES", "0")), "multi-host: number of processes"
+    )
+    flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", "-1")), "multi-host: this process")
+    flags.mark_flags_as_required(["config"])
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,268 @@
+"""Training state, its checkpoints, and where the starting weights come from (SPEC.md sections 7 and 9).
+
+A training workdir holds ``model.json`` (as a weights directory), ``config.json`` (the resolved experiment config),
+``metrics.jsonl`` and ``checkpoints/<step>/`` written by an orbax ``CheckpointManager`` with two items:
+
+* ``state``: the :class:`TrainState` pytree (step, params, batch_stats, optimiser state, RNG key data);
+* ``data``: the grain iterator state, one ``process_<i>-of-<n>.json`` per process (grain's orbax handler).
+
+Checkpoints are written asynchronously (the device-to-host copy happens before ``save`` returns, the file writes
+in the background) and finalised atomically by orbax, so a run killed at any moment restarts from the last
+complete checkpoint and, because the step RNG is ``fold_in(rng, step)`` and the data stream resumes at the same
+item, continues exactly as the uninterrupted run would.
+
+Starting weights (:func:`initial_variables`): fresh initialisation, then ``config.init_from`` on top (a raw
+``.pth``/``.npz``/``.safetensors`` checkpoint converted with :mod:`cffm_jax.convert`, a weights directory, a
+training workdir or a step directory); leaves that the source lacks (a fresh CFFM head on ImageNet MiT weights,
+the CFFM++ prototype branch on a CFFM checkpoint) keep their fresh values and are logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import flax.struct
+import flax.traverse_util as traverse_util
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from cffm_jax.models import build_model, example_inputs
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+STATE_ITEM = "state"
+DATA_ITEM = "data"
+
+# Initialisation only: its values are exact integer/elementwise work, so a fast, unoptimised compile gives the same
+# result ~5x sooner (threefry initialisation of even a tiny CFFM took 150 s to compile at the default level on a
+# loaded 2-core CPU, 28 s with these options).
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training.
+
+    Attributes:
+      step: () int32, number of optimiser updates done.
+      params: parameter tree (float32).
+      batch_stats: BatchNorm running statistics.
+      opt_state: optax state.
+      rng: uint32 key data of the run's root key (``jax.random.key_data``); step i uses ``fold_in(rng, i)``.
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        """``{'params', 'batch_stats'}`` for ``model.apply``."""
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+    def step_key(self) -> jax.Array:
+        """The typed PRNG key of the current step (for dropout and stochastic depth)."""
+        return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
+
+
+def fresh_variables(model_config: ml_collections.ConfigDict, seed: int) -> dict[str, Any]:
+    """Freshly initialised ``{'params', 'batch_stats'}`` as numpy arrays (threefry key ``seed``).
+
+    Same initialisers as ``cffm_jax.models.init_variables``, compiled with XLA's cheap options (see
+    ``_FAST_COMPILE``); deterministic for a seed on every backend.
+    """
+    model = build_model(model_config)
+    args, kwargs = example_inputs(model_config)
+    key = jax.random.key(seed, impl="threefry2x32")
+    init = jax.jit(lambda k: model.init(k, *args, **kwargs))
+    variables = init.lower(key).compile(compiler_options=_FAST_COMPILE)(key)
+    variables = jax.tree.map(np.asarray, dict(variables))
+    variables.setdefault("batch_stats", {})
+    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+
+def create_train_state(variables: Mapping[str, Any], tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """A step-0 state from variables (call under ``jax.jit`` with ``out_shardings`` to place it)."""
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.key(seed, impl="threefry2x32")),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# init_from
+
+
+def merge_variables(
+    fresh: Mapping[str, Any], loaded: Mapping[str, Any], source: str = "init_from"
+) -> tuple[dict[str, Any], list[str]]:
+    """``fresh`` with every leaf that ``loaded`` has replaced by the loaded value.
+
+    Returns (variables, paths kept fresh). Raises ``ValueError`` listing every shape mismatch and every loaded leaf
+    that the model does not have (a checkpoint of another model).
+    """
+    flat_fresh = traverse_util.flatten_dict({c: fresh.get(c, {}) for c in ("params", "batch_stats")}, sep="/")
+    flat_loaded = traverse_util.flatten_dict({c: loaded.get(c, {}) for c in ("params", "batch_stats")}, sep="/")
+    problems = [
+        f"{path}: {source} has shape {np.shape(flat_loaded[path])}, the model {np.shape(value)}"
+        for path, value in flat_fresh.items()
+        if path in flat_loaded and np.shape(flat_loaded[path]) != np.shape(value)
+    ]
+    problems += [f"{path}: not a variable of this model" for path in flat_loaded if path not in flat_fresh]
+    if problems:
+        raise ValueError(f"cannot initialise from {source}:\n  " + "\n  ".join(problems))
+    kept = [path for path in flat_fresh if path not in flat_loaded]
+    merged = {path: np.asarray(flat_loaded.get(path, value), np.float32) for path, value in flat_fresh.items()}
+    out = traverse_util.unflatten_dict(merged, sep="/")
+    return {"params": out.get("params", {}), "batch_stats": out.get("batch_stats", {})}, kept
+
+
+def initial_variables(
+    model_config: ml_collections.ConfigDict, init_from: str, fresh: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The starting variables of a run: ``fresh``, overwritten by ``init_from`` when it is set.
+
+    Args:
+      model_config: the model being trained.
+      init_from: '' | raw checkpoint file (``.pth``, ``.npz``, ``.safetensors``: official CFFM, ImageNet MiT,
+        Hugging Face SegFormer) | weights directory | training workdir | step directory.
+      fresh: freshly initialised variables of the model.
+    """
+    if not init_from:
+        return dict(fresh)
+    path = pathlib.Path(init_from)
+    if not path.exists():
+        raise FileNotFoundError(f"config.init_from={init_from!r} does not exist")
+    if path.is_file():
+        from cffm_jax.convert import convert_state_dict, load_state_dict
+
+        variables = convert_state_dict(load_state_dict(path), model_config, init_variables=fresh)
+        log.info("initialised from %s (converted)", path)
+        return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    from cffm_jax.checkpoint import load_for_inference
+
+    loaded, loaded_config = load_for_inference(path)
+    variables, kept = merge_variables(fresh, loaded, source=str(path))
+    log.info(
+        "initialised from %s (%s); %d freshly initialised leaves%s",
+        path,
+        loaded_config.name,
+        len(kept),
+        f": {', '.join(kept[:8])}{' ...' if len(kept) > 8 else ''}" if kept else "",
+    )
+    return variables
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoint_manager(workdir: str | os.PathLike, keep: int, *, read_only: bool = False):
+    """The orbax ``CheckpointManager`` of ``<workdir>/checkpoints`` (async saves, keeps the last ``keep``)."""
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep if keep > 0 else None,
+        enable_async_checkpointing=True,
+        create=not read_only,
+        read_only=read_only,
+    )
+    return ocp.CheckpointManager(
+        pathlib.Path(workdir).absolute() / CHECKPOINT_DIR, options=options, item_names=(STATE_ITEM, DATA_ITEM)
+    )
+
+
+def save_checkpoint(manager, state: TrainState, data_iterator) -> None:
+    """Starts an asynchronous save of ``state`` and the iterator position at ``state.step``."""
+    import grain
+    import orbax.checkpoint as ocp
+
+    step = int(jax.device_get(state.step))
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            **{STATE_ITEM: ocp.args.StandardSave(state), DATA_ITEM: grain.checkpoint.CheckpointSave(data_iterator)}
+        ),
+    )
+
+
+def restore_checkpoint(manager, abstract_state: TrainState, data_iterator, step: int | None = None) -> TrainState:
+    """Restores the train state (placed as ``abstract_state``'s shardings) and sets the iterator's position.
+
+    Args:
+      manager: from :func:`checkpoint_manager`.
+      abstract_state: ``jax.ShapeDtypeStruct`` tree with shardings (optax states need a target to keep their
+        types).
+      data_iterator: the freshly built grain iterator; its state is set in place.
+      step: which checkpoint (default: the latest).
+    """
+    import grain
+    import orbax.checkpoint as ocp
+
+    step = manager.latest_step() if step is None else step
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            **{
+                STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+                DATA_ITEM: grain.checkpoint.CheckpointRestore(data_iterator),
+            }
+        ),
+    )
+    return restored[STATE_ITEM]
+
+
+def _step_dir_of(path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """(workdir, step directory) for a training workdir (its latest checkpoint) or a step directory."""
+    if (path / CHECKPOINT_DIR).is_dir():
+        manager = checkpoint_manager(path, keep=0, read_only=True)
+        step = manager.latest_step()
+        manager.close()
+        if step is None:
+            raise FileNotFoundError(f"{path / CHECKPOINT_DIR} holds no finished checkpoint")
+        return path, path / CHECKPOINT_DIR / str(step)
+    if (path / STATE_ITEM).is_dir() and path.parent.name == CHECKPOINT_DIR:
+        return path.parent.parent, path
+    raise FileNotFoundError(
+        f"{path} is neither a training workdir (with {CHECKPOINT_DIR}/) nor one of its step directories"
+    )
+
+
+def load_training_checkpoint_for_inference(
+    path: str | os.PathLike,
+) -> tuple[dict[str, Any], ml_collections.ConfigDict]:
+    """(variables ``{'params', 'batch_stats'}`` as numpy, model config) of a training workdir or step directory.
+
+    Only the parameters and BatchNorm statistics are read (not the optimiser state).
+    """
+    import orbax.checkpoint as ocp
+
+    from cffm_jax.checkpoint import CheckpointError, abstract_variables, read_model_file
+
+    workdir, step_dir = _step_dir_of(pathlib.Path(path).absolute())
+    config, _ = read_model_file(workdir)
+    target = abstract_variables(config)
+    target = {k: v for k, v in target.items() if k == "params" or v}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    try:
+        tree = ocp.PyTreeCheckpointer().restore(
+            step_dir / STATE_ITEM,
+            args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
+        )
+    except Exception as e:  # orbax raises many kinds of errors for a tree that does not fit
+        raise CheckpointError(f"{step_dir}: cannot restore the variables of {config.name}: {e}") from e
+    return {"params": tree["params"], "batch_stats": tree.get("batch_stats", {})}, config

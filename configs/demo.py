@@ -1,0 +1,39 @@
+r"""Demo: train a small CFFM from scratch on synthetic videos on a CPU in minutes, then evaluate.
+
+    python -m cffm_jax.train --config configs/demo.py [--workdir runs/demo]
+
+The synthetic dataset (``cffm_jax.data.synthetic``: textured classes, moving occluding shapes, 'others' and 255
+regions) is generated into ``<workdir>/data`` on first use. No pretrained weights (nothing to download).
+"""
+
+from configs import common
+
+
+def get_config(arg: str | None = None):
+    del arg
+    num_classes = 6
+    config = common.base_config(
+        "cffm_b0",
+        embed_dims=(16, 32, 80, 128),
+        depths=(1, 1, 1, 1),
+        decoder_embed_dim=64,
+        num_classes=num_classes,
+        drop_path_rate=0.0,
+    )
+    config.workdir = "runs/demo"
+    config.data.root = ""
+    config.data.synthetic = common.synthetic_config(
+        videos=8, val_videos=3, test_videos=0, frames=24, size=(120, 200), num_classes=num_classes
+    )
+    config.data.crop_size = (64, 64)
+    config.data.img_scale = (200, 120)
+    config.data.num_workers = 0
+    config.data.repeat = 1
+    config.batch_size = 8
+    config.total_steps = 500
+    config.log_every = 50
+    config.checkpoint_every = 250
+    config.keep_checkpoints = 2
+    config.optim = common.optim_config(lr=1e-3, head_lr_mult=1.0)
+    config.optim.warmup_steps = 50
+    return config

@@ -1,0 +1,326 @@
+"""End-to-end training runs in subprocesses (tiny model, 32x32 crops, a few steps).
+
+* one step on 8 fake CPU devices equals the same global batch on 1 device (loss, gradients, BatchNorm stats);
+* a run killed with SIGKILL (while a checkpoint may be in flight) and restarted logs the same losses, step for
+  step, and ends with the same parameters as an uninterrupted run; the smoke run's loss decreases;
+* two processes (``jax.distributed`` on 127.0.0.1) train with identical parameters on both and match the
+  single-process losses;
+* CFFM++ fine-tuning from a CFFM training workdir changes only ``decoder_swin`` and ``linear_pred3``;
+* a NaN/Inf loss stops the run with the step number.
+
+All subprocesses share a persistent compilation cache and compile without XLA optimisations (the comparisons are
+between runs with identical settings), which keeps the file at a few minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from cffm_jax.checkpoint import load_for_inference
+from cffm_jax.logging_utils import read_metrics
+from cffm_jax.train_state import load_training_checkpoint_for_inference
+from configs import smoke
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 12
+COMMON_ARGS = [f"--config.total_steps={STEPS}", "--config.checkpoint_every=3", "--config.log_every=1"]
+COMPARED = ("loss", "lr", "ce_frames", "ce_target", "acc_seg", "grad_norm")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, str]:
+    cache = tmp_path_factory.mktemp("jax_cache")
+    env = dict(os.environ)
+    env.update(
+        XLA_FLAGS=(
+            env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+        ).strip(),
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    return env
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> str:
+    from cffm_jax.data.synthetic import generate
+
+    return generate(str(tmp_path_factory.mktemp("synthetic")), **smoke.get_config().data.synthetic.to_dict())
+
+
+def train_cmd(workdir, data_root, *extra, config="configs/smoke.py") -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "cffm_jax.train",
+        f"--config={config}",
+        f"--workdir={workdir}",
+        f"--config.data.root={data_root}",
+        *COMMON_ARGS,
+        *extra,
+    ]
+
+
+def run(cmd, env, timeout=300) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({out.returncode}):\n{out.stderr[-4000:]}")
+    return out
+
+
+def rows_by_step(workdir) -> dict[int, dict]:
+    return {r["step"]: r for r in read_metrics(pathlib.Path(workdir) / "metrics.jsonl") if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, env, data_root) -> pathlib.Path:
+    """An uninterrupted smoke CFFM run of STEPS steps."""
+    workdir = tmp_path_factory.mktemp("reference")
+    run(train_cmd(workdir, data_root), env)
+    return workdir
+
+
+def test_reference_run_files_checkpoints_and_learning(reference_run):
+    rows = rows_by_step(reference_run)
+    assert sorted(rows) == list(range(1, STEPS + 1))
+    losses = [rows[s]["loss"] for s in sorted(rows)]
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.1, losses
+    # checkpoints every 3 steps, the last 2 kept (config keep_checkpoints=2)
+    steps = sorted(int(p.name) for p in (reference_run / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [9, 12]
+    for name in ("config.json", "model.json"):
+        assert (reference_run / name).is_file()
+    assert json.loads((reference_run / "config.json").read_text())["total_steps"] == STEPS
+    assert list((reference_run / "tensorboard").iterdir())
+    # the workdir and a step directory load for inference
+    variables, config = load_for_inference(reference_run)
+    assert config.name == "cffm_b0" and config.embed_dims == smoke.TINY["embed_dims"]
+    same, _ = load_training_checkpoint_for_inference(reference_run / "checkpoints" / "12")
+    earlier, _ = load_training_checkpoint_for_inference(reference_run / "checkpoints" / "9")
+    kernel = ("decode_head", "linear_pred", "kernel")
+    leaf = lambda v: v["params"][kernel[0]][kernel[1]][kernel[2]]  # noqa: E731
+    np.testing.assert_array_equal(leaf(variables), leaf(same))
+    assert not np.array_equal(leaf(variables), leaf(earlier))
+    assert variables["batch_stats"]["decode_head"]["linear_fuse"]["bn"]["var"].shape == (32,)
+
+
+def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path, reference_run, env, data_root):
+    workdir = tmp_path / "killed"
+    proc = subprocess.Popen(
+        train_cmd(workdir, data_root), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 300
+    killed_while_saving = False
+    try:
+        while proc.poll() is None and time.time() < deadline:
+            metrics = workdir / "metrics.jsonl"
+            done = max(rows_by_step(workdir), default=0) if metrics.exists() else 0
+            ckpts = workdir / "checkpoints"
+            saving = ckpts.exists() and any("tmp" in p.name for p in ckpts.iterdir())
+            if (saving and done >= 6) or done >= 7:
+                killed_while_saving = saving
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.01)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, f"the run was not killed mid-way:\n{proc.stderr.read()[-3000:]}"
+    rows_before = rows_by_step(workdir)
+    assert max(rows_before) < STEPS
+
+    out = run(train_cmd(workdir, data_root), env)
+    assert "resumed from" in out.stderr, out.stderr[-3000:]
+    rows, ref = rows_by_step(workdir), rows_by_step(reference_run)
+    assert sorted(rows) == sorted(ref)
+    for step in sorted(ref):
+        for key in COMPARED:
+            assert rows[step][key] == ref[step][key], (step, key, rows[step][key], ref[step][key])
+    final, _ = load_training_checkpoint_for_inference(workdir)
+    expected, _ = load_training_checkpoint_for_inference(reference_run)
+    import jax
+
+    jax.tree.map(np.testing.assert_array_equal, final, expected)
+    print(f"killed after step {max(rows_before)} (checkpoint in flight: {killed_while_saving})")
+
+
+EIGHT_DEVICES = textwrap.dedent(
+    """
+    import functools, json
+    import jax, numpy as np
+    from configs import smoke
+    from cffm_jax import sharding as shd, train, train_state as ts
+    from cffm_jax.models import build_model, trainable_mask
+    from cffm_jax.optim import make_optimizer
+
+    assert jax.device_count() == 8, jax.devices()
+    config = smoke.get_config()
+    model = build_model(config.model)
+    fresh = ts.fresh_variables(config.model, 0)
+    tx, schedule = make_optimizer(config.optim, fresh["params"], 10, trainable_mask(config.model, fresh["params"]))
+    rng = np.random.default_rng(0)
+    batch = {"clips": rng.normal(size=(8, 4, 32, 32, 3)).astype(np.float32),
+             "labels": rng.integers(0, 6, size=(8, 4, 32, 32)).astype(np.int32)}
+    key = jax.random.key(1)
+    out = {}
+    for n in (1, 8):
+        mesh = shd.make_mesh(jax.devices()[:n])
+        repl, data = shd.replicated(mesh), shd.batch_sharding(mesh)
+        gbatch = shd.global_batch(batch, mesh)
+        assert gbatch["clips"].addressable_shards[0].data.shape[0] == 8 // n
+        grads_fn = jax.jit(functools.partial(train.compute_grads, model=model, loss_config=config.loss.to_dict()),
+                           in_shardings=(repl, repl, data, repl), out_shardings=repl)
+        loss, aux, grads, stats = grads_fn(fresh["params"], fresh["batch_stats"], gbatch, key)
+        state = jax.jit(functools.partial(ts.create_train_state, tx=tx, seed=0), out_shardings=repl)(fresh)
+        step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
+                                         loss_config=config.loss.to_dict(), mesh=mesh),
+                       in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0)
+        state, metrics = step(state, gbatch)
+        assert len(jax.tree.leaves(state.params)[0].sharding.device_set) == n
+        out[n] = jax.device_get(dict(loss=loss, aux=aux, grads=grads, stats=stats, params=state.params,
+                                     step_stats=state.batch_stats, step_loss=metrics["loss"]))
+    diffs = {}
+    for name in ("loss", "aux", "grads", "stats", "params", "step_stats", "step_loss"):
+        def check(a, b, name=name):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6, err_msg=name)
+            return float(np.max(np.abs(np.asarray(a) - np.asarray(b)), initial=0.0))
+        diffs[name] = max(jax.tree.leaves(jax.tree.map(check, out[8][name], out[1][name])))
+    g = out[1]["grads"]["backbone"]["patch_embed1"]["proj"]["kernel"]
+    assert np.abs(g).max() > 1e-4
+    bn = out[1]["stats"]["decode_head"]["linear_fuse"]["bn"]["mean"]
+    assert not np.allclose(bn, 0.0)
+    print(json.dumps(diffs))
+    """
+)
+
+
+def test_eight_devices_equal_one_device(env):
+    env = dict(env, XLA_FLAGS=env["XLA_FLAGS"] + " --xla_force_host_platform_device_count=8")
+    out = run([sys.executable, "-c", EIGHT_DEVICES], env)
+    diffs = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(diffs) == {"loss", "aux", "grads", "stats", "params", "step_stats", "step_loss"}
+
+
+TWO_PROCESSES = textwrap.dedent(
+    """
+    import sys
+    import flax.traverse_util as tu, numpy as np
+    from configs import smoke
+    from cffm_jax import sharding as shd, train
+
+    pid, port, workdir, data_root, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+    assert shd.initialize_distributed(f"127.0.0.1:{port}", 2, pid)
+    config = smoke.get_config()
+    config.data.root = data_root
+    config.total_steps, config.checkpoint_every, config.log_every = STEPS, 6, 1
+    result = train.train_and_evaluate(config, workdir)
+    flat = tu.flatten_dict(shd.to_host(result.state.params), sep="/")
+    np.savez(f"{out}/params_{pid}.npz", **flat)
+    """
+).replace("STEPS", str(STEPS))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_identically(tmp_path, env, data_root, reference_run):
+    workdir, port = tmp_path / "two", _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", TWO_PROCESSES, str(i), str(port), str(workdir), data_root, str(tmp_path)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-4000:]
+    p0, p1 = (np.load(tmp_path / f"params_{i}.npz") for i in range(2))
+    assert sorted(p0.files) == sorted(p1.files) and len(p0.files) > 50
+    for name in p0.files:
+        np.testing.assert_array_equal(p0[name], p1[name], err_msg=name)
+    # one clip per process, BatchNorm over both: the same run as one process with both clips
+    rows, ref = rows_by_step(workdir), rows_by_step(reference_run)
+    assert sorted(rows) == sorted(ref)
+    for step in ref:
+        np.testing.assert_allclose(rows[step]["loss"], ref[step]["loss"], rtol=1e-4, err_msg=str(step))
+    saved, _ = load_training_checkpoint_for_inference(workdir)
+    np.testing.assert_array_equal(
+        saved["params"]["decode_head"]["linear_pred"]["kernel"], p0["decode_head/linear_pred/kernel"]
+    )
+
+
+def test_cffmpp_finetuning_changes_only_the_prototype_branch(tmp_path, env, data_root, reference_run):
+    from cffm_jax.data.pipeline import video_names
+    from cffm_jax.prototype_store import PrototypeStore
+
+    store = PrototypeStore(tmp_path / "prototypes", embed_dim=32, num_prototypes=5, source="generated")
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for video in video_names(data_root, split):
+            store.put(video, rng.normal(size=(5, 32)).astype(np.float32))
+    workdir = tmp_path / "cffmpp"
+    run(
+        train_cmd(
+            workdir,
+            data_root,
+            f"--config.init_from={reference_run}",
+            f"--config.data.prototypes_dir={store.root}",
+            "--config.total_steps=4",
+            "--config.checkpoint_every=1",
+            config="configs/smoke.py:cffmpp",
+        ),
+        env,
+    )
+    import flax.traverse_util as tu
+
+    cffm, _ = load_training_checkpoint_for_inference(reference_run)
+    step3, _ = load_training_checkpoint_for_inference(workdir / "checkpoints" / "3")
+    final, config = load_training_checkpoint_for_inference(workdir)
+    assert config.arch == "cffmpp"
+    before, mid, after = (tu.flatten_dict(v, sep="/") for v in (cffm, step3, final))
+    trained = {p for p in after if p.split("/")[2] in ("decoder_swin", "linear_pred3")}
+    assert trained and trained == set(after) - set(before)
+    for path in before:  # frozen: bit-identical to the CFFM checkpoint (BatchNorm statistics included)
+        np.testing.assert_array_equal(after[path], before[path], err_msg=path)
+    changed = [p for p in trained if not np.array_equal(after[p], mid[p])]
+    assert len(changed) > len(trained) // 2, changed
+
+
+def test_nonfinite_loss_stops_with_the_step(tmp_path, env, data_root):
+    cmd = train_cmd(
+        tmp_path / "nan", data_root, "--config.optim.lr=1e30", "--config.optim.warmup_steps=0", "--config.total_steps=6"
+    )
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "error: loss is" in out.stderr and " at step " in out.stderr, out.stderr[-3000:]
+    step = int(out.stderr.split(" at step ")[1].split()[0])
+    rows = rows_by_step(tmp_path / "nan")
+    assert all(np.isfinite(rows[s]["loss"]) for s in rows) and max(rows, default=0) == step - 1
