@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from cffm_jax.models.cffm_attention import CFFMTransformer
-from cffm_jax.models.decoder import MLP, LinearFuse, torch_dense
+from cffm_jax.models.decoder import MLP, LinearFuse, fused_decoder, torch_dense
 from cffm_jax.models.layers import resize_bilinear
 from cffm_jax.models.mit import MixVisionTransformer
 from cffm_jax.models.prototype_attention import PrototypeTransformer
@@ -59,10 +59,10 @@ class CFFMHead(nn.Module):
 
     def setup(self):
         e = self.embed_dim
-        self.linear_c4 = MLP(e, self.dtype)
-        self.linear_c3 = MLP(e, self.dtype)
-        self.linear_c2 = MLP(e, self.dtype)
-        self.linear_c1 = MLP(e, self.dtype)
+        self.linear_c4 = MLP(e)
+        self.linear_c3 = MLP(e)
+        self.linear_c2 = MLP(e)
+        self.linear_c1 = MLP(e)
         self.linear_fuse = LinearFuse(e, self.dtype)
         self.linear_pred = torch_dense(self.num_classes, e, "linear_pred", self.dtype)
         self.linear_pred2 = torch_dense(self.num_classes, 2 * e, "linear_pred2", self.dtype)
@@ -75,26 +75,16 @@ class CFFMHead(nn.Module):
             self.decoder_swin = PrototypeTransformer(e, self.prototype_num_heads, dtype=self.dtype)
             self.linear_pred3 = torch_dense(self.num_classes, e, "linear_pred3", self.dtype)
 
-    def encode_frames(
-        self, stages: tuple[jax.Array, ...], train: bool = False
-    ) -> tuple[jax.Array, jax.Array]:
+    def encode_frames(self, stages: tuple[jax.Array, ...], train: bool = False) -> tuple[jax.Array, jax.Array]:
         """Per-frame part. stages: c1..c4 (N, h_s, w_s, C_s) -> (per-frame logits (N, h, w, K),
         1/8 features (N, h // 2, w // 2, E))."""
-        c1, c2, c3, c4 = stages
-        size = c1.shape[1:3]
-        fused = jnp.concatenate(
-            [
-                resize_bilinear(self.linear_c4(c4), size),
-                resize_bilinear(self.linear_c3(c3), size),
-                resize_bilinear(self.linear_c2(c2), size),
-                self.linear_c1(c1),
-            ],
-            axis=-1,
-        )
+        size = stages[0].shape[1:3]
+        mlps = (self.linear_c4, self.linear_c3, self.linear_c2, self.linear_c1)
+        fused = fused_decoder(stages, mlps, self.linear_fuse, self.dtype)
         if self.use_prototypes:  # CFFM++: linear_fuse in eval mode and under no_grad, always
-            c = jax.lax.stop_gradient(self.linear_fuse(fused, use_running_average=True))
+            c = jax.lax.stop_gradient(self.linear_fuse.normalize(fused, use_running_average=True))
         else:
-            c = self.linear_fuse(fused, use_running_average=not train)
+            c = self.linear_fuse.normalize(fused, use_running_average=not train)
         logits = self.linear_pred(self.dropout(c, deterministic=not train))
         feats = resize_bilinear(c, (size[0] // 2, size[1] // 2))
         return logits, feats
@@ -145,9 +135,7 @@ class CFFMHead(nn.Module):
         num_frames = logits.shape[1]
         if num_frames != self.num_clips:
             if train:
-                raise ValueError(
-                    f"Training clips must have num_clips={self.num_clips} frames, got {num_frames}"
-                )
+                raise ValueError(f"Training clips must have num_clips={self.num_clips} frames, got {num_frames}")
             return logits[:, -1]  # early exit: plain per-frame logits of the last frame
         out = self.decode_clip(feats, logits.shape[2:4], train, prototypes)
         if not train:
@@ -164,9 +152,7 @@ class CFFM(nn.Module):
     backbone: MixVisionTransformer
     decode_head: CFFMHead
 
-    def __call__(
-        self, clip: jax.Array, train: bool = False, prototypes: jax.Array | None = None
-    ) -> jax.Array:
+    def __call__(self, clip: jax.Array, train: bool = False, prototypes: jax.Array | None = None) -> jax.Array:
         """clip (B, T, H, W, 3) float32, normalised; prototypes (B, Kp, E) for CFFM++."""
         b = clip.shape[0]
         frames = einops.rearrange(clip, "b t h w c -> (b t) h w c")
@@ -179,9 +165,7 @@ class CFFM(nn.Module):
         context (the first frames of a video)."""
         return self.decode_head.encode_frames(self.backbone(frames, train=False), train=False)
 
-    def decode_clip(
-        self, feats: jax.Array, size: tuple[int, int], prototypes: jax.Array | None = None
-    ) -> jax.Array:
+    def decode_clip(self, feats: jax.Array, size: tuple[int, int], prototypes: jax.Array | None = None) -> jax.Array:
         """Evaluation, temporal part: 1/8 features of a clip (B, T, h8, w8, E) (from ``encode_frames``) ->
         target logits (B, h, w, K) with (h, w) = ``size`` = the 1/4 size of the frames."""
         return self.decode_head.decode_clip(feats, size, train=False, prototypes=prototypes)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # ---------------------------------------------------------------------------------------------------------
 # Initialisers matching the official code (SPEC.md section 4.1, "Init").
@@ -59,20 +60,48 @@ def conv_fan_out_init(groups: int = 1) -> nn.initializers.Initializer:
 
 
 def gelu(x: jax.Array) -> jax.Array:
-    """Exact (erf) GELU, as PyTorch ``nn.GELU()``."""
-    return jax.nn.gelu(x, approximate=False)
+    """Exact (erf) GELU, as PyTorch ``nn.GELU()``: 0.5 x (1 + erf(x / sqrt(2))).
+
+    Written out rather than ``jax.nn.gelu(approximate=False)`` (same values to 1e-7), whose erfc form is 2.5x slower
+    on XLA:CPU.
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(1.0 / math.sqrt(2.0))).astype(x.dtype))
+
+
+def _bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source rows and weights of PyTorch's bilinear resize (``align_corners=False``) along one axis.
+
+    Computed in float32 exactly as PyTorch does (scale = in / out, src = (dst + 0.5) * scale - 0.5, clamped at 0);
+    computing them in float64 instead moves some outputs by ~3e-5.
+    """
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    src = np.maximum(src, np.float32(0.0))
+    lo = np.minimum(np.floor(src).astype(np.int32), in_size - 1)
+    hi = np.minimum(lo + 1, in_size - 1)
+    return lo, hi, (src - lo.astype(np.float32)).astype(np.float32)
+
+
+def _resize_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
+    if x.shape[axis] == size:
+        return x
+    lo, hi, frac = _bilinear_taps(x.shape[axis], size)
+    shape = [1] * x.ndim
+    shape[axis] = size
+    frac = jnp.asarray(frac.reshape(shape), dtype=x.dtype)
+    a, b = jnp.take(x, lo, axis=axis), jnp.take(x, hi, axis=axis)
+    return a + (b - a) * frac
 
 
 def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
     """Bilinear resize of ``x`` (N, H, W, C) to ``size`` = (h, w).
 
-    Same result as PyTorch ``F.interpolate(mode='bilinear', align_corners=False)``: half-pixel centres, source
-    coordinates clamped at the border, and no antialiasing when downsampling. A no-op when the size matches.
+    Same result as PyTorch ``F.interpolate(mode='bilinear', align_corners=False)`` (to ~1e-6): half-pixel centres,
+    source coordinates clamped at the border, and no antialiasing when downsampling. Separable two-tap gathers with
+    static indices; 4-15x faster on XLA:CPU than ``jax.image.resize``, which builds dense interpolation matrices.
     """
-    h, w = int(size[0]), int(size[1])
-    if x.shape[1] == h and x.shape[2] == w:
-        return x
-    return jax.image.resize(x, (x.shape[0], h, w, x.shape[3]), method="bilinear", antialias=False)
+    x = _resize_axis(x, 1, int(size[0]))
+    return _resize_axis(x, 2, int(size[1]))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -107,23 +107,41 @@ class EfficientSelfAttention(nn.Module):
 
 
 class DWConv(nn.Module):
-    """Depthwise 3x3 conv (official ``mlp.dwconv.dwconv``)."""
+    """Depthwise 3x3 conv, stride 1, zero padding 1 (official ``mlp.dwconv.dwconv``).
+
+    Parameters have the layout of ``nn.Conv(feature_group_count=dim)``: kernel (3, 3, 1, dim), bias (dim,). Computed
+    as nine shifted multiply-adds: the same arithmetic as the convolution, and on XLA:CPU ~20x faster than its
+    grouped-convolution lowering (438 ms -> 19 ms for a 4 x 120 x 120 x 128 map on 2 cores).
+    """
 
     dim: int
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return nn.Conv(
-            self.dim,
-            (3, 3),
-            padding=((1, 1), (1, 1)),
-            feature_group_count=self.dim,
-            kernel_init=conv_fan_out_init(groups=self.dim),
-            bias_init=nn.initializers.zeros,
-            dtype=self.dtype,
-            name="dwconv",
-        )(x)
+        """(N, H, W, dim) -> (N, H, W, dim)."""
+        dwconv = DepthwiseParams(self.dim, name="dwconv")
+        kernel, bias = dwconv()
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        h, w = x.shape[1:3]
+        padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        out = bias
+        for i in range(3):
+            for j in range(3):
+                out = out + padded[:, i : i + h, j : j + w, :] * kernel[i, j, 0]
+        return out
+
+
+class DepthwiseParams(nn.Module):
+    """The parameters of a 3x3 depthwise conv: kernel (3, 3, 1, dim), bias (dim,)."""
+
+    dim: int
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, jax.Array]:
+        kernel = self.param("kernel", conv_fan_out_init(groups=self.dim), (3, 3, 1, self.dim))
+        bias = self.param("bias", nn.initializers.zeros, (self.dim,))
+        return kernel, bias
 
 
 class MixFFN(nn.Module):
