@@ -1,13 +1,14 @@
 """Training metrics on disk: ``metrics.jsonl`` and TensorBoard event files without TensorFlow.
 
-:class:`MetricWriter` appends one JSON object per logged step to ``<workdir>/metrics.jsonl`` and the same scalars
-to a TensorBoard event file in ``<workdir>/tensorboard/`` (``tensorboard --logdir <workdir>`` reads it).
+:class:`MetricWriter` appends one JSON object per logged step to ``<workdir>/metrics.jsonl`` and the same
+scalars to a TensorBoard event file in ``<workdir>/tensorboard/`` (``tensorboard --logdir <workdir>`` reads
+it).
 
 The event file is written by :class:`EventFileWriter`, a few lines implementing the format TensorBoard reads
 (no ``tensorflow``/``tensorboard``/``tensorboardX`` needed): a TFRecord stream (little-endian uint64 length,
-masked CRC-32C of the length, payload, masked CRC-32C of the payload) of ``tensorflow.Event`` protobuf messages,
-encoded by hand: ``Event{wall_time=1 (double), step=2 (int64), file_version=3 (string), summary=5}``,
-``Summary{value=1 (repeated)}``, ``Summary.Value{tag=1 (string), simple_value=2 (float)}``.
+masked CRC-32C of the length, payload, masked CRC-32C of the payload) of ``tensorflow.Event`` protobuf
+messages, encoded by hand: ``Event{wall_time=1 (double), step=2 (int64), file_version=3 (string),
+summary=5}``, ``Summary{value=1 (repeated)}``, ``Summary.Value{tag=1 (string), simple_value=2 (float)}``.
 """
 
 from __future__ import annotations
@@ -91,7 +92,12 @@ def encode_event(
 def tfrecord(payload: bytes) -> bytes:
     """One TFRecord: length, masked CRC of the length, payload, masked CRC of the payload."""
     length = struct.pack("<Q", len(payload))
-    return length + struct.pack("<I", masked_crc32c(length)) + payload + struct.pack("<I", masked_crc32c(payload))
+    return (
+        length
+        + struct.pack("<I", masked_crc32c(length))
+        + payload
+        + struct.pack("<I", masked_crc32c(payload))
+    )
 
 
 class EventFileWriter:
@@ -123,8 +129,9 @@ class MetricWriter:
     Args:
       workdir: the run's directory.
       enabled: write anything at all.
-      resume_step: when resuming from a checkpoint at this step, rows of later steps (written by the interrupted
-        run after its last checkpoint, and about to be recomputed) are removed from ``metrics.jsonl``.
+      resume_step: when resuming from a checkpoint at this step, rows of later steps (written by the
+        interrupted run after its last checkpoint, and about to be recomputed) are removed from
+        ``metrics.jsonl``.
     """
 
     def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True, resume_step: int | None = None):

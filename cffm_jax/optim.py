@@ -1,23 +1,23 @@
 """The optimiser of CFFM / CFFM++ training (SPEC.md section 9), compiled from the config in one place.
 
-The official runs use PyTorch AdamW (betas 0.9/0.999, eps 1e-8, decoupled weight decay 0.01) with mmcv parameter
-groups, a poly learning-rate decay (power 1, min_lr 0) by iteration and a 1500-iteration linear warmup from ratio
-1e-6; no gradient clipping.
+The official runs use PyTorch AdamW (betas 0.9/0.999, eps 1e-8, decoupled weight decay 0.01) with mmcv
+parameter groups, a poly learning-rate decay (power 1, min_lr 0) by iteration and a 1500-iteration linear
+warmup from ratio 1e-6; no gradient clipping.
 
-Parameter groups. mmcv's ``custom_keys`` are tried in a fixed order and the **first** key that is a substring of
-the full parameter name decides both multipliers of that parameter. The config holds this as an ordered list of
-rules ``(regex, lr_mult, decay_mult)``, matched with ``re.search`` against the '/'-joined Flax path
+Parameter groups. mmcv's ``custom_keys`` are tried in a fixed order and the **first** key that is a substring
+of the full parameter name decides both multipliers of that parameter. The config holds this as an ordered
+list of rules ``(regex, lr_mult, decay_mult)``, matched with ``re.search`` against the '/'-joined Flax path
 (``backbone/block1_0/norm1/scale``, ``decode_head/linear_fuse/bn/bias``...). Our module names are the official
-ones (only ``.0`` becomes ``_0`` and ``weight`` becomes ``kernel``/``scale``), so the official substrings select
-exactly the same parameters on our paths::
+ones (only ``.0`` becomes ``_0`` and ``weight`` becomes ``kernel``/``scale``), so the official substrings
+select exactly the same parameters on our paths::
 
     rules = (("pos_block", 1.0, 0.0), ("head", 10.0, 1.0), ("norm", 1.0, 0.0))   # CFFM; CFFM++: head x1
 
 Parameters that no rule matches get (1, 1). Each group is a separate ``optax.adamw`` whose learning rate is
-``base_lr * lr_mult * schedule`` and whose decoupled weight decay is ``weight_decay * decay_mult`` multiplied by
-that learning rate, as PyTorch AdamW does (``p -= lr * wd * p``). Parameters outside ``trainable`` (CFFM++: all but
-``decode_head/decoder_swin`` and ``decode_head/linear_pred3``) get no update, no weight decay and no optimiser
-state (``optax.set_to_zero``).
+``base_lr * lr_mult * schedule`` and whose decoupled weight decay is ``weight_decay * decay_mult`` multiplied
+by that learning rate, as PyTorch AdamW does (``p -= lr * wd * p``). Parameters outside ``trainable`` (CFFM++:
+all but ``decode_head/decoder_swin`` and ``decode_head/linear_pred3``) get no update, no weight decay and no
+optimiser state (``optax.set_to_zero``).
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ def lr_schedule(
 ) -> Callable[[Any], Any]:
     """The learning rate at iteration i (0-based), SPEC 9: mmcv poly decay with linear warmup.
 
-    ``lr_i = (base - min_lr) * (1 - i / total_steps) ** power + min_lr``; for ``i < warmup_steps`` the applied rate
-    is ``lr_i * (1 - (1 - i / warmup_steps) * (1 - warmup_ratio))``.
+    ``lr_i = (base - min_lr) * (1 - i / total_steps) ** power + min_lr``; for ``i < warmup_steps`` the applied
+    rate is ``lr_i * (1 - (1 - i / warmup_steps) * (1 - warmup_ratio))``.
 
     Args:
       base_lr: base learning rate (group multipliers are applied on top).
@@ -79,11 +79,12 @@ def lr_schedule(
 
     def schedule(step):
         i = jnp.asarray(step, jnp.float32)
-        progress = jnp.clip(i / total_steps, 0.0, 1.0)
-        lr = (base_lr - min_lr) * (1.0 - progress) ** power + min_lr
+        remaining = jnp.clip((total_steps - i) / total_steps, 0.0, 1.0)  # 1 - i/max, exact for integer steps
+        lr = (base_lr - min_lr) * remaining**power + min_lr
         if warmup_steps > 0:
-            k = (1.0 - i / warmup_steps) * (1.0 - warmup_ratio)
-            lr = jnp.where(i < warmup_steps, lr * (1.0 - k), lr)
+            # 1 - (1 - i/w)(1 - ratio), written without the float32 cancellation of the literal form
+            factor = warmup_ratio + (1.0 - warmup_ratio) * (i / warmup_steps)
+            lr = jnp.where(i < warmup_steps, lr * factor, lr)
         return lr
 
     return schedule
@@ -136,7 +137,8 @@ def make_optimizer(
       total_steps: iterations of the poly decay.
       trainable: optional tree of bools; False leaves are frozen.
     Returns:
-      (transformation, schedule) where ``schedule(step)`` is the base learning rate at that step (for logging).
+      (transformation, schedule) where ``schedule(step)`` is the base learning rate at that step (for
+      logging).
     """
     c = optim_config
     schedule = lr_schedule(
@@ -149,7 +151,8 @@ def make_optimizer(
     )
     groups = param_groups(params, c["rules"], trainable)
     transforms: dict[str, optax.GradientTransformation] = {}
-    for group in sorted(set(groups.values()), key=lambda g: g.label):  # fixed order: same HLO in every process
+    # A fixed order (not set order, which varies with the hash seed): the same program in every process.
+    for group in sorted(set(groups.values()), key=lambda g: g.label):
         if group.label == FROZEN:
             transforms[FROZEN] = optax.set_to_zero()
             continue
@@ -160,5 +163,7 @@ def make_optimizer(
             eps=c["eps"],
             weight_decay=c["weight_decay"] * group.decay_mult,
         )
-    labels = traverse_util.unflatten_dict({key: groups[_path(key)].label for key in traverse_util.flatten_dict(params)})
+    labels = traverse_util.unflatten_dict(
+        {key: groups[_path(key)].label for key in traverse_util.flatten_dict(params)}
+    )
     return optax.multi_transform(transforms, labels), schedule

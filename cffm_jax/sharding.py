@@ -1,12 +1,12 @@
 """Data parallelism over all devices of all processes: mesh, shardings, global batches, multi-host start-up.
 
 One 1-D mesh ``('data',)`` over every device (``jax.devices()``, all processes). The training batch is sharded
-along its first axis (``P('data')``), the train state is replicated (``P()``). Under ``jax.jit`` the model then
-sees the *global* batch, so BatchNorm statistics are reduced over all devices automatically (the SyncBN of the
-official runs) and gradients are averaged over the global batch without any explicit collective.
+along its first axis (``P('data')``), the train state is replicated (``P()``). Under ``jax.jit`` the model
+then sees the *global* batch, so BatchNorm statistics are reduced over all devices automatically (the SyncBN
+of the official runs) and gradients are averaged over the global batch without any explicit collective.
 
-Multi-host: :func:`initialize_distributed` calls ``jax.distributed.initialize``; each process loads its own slice
-of the data stream (``shard_index=jax.process_index()``) with ``global_batch / process_count`` clips and
+Multi-host: :func:`initialize_distributed` calls ``jax.distributed.initialize``; each process loads its own
+slice of the data stream (``shard_index=jax.process_index()``) with ``global_batch / process_count`` clips and
 :func:`global_batch` assembles the global array with ``jax.make_array_from_process_local_data``.
 """
 
@@ -38,7 +38,9 @@ def _cluster_job() -> bool:
     return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
 
 
-def initialize_distributed(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1) -> bool:
+def initialize_distributed(
+    coordinator_address: str = "", num_processes: int = 0, process_id: int = -1
+) -> bool:
     """Starts multi-process JAX when asked to (or when a cluster environment says so).
 
     Args:
@@ -48,9 +50,9 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
     Returns:
       True if ``jax.distributed.initialize`` was called.
 
-    With all three given, they are used as they are. With none given, ``jax.distributed.initialize()`` is called
-    only when the environment describes a multi-process job (SLURM with several tasks, Open MPI, Cloud TPU
-    pods), where JAX detects everything itself; otherwise this is a single-process run.
+    With all three given, they are used as they are. With none given, ``jax.distributed.initialize()`` is
+    called only when the environment describes a multi-process job (SLURM with several tasks, Open MPI, Cloud
+    TPU pods), where JAX detects everything itself; otherwise this is a single-process run.
     """
     explicit = bool(coordinator_address) or num_processes > 0 or process_id >= 0
     if explicit:
@@ -96,7 +98,8 @@ def check_batch_size(global_batch: int, grad_accum_steps: int, mesh: Mesh) -> in
     micro = global_batch // grad_accum_steps
     if micro % devices:
         raise ValueError(
-            f"each micro-batch of batch_size / grad_accum_steps = {global_batch}/{grad_accum_steps} = {micro} "
+            f"each micro-batch of batch_size / grad_accum_steps = {global_batch}/{grad_accum_steps} = {micro}"
+            " "
             f"clips must split evenly over the {devices} devices: choose a batch_size that is a multiple of "
             f"grad_accum_steps * devices = {grad_accum_steps * devices}"
         )
@@ -107,7 +110,7 @@ def check_batch_size(global_batch: int, grad_accum_steps: int, mesh: Mesh) -> in
 
 
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's slice of the batch (numpy, leading axis local batch) -> globally sharded ``jax.Array``s."""
+    """This process's slice of the batch (numpy, leading axis = local batch) -> global sharded arrays."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 

@@ -7,22 +7,22 @@ r"""Training of CFFM / CFFM++ (SPEC.md sections 5, 7, 8, 9 and 10).
 Multi-host: start one process per host with ``--coordinator_address=host0:port --num_processes=N
 --process_id=i`` (or nothing where the platform tells JAX, e.g. SLURM, Cloud TPU pods).
 
-:func:`train_and_evaluate` reads top to bottom: workdir and config files, mesh and batch sizes, data, model and
-optimiser shapes, the update step, resume (workdir checkpoint > ``config.init_from`` > scratch), the loop
+:func:`train_and_evaluate` reads top to bottom: workdir and config files, mesh and batch sizes, data, model
+and optimiser shapes, the update step, resume (workdir checkpoint > ``config.init_from`` > scratch), the loop
 (progress, metrics, NaN/Inf stop, checkpoints, periodic evaluation), the final evaluation.
 
 The update step (:func:`train_step`) is one ``jax.jit`` over a ``('data',)`` mesh of all devices: the batch is
-sharded along its first axis, the state replicated and donated. BatchNorm statistics are therefore computed over
-the global batch (the official SyncBN). With ``grad_accum_steps = n > 1`` the global batch is split into n
-micro-batches that run one after the other (``lax.scan``); gradients and the loss are averaged, which equals the
-large batch exactly except for BatchNorm: ``linear_fuse``'s batch statistics are then those of each micro-batch
-(the official SyncBN saw all 8 clips at once) and its running statistics are updated n times per step.
-CFFM++ is unaffected (its ``linear_fuse`` always uses running statistics).
+sharded along its first axis, the state replicated and donated. BatchNorm statistics are therefore computed
+over the global batch (the official SyncBN). With ``grad_accum_steps = n > 1`` the global batch is split into
+n micro-batches that run one after the other (``lax.scan``); gradients and the loss are averaged, which equals
+the large batch exactly except for BatchNorm: ``linear_fuse``'s batch statistics are then those of each
+micro-batch (the official SyncBN saw all 8 clips at once) and its running statistics are updated n times per
+step. CFFM++ is unaffected (its ``linear_fuse`` always uses running statistics).
 
 Metrics (process 0): ``<workdir>/metrics.jsonl`` (one row per logged step: ``step`` = number of updates done,
-``loss`` of that update, ``lr`` = base learning rate used by it (groups scale it), ``ce_frames``, ``ce_target``,
-``acc_seg``, ``grad_norm``, ``steps_per_sec``; evaluation rows with ``miou``, ``mvc8``, ...), TensorBoard scalars in
-``<workdir>/tensorboard``, ``config.json`` and ``model.json``.
+``loss`` of that update, ``lr`` = base learning rate used by it (groups scale it), ``ce_frames``,
+``ce_target``, ``acc_seg``, ``grad_norm``, ``steps_per_sec``; evaluation rows with ``miou``, ``mvc8``, ...),
+TensorBoard scalars in ``<workdir>/tensorboard``, ``config.json`` and ``model.json``.
 """
 
 from __future__ import annotations
@@ -48,14 +48,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from cffm_jax import sharding as shd
 from cffm_jax import train_state as ts
+from cffm_jax.evaluate import evaluate_videos
 from cffm_jax.losses import segmentation_loss
 from cffm_jax.models import build_model, trainable_mask
 from cffm_jax.optim import make_optimizer
-
-try:  # evaluation is written in parallel; training runs without it until it exists
-    from cffm_jax.evaluate import evaluate_videos
-except ImportError:
-    evaluate_videos = None
 
 log = logging.getLogger(__name__)
 
@@ -140,13 +136,15 @@ def compute_grads(
     grad_accum_steps: int = 1,
     mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array], Any, Any]:
-    """(loss, aux, grads, new batch_stats) of a global batch, averaged over ``grad_accum_steps`` micro-batches.
+    """(loss, aux, grads, new batch_stats) of a global batch, averaged over the micro-batches.
 
     Micro-batch i holds the clips ``i, i + n, i + 2n, ...`` of the batch (n = ``grad_accum_steps``), so each
-    device keeps its own rows (no communication) when the batch is sharded over ``mesh``; micro-batch i uses the
-    key ``fold_in(key, i)``; BatchNorm running statistics are threaded through the micro-batches in order.
+    device keeps its own rows (no communication) when the batch is sharded over ``mesh``; micro-batch i uses
+    the key ``fold_in(key, i)``; BatchNorm running statistics are threaded through the micro-batches in order.
     """
-    grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, loss_config=loss_config), has_aux=True)
+    grad_fn = jax.value_and_grad(
+        functools.partial(loss_fn, model=model, loss_config=loss_config), has_aux=True
+    )
     if grad_accum_steps == 1:
         (loss, (aux, new_stats)), grads = grad_fn(params, batch_stats, batch, key)
         return loss, aux, grads, new_stats
@@ -262,7 +260,9 @@ def write_run_files(config: ml_collections.ConfigDict, workdir: pathlib.Path) ->
 
     (workdir / CONFIG_FILE).write_text(config.to_json(indent=2) + "\n")
     meta = {"source": "cffm_jax.train", "workdir": str(workdir)}
-    (workdir / MODEL_FILE).write_text(json.dumps({"model": config_to_json(config.model), "metadata": meta}, indent=2))
+    (workdir / MODEL_FILE).write_text(
+        json.dumps({"model": config_to_json(config.model), "metadata": meta}, indent=2)
+    )
 
 
 def run_evaluation(
@@ -271,11 +271,8 @@ def run_evaluation(
     data_root: str,
     predictions_dir: pathlib.Path | None = None,
 ) -> dict[str, Any] | None:
-    """Evaluation on ``config.data.val_split`` (process 0 only; None elsewhere or without the evaluator)."""
+    """Evaluation on ``config.data.val_split`` (process 0 only; None on the other processes)."""
     if jax.process_index() != 0:
-        return None
-    if evaluate_videos is None:
-        log.warning("cffm_jax.evaluate is not available: skipping evaluation")
         return None
     prototypes = None
     if config.data.prototypes_dir:
@@ -292,11 +289,12 @@ def run_evaluation(
         max_videos=config.eval_max_videos,
         predictions_dir=None if predictions_dir is None else str(predictions_dir),
         progress=config.progress,
+        overwrite=True,
     )
 
 
 def _eval_row(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """The scalar entries of an evaluation result (for metrics.jsonl / TensorBoard; per-class lists are left out)."""
+    """The scalar entries of an evaluation result (for metrics.jsonl / TensorBoard; no per-class lists)."""
     return {k: v for k, v in metrics.items() if isinstance(v, int | float | np.floating | np.integer)}
 
 
@@ -311,7 +309,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     from cffm_jax.data.pipeline import make_train_iterator
     from cffm_jax.logging_utils import MetricWriter
 
-    # --- Workdir and run files -------------------------------------------------------------------------------
+    # --- Workdir and run files ------------------------------------------------------------------------------
     check_config(config)
     workdir = pathlib.Path(workdir).absolute()
     is_main = jax.process_index() == 0
@@ -320,7 +318,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         write_run_files(config, workdir)
     _barrier("workdir")
 
-    # --- Mesh and batch sizes ---------------------------------------------------------------------------------
+    # --- Mesh and batch sizes -------------------------------------------------------------------------------
     mesh = shd.make_mesh()
     local_batch = shd.check_batch_size(config.batch_size, config.grad_accum_steps, mesh)
     log.info(
@@ -333,7 +331,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         local_batch,
     )
 
-    # --- Data ---------------------------------------------------------------------------------------------
+    # --- Data -----------------------------------------------------------------------------------------------
     data_root = resolve_data_root(config, workdir)
     prototype_lookup = None
     if config.data.prototypes_dir:
@@ -371,7 +369,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sharding
     )
 
-    # --- Update step -----------------------------------------------------------------------------------------
+    # --- Update step ----------------------------------------------------------------------------------------
     step_fn = jax.jit(
         functools.partial(
             train_step,
@@ -394,7 +392,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         log.info("resumed from %s at step %d", workdir / ts.CHECKPOINT_DIR, int(state.step))
     else:
         if config.model.arch == "cffmpp" and not config.init_from:
-            raise ValueError("CFFM++ fine-tunes a trained CFFM: set --config.init_from (e.g. runs/cffm_vspw_b1)")
+            raise ValueError(
+                "CFFM++ fine-tunes a trained CFFM: set --config.init_from (e.g. runs/cffm_vspw_b1)"
+            )
         variables = ts.initial_variables(config.model, config.init_from, fresh)
         state = jax.jit(
             functools.partial(ts.create_train_state, tx=tx, seed=config.seed), out_shardings=state_sharding
@@ -403,7 +403,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     start_step = int(state.step)
     log.info("train state ready at step %d (%.1f s after initialisation)", start_step, time.time() - t0)
 
-    # --- Training loop ---------------------------------------------------------------------------------------
+    # --- Training loop --------------------------------------------------------------------------------------
     writer = MetricWriter(workdir, enabled=is_main, resume_step=start_step)
     bar = tqdm(
         total=config.total_steps,
@@ -420,8 +420,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         values = {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
         if not np.isfinite(values["loss"]):
             raise NonFiniteLossError(
-                f"loss is {values['loss']} at step {step} (lr {values['lr']:.3g}); stopping. The last checkpoint "
-                f"is {manager.latest_step()} in {workdir / ts.CHECKPOINT_DIR}"
+                f"loss is {values['loss']} at step {step} (lr {values['lr']:.3g}); stopping. The last "
+                f"checkpoint is {manager.latest_step()} in {workdir / ts.CHECKPOINT_DIR}"
             )
         bar.update(step - bar.n)
         bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", refresh=False)
@@ -462,7 +462,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         if hasattr(train_iter, "close"):
             train_iter.close()
 
-    # --- Final evaluation -------------------------------------------------------------------------------------
+    # --- Final evaluation -----------------------------------------------------------------------------------
     eval_metrics, predictions_dir = None, None
     if config.eval_at_end:
         predictions_dir = workdir / "predictions"
@@ -524,15 +524,21 @@ def _define_flags() -> None:
     from absl import flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "experiment config: configs/<file>.py[:arg]", lock_config=True)
+    config_flags.DEFINE_config_file(
+        "config", None, "experiment config: configs/<file>.py[:arg]", lock_config=True
+    )
     flags.DEFINE_string("workdir", "", "run directory (overrides config.workdir)")
     flags.DEFINE_string(
-        "coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS", ""), "multi-host: host:port of process 0"
+        "coordinator_address",
+        os.environ.get("JAX_COORDINATOR_ADDRESS", ""),
+        "multi-host: host:port of process 0",
     )
     flags.DEFINE_integer(
         "num_processes", int(os.environ.get("JAX_NUM_PROCESSES", "0")), "multi-host: number of processes"
     )
-    flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", "-1")), "multi-host: this process")
+    flags.DEFINE_integer(
+        "process_id", int(os.environ.get("JAX_PROCESS_ID", "-1")), "multi-host: this process"
+    )
     flags.mark_flags_as_required(["config"])
 
 

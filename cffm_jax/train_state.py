@@ -1,20 +1,21 @@
 """Training state, its checkpoints, and where the starting weights come from (SPEC.md sections 7 and 9).
 
-A training workdir holds ``model.json`` (as a weights directory), ``config.json`` (the resolved experiment config),
-``metrics.jsonl`` and ``checkpoints/<step>/`` written by an orbax ``CheckpointManager`` with two items:
+A training workdir holds ``model.json`` (as a weights directory), ``config.json`` (the resolved experiment
+config), ``metrics.jsonl`` and ``checkpoints/<step>/`` written by an orbax ``CheckpointManager`` with two
+items:
 
 * ``state``: the :class:`TrainState` pytree (step, params, batch_stats, optimiser state, RNG key data);
 * ``data``: the grain iterator state, one ``process_<i>-of-<n>.json`` per process (grain's orbax handler).
 
-Checkpoints are written asynchronously (the device-to-host copy happens before ``save`` returns, the file writes
-in the background) and finalised atomically by orbax, so a run killed at any moment restarts from the last
-complete checkpoint and, because the step RNG is ``fold_in(rng, step)`` and the data stream resumes at the same
-item, continues exactly as the uninterrupted run would.
+Checkpoints are written asynchronously (the device-to-host copy happens before ``save`` returns, the file
+writes in the background) and finalised atomically by orbax, so a run killed at any moment restarts from the
+last complete checkpoint and, because the step RNG is ``fold_in(rng, step)`` and the data stream resumes at
+the same item, continues exactly as the uninterrupted run would.
 
 Starting weights (:func:`initial_variables`): fresh initialisation, then ``config.init_from`` on top (a raw
 ``.pth``/``.npz``/``.safetensors`` checkpoint converted with :mod:`cffm_jax.convert`, a weights directory, a
-training workdir or a step directory); leaves that the source lacks (a fresh CFFM head on ImageNet MiT weights,
-the CFFM++ prototype branch on a CFFM checkpoint) keep their fresh values and are logged.
+training workdir or a step directory); leaves that the source lacks (a fresh CFFM head on ImageNet MiT
+weights, the CFFM++ prototype branch on a CFFM checkpoint) keep their fresh values and are logged.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ CHECKPOINT_DIR = "checkpoints"
 STATE_ITEM = "state"
 DATA_ITEM = "data"
 
-# Initialisation only: its values are exact integer/elementwise work, so a fast, unoptimised compile gives the same
-# result ~5x sooner (threefry initialisation of even a tiny CFFM took 150 s to compile at the default level on a
-# loaded 2-core CPU, 28 s with these options).
+# Initialisation only: its values are exact integer/elementwise work, so a fast, unoptimised compile gives the
+# same result ~5x sooner (threefry initialisation of even a tiny CFFM took 150 s to compile at the default
+# level on a loaded 2-core CPU, 28 s with these options).
 _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
@@ -91,7 +92,9 @@ def fresh_variables(model_config: ml_collections.ConfigDict, seed: int) -> dict[
     return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
 
 
-def create_train_state(variables: Mapping[str, Any], tx: optax.GradientTransformation, seed: int) -> TrainState:
+def create_train_state(
+    variables: Mapping[str, Any], tx: optax.GradientTransformation, seed: int
+) -> TrainState:
     """A step-0 state from variables (call under ``jax.jit`` with ``out_shardings`` to place it)."""
     params = variables["params"]
     return TrainState(
@@ -112,11 +115,13 @@ def merge_variables(
 ) -> tuple[dict[str, Any], list[str]]:
     """``fresh`` with every leaf that ``loaded`` has replaced by the loaded value.
 
-    Returns (variables, paths kept fresh). Raises ``ValueError`` listing every shape mismatch and every loaded leaf
-    that the model does not have (a checkpoint of another model).
+    Returns (variables, paths kept fresh). Raises ``ValueError`` listing every shape mismatch and every loaded
+    leaf that the model does not have (a checkpoint of another model).
     """
     flat_fresh = traverse_util.flatten_dict({c: fresh.get(c, {}) for c in ("params", "batch_stats")}, sep="/")
-    flat_loaded = traverse_util.flatten_dict({c: loaded.get(c, {}) for c in ("params", "batch_stats")}, sep="/")
+    flat_loaded = traverse_util.flatten_dict(
+        {c: loaded.get(c, {}) for c in ("params", "batch_stats")}, sep="/"
+    )
     problems = [
         f"{path}: {source} has shape {np.shape(flat_loaded[path])}, the model {np.shape(value)}"
         for path, value in flat_fresh.items()
@@ -126,7 +131,9 @@ def merge_variables(
     if problems:
         raise ValueError(f"cannot initialise from {source}:\n  " + "\n  ".join(problems))
     kept = [path for path in flat_fresh if path not in flat_loaded]
-    merged = {path: np.asarray(flat_loaded.get(path, value), np.float32) for path, value in flat_fresh.items()}
+    merged = {
+        path: np.asarray(flat_loaded.get(path, value), np.float32) for path, value in flat_fresh.items()
+    }
     out = traverse_util.unflatten_dict(merged, sep="/")
     return {"params": out.get("params", {}), "batch_stats": out.get("batch_stats", {})}, kept
 
@@ -195,12 +202,17 @@ def save_checkpoint(manager, state: TrainState, data_iterator) -> None:
     manager.save(
         step,
         args=ocp.args.Composite(
-            **{STATE_ITEM: ocp.args.StandardSave(state), DATA_ITEM: grain.checkpoint.CheckpointSave(data_iterator)}
+            **{
+                STATE_ITEM: ocp.args.StandardSave(state),
+                DATA_ITEM: grain.checkpoint.CheckpointSave(data_iterator),
+            }
         ),
     )
 
 
-def restore_checkpoint(manager, abstract_state: TrainState, data_iterator, step: int | None = None) -> TrainState:
+def restore_checkpoint(
+    manager, abstract_state: TrainState, data_iterator, step: int | None = None
+) -> TrainState:
     """Restores the train state (placed as ``abstract_state``'s shardings) and sets the iterator's position.
 
     Args:
@@ -245,7 +257,7 @@ def _step_dir_of(path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
 def load_training_checkpoint_for_inference(
     path: str | os.PathLike,
 ) -> tuple[dict[str, Any], ml_collections.ConfigDict]:
-    """(variables ``{'params', 'batch_stats'}`` as numpy, model config) of a training workdir or step directory.
+    """(variables ``{'params', 'batch_stats'}`` as numpy, model config) of a training workdir or step dir.
 
     Only the parameters and BatchNorm statistics are read (not the optimiser state).
     """

@@ -3,9 +3,10 @@ r"""CFFM on VSPW, the official setting (SPEC.md sections 1, 9, 10): 160k iterati
     python -m cffm_jax.train --config configs/cffm_vspw.py:b1 \
         --config.init_from=pretrained/mit_b1.pth            # ImageNet MiT weights (the official start)
 
-Argument: the MiT size, b0 | b1 | b2 | b5 (official; b3 | b4 also work, with b2's decoder depth).
-On fewer than 8 accelerators keep the global batch with ``--config.grad_accum_steps`` (e.g. 4 on 2 GPUs; BatchNorm
-statistics are then per micro-batch, see cffm_jax/train.py), and for memory ``--config.loss.frames_per_chunk=4``.
+Argument: the MiT size, b0 | b1 | b2 | b5 (official; b3 | b4 also work, with b2's decoder depth). On fewer
+than 8 accelerators keep the global batch with ``--config.grad_accum_steps`` (e.g. 4 on 2 GPUs; BatchNorm
+statistics are then per micro-batch, see cffm_jax/train.py), and for memory
+``--config.loss.frames_per_chunk=4``.
 """
 
 from configs import common

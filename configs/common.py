@@ -27,12 +27,12 @@ def check_size(arg: str | None, default: str = "b1") -> str:
 
 
 def optim_config(lr: float, head_lr_mult: float) -> ml_collections.ConfigDict:
-    """AdamW + poly schedule of SPEC 9 with mmcv's parameter-group rule as ordered (regex, lr_mult, decay_mult).
+    """AdamW and schedule of SPEC 9; mmcv's parameter groups as ordered (regex, lr_mult, decay_mult).
 
     The rules are matched with ``re.search`` on the '/'-joined Flax path; the first match wins. The official
-    substrings select the same parameters on our paths (module names are the official ones), so:
-    ``pos_block`` (matches nothing in MiT/CFFM) no decay; every ``decode_head`` parameter lr x ``head_lr_mult``
-    and full decay; backbone parameters with ``norm`` in the name no decay; everything else (1, 1).
+    substrings select the same parameters on our paths (module names are the official ones), so: ``pos_block``
+    (matches nothing in MiT/CFFM) no decay; every ``decode_head`` parameter lr x ``head_lr_mult`` and full
+    decay; backbone parameters with ``norm`` in the name no decay; everything else (1, 1).
     """
     return ml_collections.ConfigDict(
         dict(
@@ -76,12 +76,14 @@ def base_config(model_name: str, **model_overrides) -> ml_collections.ConfigDict
       init_from: '' | raw .pth/.npz/.safetensors (official CFFM, ImageNet MiT, Hugging Face) | weights dir |
         training workdir | step dir. Used only when the workdir holds no checkpoint.
       batch_size: global clips per optimiser step (official: 4 GPUs x 2 = 8).
-      grad_accum_steps: micro-batches per step (batch_size / grad_accum_steps must divide by the device count).
+      grad_accum_steps: micro-batches per step (batch_size / grad_accum_steps must divide by the device
+        count).
       total_steps, log_every, checkpoint_every, keep_checkpoints.
-      eval_every: evaluate every N steps during training (0 = never during training); eval_at_end: evaluate the
-        final model (and write sample predictions); eval_max_videos: 0 = all validation videos.
+      eval_every: evaluate every N steps during training (0 = never during training).
+      eval_at_end: evaluate the final model (and write sample predictions).
+      eval_max_videos: 0 = all validation videos.
       optim: see ``optim_config``.
-      loss: frame_weight, target_weight (SPEC 8: 0.5, 1.0); frames_per_chunk (0 = off): memory bound of the loss.
+      loss: frame_weight, target_weight (SPEC 8: 0.5, 1.0); frames_per_chunk (0 = off): memory bound.
       progress: show a progress bar.
     """
     config = ml_collections.ConfigDict()

@@ -2,8 +2,8 @@ r"""Demo: train a small CFFM from scratch on synthetic videos on a CPU in minute
 
     python -m cffm_jax.train --config configs/demo.py [--workdir runs/demo]
 
-The synthetic dataset (``cffm_jax.data.synthetic``: textured classes, moving occluding shapes, 'others' and 255
-regions) is generated into ``<workdir>/data`` on first use. No pretrained weights (nothing to download).
+The synthetic dataset (``cffm_jax.data.synthetic``: textured classes, moving occluding shapes, 'others' and
+255 regions) is generated into ``<workdir>/data`` on first use. No pretrained weights (nothing to download).
 """
 
 from configs import common

@@ -1,12 +1,13 @@
 r"""CFFM++ prototype generation on VSPW (SPEC.md section 6): k-means centres of a trained CFFM's features.
 
-    python -m cffm_jax.prototypes --config configs/prototypes_vspw.py:b1 [--config.init_from=runs/cffm_vspw_b1]
+    python -m cffm_jax.prototypes --config configs/prototypes_vspw.py:b1 \
+        [--config.init_from=runs/cffm_vspw_b1]
 
-Argument: the MiT size, b0 .. b5. For every video of ``data.splits``: 10 frames (``int((i + 0.5) * (n // 10))``),
-test transform at ``data.img_scale``, backbone + MLP decoder, features bilinearly halved, k-means with
-``prototypes.num_prototypes`` centres, ``prototypes.max_iter`` Lloyd iterations, tolerance ``prototypes.tol``,
-random (seeded) initialisation; written to the store ``data.prototypes_dir`` that ``configs/cffmpp_vspw.py``
-reads.
+Argument: the MiT size, b0 .. b5. For every video of ``data.splits``: 10 frames
+(``int((i + 0.5) * (n // 10))``), test transform at ``data.img_scale``, backbone + MLP decoder, features
+bilinearly halved, k-means with ``prototypes.num_prototypes`` centres, ``prototypes.max_iter`` Lloyd
+iterations, tolerance ``prototypes.tol``, random (seeded) initialisation; written to the store
+``data.prototypes_dir`` that ``configs/cffmpp_vspw.py`` reads.
 """
 
 import ml_collections

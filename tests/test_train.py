@@ -1,7 +1,7 @@
-"""Training pieces in-process: configs, loss, gradient accumulation, metric files, checks (SPEC.md sections 8, 9).
+"""Training pieces in-process: configs, loss, gradient accumulation, metric files (SPEC.md sections 8, 9).
 
-End-to-end runs (subprocesses: 8 devices, SIGKILL and resume, two processes, CFFM++ fine-tuning) are in
-``test_train_e2e.py``.
+End-to-end runs (subprocesses: 8 devices, accumulation with BatchNorm, SIGKILL and resume, two processes,
+CFFM++ fine-tuning, NaN stop) are in ``test_train_e2e.py``.
 """
 
 from __future__ import annotations
@@ -72,7 +72,11 @@ def test_vspw_configs_are_the_official_setting(spec, name, steps):
     )
     head_mult = 1.0 if name.startswith("cffmpp") else 10.0
     assert o.lr == (2e-4 if name.startswith("cffmpp") else 6e-5)
-    assert [tuple(r) for r in o.rules] == [("pos_block", 1.0, 0.0), ("head", head_mult, 1.0), ("norm", 1.0, 0.0)]
+    assert [tuple(r) for r in o.rules] == [
+        ("pos_block", 1.0, 0.0),
+        ("head", head_mult, 1.0),
+        ("norm", 1.0, 0.0),
+    ]
     assert (config.loss.frame_weight, config.loss.target_weight) == (0.5, 1.0)
     if name.startswith("cffmpp"):
         assert config.init_from == "runs/cffm_vspw_b1" and config.data.prototypes_dir
@@ -91,7 +95,7 @@ def test_every_field_is_overridable_and_unknown_fields_fail():
     assert config.model.dtype == "bfloat16" and config.grad_accum_steps == 4 and config.data.root == ""
     with pytest.raises(Exception, match="no_such_field"):
         load_config("cffm_vspw.py:b1", "--config.optim.no_such_field=1")
-    with pytest.raises(ValueError, match="b9"):
+    with pytest.raises(Exception, match="unknown model size .b9"):
         load_config("cffm_vspw.py:b9")
 
 
@@ -142,13 +146,15 @@ def _batch(rng, b, size=32, with_prototypes=False, kp=5, e=32):
 
 def _grads_fn(config, accum, *example):
     model = build_model(config.model)
-    fn = functools.partial(train.compute_grads, model=model, loss_config=config.loss.to_dict(), grad_accum_steps=accum)
+    fn = functools.partial(
+        train.compute_grads, model=model, loss_config=config.loss.to_dict(), grad_accum_steps=accum
+    )
     return jax.jit(fn).lower(*example).compile(compiler_options=FAST_COMPILE)
 
 
 def test_grad_accumulation_equals_the_large_batch_cffmpp():
-    """CFFM++ has no batch-statistics dependence (linear_fuse uses running statistics), so 2 micro-batches of 2
-    clips must give the loss and gradients of the batch of 4 (dropout off: the keys differ by design)."""
+    """CFFM++ has no batch-statistics dependence (linear_fuse uses running statistics), so 2 micro-batches of
+    2 clips must give the loss and gradients of the batch of 4 (dropout off: the keys differ by design)."""
     config = smoke.get_config("cffmpp")
     config.model.dropout_ratio = 0.0
     variables = ts.fresh_variables(config.model, 0)
@@ -165,37 +171,6 @@ def test_grad_accumulation_equals_the_large_batch_cffmpp():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7), grads2, grads1)
     jax.tree.map(np.testing.assert_array_equal, stats2, variables["batch_stats"])
     jax.tree.map(np.testing.assert_array_equal, stats1, variables["batch_stats"])
-
-
-def test_grad_accumulation_cffm_runs_micro_batches_in_order():
-    """CFFM (BatchNorm in training mode): accumulation = micro-batch i of clips i, i+n, ... run one after the
-    other with the running statistics threaded through, gradients and losses averaged (documented semantics)."""
-    config = smoke.get_config("cffm")
-    variables = ts.fresh_variables(config.model, 0)
-    batch = _batch(np.random.default_rng(1), 4)
-    key = jax.random.key(3)
-    args = (variables["params"], variables["batch_stats"], batch, key)
-    loss, aux, grads, stats = _grads_fn(config, 2, *args)(*args)
-
-    micro = [{k: v[i::2] for k, v in batch.items()} for i in range(2)]
-    one = _grads_fn(config, 1, variables["params"], variables["batch_stats"], micro[0], key)
-    s = variables["batch_stats"]
-    results = []
-    for i in range(2):
-        out = one(variables["params"], s, micro[i], jax.random.fold_in(key, i))
-        s = out[3]
-        results.append(out)
-    np.testing.assert_allclose(loss, (results[0][0] + results[1][0]) / 2, rtol=1e-6)
-    np.testing.assert_allclose(aux["acc_seg"], (results[0][1]["acc_seg"] + results[1][1]["acc_seg"]) / 2, rtol=1e-6)
-    jax.tree.map(
-        lambda g, a, b: np.testing.assert_allclose(g, (a + b) / 2, rtol=2e-5, atol=1e-7),
-        grads,
-        results[0][2],
-        results[1][2],
-    )
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), stats, s)
-    bn = stats["decode_head"]["linear_fuse"]["bn"]["mean"]
-    assert not np.allclose(bn, variables["batch_stats"]["decode_head"]["linear_fuse"]["bn"]["mean"])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """End-to-end training runs in subprocesses (tiny model, 32x32 crops, a few steps).
 
 * one step on 8 fake CPU devices equals the same global batch on 1 device (loss, gradients, BatchNorm stats);
+  gradient accumulation with BatchNorm (CFFM) equals running the micro-batches one after the other;
 * a run killed with SIGKILL (while a checkpoint may be in flight) and restarted logs the same losses, step for
   step, and ends with the same parameters as an uninterrupted run; the smoke run's loss decreases;
 * two processes (``jax.distributed`` on 127.0.0.1) train with identical parameters on both and match the
@@ -8,8 +9,8 @@
 * CFFM++ fine-tuning from a CFFM training workdir changes only ``decoder_swin`` and ``linear_pred3``;
 * a NaN/Inf loss stops the run with the step number.
 
-All subprocesses share a persistent compilation cache and compile without XLA optimisations (the comparisons are
-between runs with identical settings), which keeps the file at a few minutes on 2 CPU cores.
+All subprocesses share a persistent compilation cache and compile without XLA optimisations (the comparisons
+are between runs with identical settings), which keeps the file at a few minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def env(tmp_path_factory) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         XLA_FLAGS=(
-            env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+            env.get("XLA_FLAGS", "")
+            + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
         ).strip(),
         JAX_COMPILATION_CACHE_DIR=str(cache),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -83,7 +85,8 @@ def run(cmd, env, timeout=300) -> subprocess.CompletedProcess:
 
 
 def rows_by_step(workdir) -> dict[int, dict]:
-    return {r["step"]: r for r in read_metrics(pathlib.Path(workdir) / "metrics.jsonl") if "loss" in r}
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    return {r["step"]: r for r in read_metrics(path) if "loss" in r} if path.exists() else {}
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +124,12 @@ def test_reference_run_files_checkpoints_and_learning(reference_run):
 def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path, reference_run, env, data_root):
     workdir = tmp_path / "killed"
     proc = subprocess.Popen(
-        train_cmd(workdir, data_root), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        train_cmd(workdir, data_root),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.time() + 300
     killed_while_saving = False
@@ -129,9 +137,14 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path, reference_
         while proc.poll() is None and time.time() < deadline:
             metrics = workdir / "metrics.jsonl"
             done = max(rows_by_step(workdir), default=0) if metrics.exists() else 0
-            ckpts = workdir / "checkpoints"
-            saving = ckpts.exists() and any("tmp" in p.name for p in ckpts.iterdir())
-            if (saving and done >= 6) or done >= 7:
+            entries = (
+                [p.name for p in (workdir / "checkpoints").iterdir()]
+                if (workdir / "checkpoints").exists()
+                else []
+            )
+            saving = any("tmp" in name for name in entries)
+            # kill once a checkpoint is complete: preferably while the next one is being written
+            if any(name.isdigit() for name in entries) and (saving or done >= 8):
                 killed_while_saving = saving
                 proc.send_signal(signal.SIGKILL)
                 break
@@ -140,7 +153,9 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path, reference_
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == -signal.SIGKILL, f"the run was not killed mid-way:\n{proc.stderr.read()[-3000:]}"
+    assert proc.returncode == -signal.SIGKILL, (
+        f"the run was not killed mid-way:\n{proc.stderr.read()[-3000:]}"
+    )
     rows_before = rows_by_step(workdir)
     assert max(rows_before) < STEPS
 
@@ -168,38 +183,76 @@ EIGHT_DEVICES = textwrap.dedent(
     from cffm_jax.models import build_model, trainable_mask
     from cffm_jax.optim import make_optimizer
 
-    assert jax.device_count() == 8, jax.devices()
-    config = smoke.get_config()
-    model = build_model(config.model)
-    fresh = ts.fresh_variables(config.model, 0)
-    tx, schedule = make_optimizer(config.optim, fresh["params"], 10, trainable_mask(config.model, fresh["params"]))
-    rng = np.random.default_rng(0)
-    batch = {"clips": rng.normal(size=(8, 4, 32, 32, 3)).astype(np.float32),
+    assert jax.device_count() == 8, jax.devices() config = smoke.get_config() config.optim.warmup_steps = 0  #
+    a full-size first update model = build_model(config.model) fresh = ts.fresh_variables(config.model, 0) tx,
+    schedule = make_optimizer(config.optim, fresh["params"], 10, trainable_mask(config.model,
+    fresh["params"])) rng = np.random.default_rng(0) batch = {"clips": rng.normal(size=(8, 4, 32, 32,
+    3)).astype(np.float32),
              "labels": rng.integers(0, 6, size=(8, 4, 32, 32)).astype(np.int32)}
-    key = jax.random.key(1)
-    out = {}
+    state0 = ts.create_train_state(fresh, tx, 0)
+    key = state0.step_key()  # the key of the first update step
+    out, fns = {}, {}
     for n in (1, 8):
-        mesh = shd.make_mesh(jax.devices()[:n])
-        repl, data = shd.replicated(mesh), shd.batch_sharding(mesh)
-        gbatch = shd.global_batch(batch, mesh)
-        assert gbatch["clips"].addressable_shards[0].data.shape[0] == 8 // n
-        grads_fn = jax.jit(functools.partial(train.compute_grads, model=model, loss_config=config.loss.to_dict()),
+        mesh = shd.make_mesh(jax.devices()[:n]) repl, data = shd.replicated(mesh), shd.batch_sharding(mesh)
+        gbatch = shd.global_batch(batch, mesh) assert gbatch["clips"].addressable_shards[0].data.shape[0] == 8
+        // n grads_fn = jax.jit(functools.partial(train.compute_grads, model=model,
+        loss_config=config.loss.to_dict()),
                            in_shardings=(repl, repl, data, repl), out_shardings=repl)
+        fns[n] = grads_fn
         loss, aux, grads, stats = grads_fn(fresh["params"], fresh["batch_stats"], gbatch, key)
-        state = jax.jit(functools.partial(ts.create_train_state, tx=tx, seed=0), out_shardings=repl)(fresh)
-        step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
-                                         loss_config=config.loss.to_dict(), mesh=mesh),
-                       in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0)
-        state, metrics = step(state, gbatch)
-        assert len(jax.tree.leaves(state.params)[0].sharding.device_set) == n
-        out[n] = jax.device_get(dict(loss=loss, aux=aux, grads=grads, stats=stats, params=state.params,
-                                     step_stats=state.batch_stats, step_loss=metrics["loss"]))
+        out[n] = jax.device_get(dict(loss=loss, aux=aux, grads=grads, stats=stats))
+    # The whole update step on 8 devices (sharded batch, replicated donated state) against the 1-device
+    # gradients put through the optimiser.
+    state = jax.jit(functools.partial(ts.create_train_state, tx=tx, seed=0), out_shardings=repl)(fresh)
+    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
+                                     loss_config=config.loss.to_dict(), mesh=mesh),
+                   in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0)
+    state, metrics = step(state, gbatch)
+    assert len(jax.tree.leaves(state.params)[0].sharding.device_set) == 8
+    apply = jax.jit(lambda g, s, p: jax.tree.map(lambda a, b: a + b, p, tx.update(g, s, p)[0]))
+    out[1].update(params=jax.device_get(apply(out[1]["grads"], state0.opt_state, fresh["params"])),
+                  step_stats=out[1]["stats"], step_loss=out[1]["loss"])
+    out[8].update(jax.device_get(dict(params=state.params, step_stats=state.batch_stats,
+    step_loss=metrics["loss"])))
+    # Gradient accumulation with BatchNorm in training mode (CFFM), on 1 device: 2 micro-batches of 8 clips
+    # (clips i, i + 2, ...) equal running them one after the other, running statistics threaded through.
+    mesh = shd.make_mesh(jax.devices()[:1])
+    repl, data = shd.replicated(mesh), shd.batch_sharding(mesh)
+    other = {"clips": rng.normal(size=(8, 4, 32, 32, 3)).astype(np.float32),
+             "labels": rng.integers(0, 6, size=(8, 4, 32, 32)).astype(np.int32)}
+    big = {k: np.stack([batch[k], other[k]], axis=1).reshape(16, *batch[k].shape[1:]) for k in batch}
+    acc_fn = jax.jit(functools.partial(train.compute_grads, model=model, loss_config=config.loss.to_dict(),
+                                       grad_accum_steps=2, mesh=mesh),
+                     in_shardings=(repl, repl, data, repl), out_shardings=repl)
+    acc = jax.device_get(acc_fn(fresh["params"], fresh["batch_stats"], shd.global_batch(big, mesh), key))
+    stats, seq = fresh["batch_stats"], []
+    for i, micro in enumerate((batch, other)):
+        seq.append(jax.device_get(fns[1](fresh["params"], stats, shd.global_batch(micro, mesh),
+                                           jax.random.fold_in(key, i))))
+        stats = seq[-1][3]
+    np.testing.assert_allclose(acc[0], (seq[0][0] + seq[1][0]) / 2, rtol=1e-5)
+    jax.tree.map(lambda g, a, b: np.testing.assert_allclose(g, (a + b) / 2, rtol=1e-4, atol=2e-6),
+                 acc[2], seq[0][2], seq[1][2])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), acc[3], stats)
+
     diffs = {}
-    for name in ("loss", "aux", "grads", "stats", "params", "step_stats", "step_loss"):
+    for name in ("loss", "aux", "grads", "stats", "step_stats", "step_loss"):
         def check(a, b, name=name):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6, err_msg=name)
             return float(np.max(np.abs(np.asarray(a) - np.asarray(b)), initial=0.0))
         diffs[name] = max(jax.tree.leaves(jax.tree.map(check, out[8][name], out[1][name])))
+    # Adam's first update is lr * g / (|g| + eps): for gradients that are zero up to rounding (e.g. the key
+    # bias, to which softmax is invariant) it amplifies the rounding differences of the two reductions, so
+    # parameters are compared where the gradient is not rounding noise.
+    def check_params(a, b, g):
+        ok = np.abs(g) > 1e-7
+        np.testing.assert_allclose(a[ok], b[ok], rtol=1e-4, atol=2e-6, err_msg="params")
+        return float(np.max(np.abs(a[ok] - b[ok]), initial=0.0)), int(ok.sum()), ok.size
+    checked = jax.tree.leaves(jax.tree.map(check_params, out[8]["params"], out[1]["params"], out[1]["grads"]),
+                              is_leaf=lambda x: isinstance(x, tuple))
+    diffs["params_fraction_compared"] = sum(c[1] for c in checked) / sum(c[2] for c in checked)
+    assert diffs["params_fraction_compared"] > 0.5
+    diffs["params"] = max(c[0] for c in checked)
     g = out[1]["grads"]["backbone"]["patch_embed1"]["proj"]["kernel"]
     assert np.abs(g).max() > 1e-4
     bn = out[1]["stats"]["decode_head"]["linear_fuse"]["bn"]["mean"]
@@ -209,11 +262,12 @@ EIGHT_DEVICES = textwrap.dedent(
 )
 
 
-def test_eight_devices_equal_one_device(env):
+def test_eight_devices_equal_one_device_and_accumulation_semantics(env):
     env = dict(env, XLA_FLAGS=env["XLA_FLAGS"] + " --xla_force_host_platform_device_count=8")
     out = run([sys.executable, "-c", EIGHT_DEVICES], env)
     diffs = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(diffs) == {"loss", "aux", "grads", "stats", "params", "step_stats", "step_loss"}
+    assert set(diffs) >= {"loss", "aux", "grads", "stats", "params", "step_stats", "step_loss"}
+    print(diffs)
 
 
 TWO_PROCESSES = textwrap.dedent(
@@ -314,13 +368,15 @@ def test_cffmpp_finetuning_changes_only_the_prototype_branch(tmp_path, env, data
     assert len(changed) > len(trained) // 2, changed
 
 
-def test_nonfinite_loss_stops_with_the_step(tmp_path, env, data_root):
-    cmd = train_cmd(
-        tmp_path / "nan", data_root, "--config.optim.lr=1e30", "--config.optim.warmup_steps=0", "--config.total_steps=6"
-    )
+def test_nonfinite_loss_stops_with_the_step(tmp_path, env, data_root, reference_run):
+    from cffm_jax.checkpoint import save_variables
+
+    variables, config = load_training_checkpoint_for_inference(reference_run)
+    variables["params"]["backbone"]["patch_embed1"]["proj"]["kernel"][0, 0, 0, 0] = np.inf
+    weights = save_variables(tmp_path / "broken", variables, config)
+    cmd = train_cmd(tmp_path / "nan", data_root, f"--config.init_from={weights}")
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 1, out.stderr[-3000:]
-    assert "error: loss is" in out.stderr and " at step " in out.stderr, out.stderr[-3000:]
-    step = int(out.stderr.split(" at step ")[1].split()[0])
-    rows = rows_by_step(tmp_path / "nan")
-    assert all(np.isfinite(rows[s]["loss"]) for s in rows) and max(rows, default=0) == step - 1
+    assert "error: loss is nan at step 1 " in out.stderr, out.stderr[-3000:]
+    assert not rows_by_step(tmp_path / "nan")
+    assert not [p for p in (tmp_path / "nan" / "checkpoints").iterdir() if p.name.isdigit()]
