@@ -1,0 +1,994 @@
+r"""Benchmark suite: speed, FLOPs, memory and compile counts of the model, inference, training and data parts.
+
+    python -m cffm_jax.benchmark [--cases mit,clip,stream,train,data,kmeans,peer] [--models b0,b1]
+        [--sizes 480x480,480x864] [--dtype float32,bfloat16] [--repeats N] [--warmup N]
+        [--frames N] [--json OUT.json] [--tiny]
+
+Project issue 8 (performance); the protocols timed are those of SPEC.md sections 3-7 (model), 6 (k-means),
+8-9 (training step) and 10 (data, test protocol). Cases (``--cases``):
+
+* ``mit``: the MiT backbone alone on 4 frames (4, H, W, 3), eval mode.
+* ``clip``: CFFM and CFFM++ clip-mode forward ``model.apply(variables, clip (1, 4, H, W, 3))`` (CFFM++ with
+  100 random prototypes), eval mode; the output is the target frame's 1/4-resolution logits. One call = one
+  target frame.
+* ``stream``: :class:`cffm_jax.streaming.VideoSegmenter` (streaming mode, default chunk size) over a
+  synthetic video of ``--frames`` frames (30; 12 with ``--tiny``) at each size, from normalised frames to
+  class ids at the frame size: frames/s, s per target frame, and the speed-up over clip mode (the ``clip``
+  case's s per target). Before the timed runs it segments 3 videos of 2 distinct sizes (sizes 1, 2, 1; with
+  one size given, the second is 32 pixels wider) and counts the XLA compilations they trigger (see *Compile
+  counts*); these videos are also the warm-up.
+* ``train``: one update step (forward + backward + AdamW with the SPEC 9 parameter groups) of
+  :func:`cffm_jax.train.train_step` on 1 clip (1, 4, H, W, 3) at the first size, per model.
+* ``data``: the training input pipeline (:func:`cffm_jax.data.pipeline.make_train_iterator`, 0 workers, full
+  training transform, crops of the first size) on a synthetic 480x853 dataset; clips/s. One run = one batch
+  of 2 clips.
+* ``kmeans``: :func:`cffm_jax.kmeans.lloyd` on (64,800, 256) float32, K=100, 10 iterations (no early stop).
+* ``peer``: Hugging Face ``transformers`` ``SegformerModel`` (the same MiT in PyTorch, CPU, eval,
+  ``no_grad``, ``torch.set_num_threads`` = the cores available to this process, which is what XLA's CPU
+  thread pool uses) against our MiT at the same input; rounds are interleaved (ours, theirs, theirs, ours,
+  ...) so that load from other processes hits both alike. Reported as ours / theirs time.
+
+Every jitted case is compiled ahead of time (``jit(f).lower(...).compile()``: the compile time is reported
+separately and the same executable is then timed), run ``--warmup`` times, then ``--repeats`` times:
+median / min / max. Weights are random (shapes from ``jax.eval_shape`` of the model's ``init``, normal(0,
+0.02) kernels, unit scales and variances, zero biases and means): speed does not depend on the values, and
+this skips the initialisation compile.
+
+Figures per case: FLOPs per call from XLA's cost analysis of the compiled executable
+(``cost_analysis()['flops']``) and per input frame, achieved GFLOP/s (FLOPs / median time) and its fraction
+of this machine's measured matrix-multiply peak (best of N jitted float32 2048^3 matmuls, measured at the
+start); host memory: the peak resident set size sampled every 10 ms during the case (compile included)
+minus the RSS before it, and the process's ``ru_maxrss``; XLA's compiled memory analysis (arguments +
+outputs + temporaries); device memory from ``jax.local_devices()[0].memory_stats()`` where the backend has
+it (GPU/TPU: ``peak_bytes_in_use``, a process lifetime peak; None on CPU).
+
+Compile counts: a ``jax.monitoring`` listener on ``/jax/core/compile/backend_compile_duration`` counts
+every XLA backend compilation (by function name, with its duration) while the 3 videos are segmented; in
+addition the growth of ``_cache_size()`` of the two jitted streaming functions (``_encode`` and
+``_decode_step``) is reported. Expected: one compilation of each per distinct size (plus small helper ops,
+e.g. the ring's zeros).
+
+Reference figures: the official PyTorch code (torch 2.13 CPU, 2 threads, 1 x 4 x 480 x 480, eval, no grad,
+on a 2-core machine like this one; project issue 8). Ratios and targets use the low (fastest) end of each
+official range. Targets: clip forward <= 0.8x official; streaming >= 3x the official per-target-frame rate
+(official = its clip forward time, one target per clip); training step <= official; >= 50% of the measured
+matmul peak on the heavy parts (mit, clip, train). The suite reports whether each target is met; it asserts
+nothing.
+
+``--tiny`` runs every case with a tiny model and tiny sizes, compiled at XLA's cheapest settings (the test
+uses it). The JSON (``--json``) holds ``machine`` (CPU, cores, versions, backend, date, load average
+before/after, command line), ``settings``, ``matmul_peak``, ``references``, ``targets``, ``results`` (one
+dict per table row, the same keys for every row) and ``compile_counts``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from cffm_jax.models import build_model, example_inputs, model_config, trainable_mask
+
+log = logging.getLogger(__name__)
+
+CASES = ("mit", "clip", "stream", "train", "data", "kmeans", "peer")
+DTYPES = ("float32", "bfloat16")
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+# Official PyTorch figures (s) at 1 x 4 x 480 x 480 on a 2-core CPU, (low, high) of the measured range.
+REFERENCE_SIZE = (480, 480)
+REFERENCES: dict[tuple[str, str], tuple[float, float]] = {
+    ("clip", "cffm_b0"): (1.29, 1.42),
+    ("clip", "cffm_b1"): (2.4, 2.7),
+    ("mit", "mit_b0"): (0.46, 0.46),
+    ("mit", "mit_b1"): (1.1, 1.1),
+    ("train", "cffm_b0"): (8.7, 8.7),
+}
+CLIP_TARGET = 0.8  # ours <= 0.8 x official clip forward
+STREAM_TARGET = 3.0  # streaming >= 3 x the official per-target-frame rate
+PEAK_TARGET = 0.5  # >= 50% of the measured matmul peak on the heavy parts
+HEAVY_CASES = ("mit", "clip", "train")
+
+# SPEC 9 optimiser (the values of configs/common.py: AdamW, poly decay, warm-up, mmcv parameter groups).
+OPTIM = dict(
+    lr=6e-5,
+    weight_decay=0.01,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    warmup_steps=1500,
+    warmup_ratio=1e-6,
+    power=1.0,
+    min_lr=0.0,
+    rules=(("pos_block", 1.0, 0.0), ("head", 10.0, 1.0), ("norm", 1.0, 0.0)),
+)
+LOSS = dict(frame_weight=0.5, target_weight=1.0, frames_per_chunk=0)
+NUM_PROTOTYPES = 100
+# --tiny: compile fast (the figures of a tiny model mean nothing; the test wants seconds).
+TINY_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What the suite runs (from the command line; ``--tiny`` shrinks models and problem sizes)."""
+
+    cases: tuple[str, ...]
+    models: tuple[str, ...]
+    sizes: tuple[tuple[int, int], ...]
+    dtypes: tuple[str, ...]
+    repeats: int
+    warmup: int
+    tiny: bool
+    stream_frames: int
+    matmul_n: int
+    kmeans_shape: tuple[int, int, int]  # (N, D, K)
+    kmeans_iters: int
+    data_frame_size: tuple[int, int]
+    data_batch: int
+
+    def model_overrides(self, arch: str) -> dict[str, Any]:
+        """Config overrides of the tiny model (empty for the real ones)."""
+        if not self.tiny:
+            return {}
+        head = {} if arch == "mit" else dict(decoder_embed_dim=32, num_classes=7)
+        return dict(embed_dims=(8, 16, 40, 64), depths=(1, 1, 1, 1), **head)
+
+
+@dataclasses.dataclass
+class Result:
+    """One row of the table (and of ``results`` in the JSON); unused fields stay None."""
+
+    case: str
+    name: str
+    model: str | None = None
+    size: tuple[int, int] | None = None
+    dtype: str | None = None
+    compile_s: float | None = None
+    first_run_s: float | None = None
+    times_s: list[float] = dataclasses.field(default_factory=list)
+    median_s: float | None = None
+    min_s: float | None = None
+    max_s: float | None = None
+    items_per_run: int | None = None
+    item: str | None = None
+    per_item_s: float | None = None
+    items_per_s: float | None = None
+    flops: float | None = None
+    frames_per_run: int | None = None
+    flops_per_frame: float | None = None
+    gflops_per_s: float | None = None
+    peak_fraction: float | None = None
+    host_rss_delta_mb: float | None = None
+    host_maxrss_mb: float | None = None
+    xla_memory_mb: float | None = None
+    device_peak_mb: float | None = None
+    reference_s: tuple[float, float] | None = None
+    ratio_vs_reference: float | None = None
+    target: str | None = None
+    target_met: bool | None = None
+    peak_target_met: bool | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def set_times(self, times: Sequence[float]) -> None:
+        self.times_s = [float(t) for t in times]
+        self.median_s = statistics.median(self.times_s)
+        self.min_s, self.max_s = min(self.times_s), max(self.times_s)
+        if self.items_per_run:
+            self.per_item_s = self.median_s / self.items_per_run
+            self.items_per_s = self.items_per_run / self.median_s
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Measurement helpers
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (psutil when installed, else /proc/self/statm; 0 if neither)."""
+    try:
+        import psutil
+    except ImportError:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return 0
+    return psutil.Process().memory_info().rss
+
+
+class HostMemory:
+    """Samples this process's RSS every ``interval`` s: ``delta_mb`` = peak - RSS at entry."""
+
+    def __init__(self, interval: float = 0.01):
+        self._interval = interval
+        self._stop = threading.Event()
+        self.start_rss = self.peak_rss = 0
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.peak_rss = max(self.peak_rss, rss_bytes())
+
+    def __enter__(self) -> HostMemory:
+        self.start_rss = self.peak_rss = rss_bytes()
+        self._thread = threading.Thread(target=self._sample, name="rss-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_rss = max(self.peak_rss, rss_bytes())
+
+    @property
+    def delta_mb(self) -> float:
+        return (self.peak_rss - self.start_rss) / 2**20
+
+
+def maxrss_mb() -> float:
+    """Peak RSS of this process so far (``ru_maxrss`` is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def device_peak_mb() -> float | None:
+    """Peak bytes in use on the first local device (None where the backend keeps no statistics, e.g. CPU)."""
+    stats = jax.local_devices()[0].memory_stats()
+    if not stats or "peak_bytes_in_use" not in stats:
+        return None
+    return stats["peak_bytes_in_use"] / 2**20
+
+
+def cost_flops(compiled: Any) -> float | None:
+    """FLOPs of a compiled executable (XLA cost analysis: a dict, or a list of dicts in some versions)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception as e:  # not every backend implements it
+        log.warning("cost analysis unavailable: %s", e)
+        return None
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else None
+    flops = None if not cost else cost.get("flops")
+    return float(flops) if flops is not None and flops > 0 else None
+
+
+def xla_memory_mb(compiled: Any) -> float | None:
+    """Arguments + outputs + temporaries of a compiled executable (XLA memory analysis), MiB."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:
+        return None
+    if m is None:
+        return None
+    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes) / 2**20
+
+
+def time_runs(fn: Callable[[], Any], repeats: int, warmup: int) -> tuple[float | None, list[float]]:
+    """(first warm-up run s or None, ``repeats`` timed runs s); ``fn`` must block until its work is done."""
+    first = None
+    for i in range(warmup):
+        start = time.perf_counter()
+        fn()
+        if i == 0:
+            first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return first, times
+
+
+def aot_compile(
+    fn: Callable, *args, compiler_options: dict[str, Any] | None = None, **jit_kwargs
+) -> tuple[Any, float]:
+    """(compiled executable, trace + lower + compile seconds) of ``jax.jit(fn, **jit_kwargs)`` at ``args``."""
+    start = time.perf_counter()
+    compiled = jax.jit(fn, **jit_kwargs).lower(*args).compile(compiler_options)
+    return compiled, time.perf_counter() - start
+
+
+class CompileCounter:
+    """Counts XLA backend compilations (``jax.monitoring`` event) while active, by function name."""
+
+    def __init__(self):
+        self.events: list[tuple[str, float]] = []
+
+    def _listener(self, event: str, duration: float, **kwargs) -> None:
+        if event == BACKEND_COMPILE_EVENT:
+            self.events.append((str(kwargs.get("fun_name", "?")), float(duration)))
+
+    def __enter__(self) -> CompileCounter:
+        jax.monitoring.register_event_duration_secs_listener(self._listener)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._listener)
+
+    def by_name(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for name, _ in self.events:
+            counts[name] = counts.get(name, 0) + 1
+        return counts
+
+    @property
+    def seconds(self) -> float:
+        return sum(d for _, d in self.events)
+
+
+def random_variables(config, seed: int = 0) -> dict[str, Any]:
+    """``{'params', 'batch_stats'}`` of a model with random values (numpy float32), without compiling init.
+
+    Shapes come from ``jax.eval_shape`` of ``model.init``; kernels and other weights are normal(0, 0.02),
+    LayerNorm / BatchNorm scales and running variances 1, biases and running means 0.
+    """
+    model = build_model(config)
+    args, kwargs = example_inputs(config)
+    shapes = jax.eval_shape(lambda key: model.init(key, *args, **kwargs), jax.random.key(0))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = getattr(path[-1], "key", "")
+        if name in ("scale", "var"):
+            return np.ones(leaf.shape, np.float32)
+        if name in ("bias", "mean"):
+            return np.zeros(leaf.shape, np.float32)
+        return (0.02 * rng.standard_normal(leaf.shape)).astype(np.float32)
+
+    variables = dict(jax.tree_util.tree_map_with_path(fill, dict(shapes)))
+    variables.setdefault("batch_stats", {})
+    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+
+def machine_info(argv: Sequence[str]) -> dict[str, Any]:
+    """CPU model, cores, library versions, backend, date, load average and the command line."""
+    import importlib.metadata
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = {}
+    for package in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "transformers"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    device = jax.local_devices()[0]
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "cores_available": len(os.sched_getaffinity(0)),
+        "versions": versions,
+        "python": platform.python_version(),
+        "backend": jax.default_backend(),
+        "device": device.device_kind,
+        "device_count": jax.local_device_count(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "loadavg_start": list(os.getloadavg()),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "command": "python -m cffm_jax.benchmark " + " ".join(argv),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The suite
+
+
+class Suite:
+    """Runs the cases of ``settings`` and collects :class:`Result` rows."""
+
+    def __init__(self, settings: Settings):
+        self.s = settings
+        self.results: list[Result] = []
+        self.compile_counts: list[dict[str, Any]] = []
+        self.matmul_peak: dict[str, Any] = {}
+        self._variables: dict[str, dict] = {}
+        self._mit: dict[tuple[str, tuple[int, int], str], tuple[Any, tuple]] = {}
+
+    # --- shared pieces -------------------------------------------------------------------------------------
+
+    def config(self, arch: str, size: str, dtype: str = "float32"):
+        return model_config(f"{arch}_{size}", dtype=dtype, **self.s.model_overrides(arch))
+
+    def variables(self, config) -> dict:
+        key = config.name  # parameters are float32 whatever the compute dtype
+        if key not in self._variables:
+            self._variables[key] = jax.device_put(random_variables(config))
+        return self._variables[key]
+
+    def compile(self, fn: Callable, *args, **jit_kwargs) -> tuple[Any, float]:
+        """:func:`aot_compile`; with ``--tiny`` at XLA's cheapest settings (tiny timings mean nothing)."""
+        return aot_compile(fn, *args, compiler_options=TINY_COMPILE if self.s.tiny else None, **jit_kwargs)
+
+    def label(self, name: str) -> str:
+        return f"{name} (tiny)" if self.s.tiny else name
+
+    def _finish(
+        self,
+        r: Result,
+        compiled: Any,
+        mem: HostMemory,
+        frames: int | None,
+        reference_key: tuple | None = None,
+    ) -> None:
+        """Common bookkeeping: FLOPs, GFLOP/s, peak fraction, memory, reference ratio, then append the row."""
+        if compiled is not None:
+            r.flops = cost_flops(compiled)
+            r.xla_memory_mb = xla_memory_mb(compiled)
+        r.frames_per_run = frames
+        if r.flops and frames:
+            r.flops_per_frame = r.flops / frames
+        if r.flops and r.median_s:
+            r.gflops_per_s = r.flops / r.median_s / 1e9
+            peak = self.matmul_peak.get("gflops_per_s")
+            if peak:
+                r.peak_fraction = r.gflops_per_s / peak
+                if r.case in HEAVY_CASES:
+                    r.peak_target_met = r.peak_fraction >= PEAK_TARGET
+        r.host_rss_delta_mb = mem.delta_mb
+        r.host_maxrss_mb = maxrss_mb()
+        r.device_peak_mb = device_peak_mb()
+        if reference_key is not None and not self.s.tiny and r.size == REFERENCE_SIZE and r.median_s:
+            ref = REFERENCES.get(reference_key)
+            if ref is not None:
+                r.reference_s = ref
+                r.ratio_vs_reference = r.median_s / ref[0]
+        self.results.append(r)
+        log.info("%s: median %.4f s", r.name, r.median_s or float("nan"))
+
+    # --- matmul peak ---------------------------------------------------------------------------------------
+
+    def measure_matmul_peak(self) -> None:
+        """Best of N jitted float32 n^3 matmuls -> GFLOP/s (the denominator of every peak fraction)."""
+        n = self.s.matmul_n
+        a = jax.device_put(np.random.default_rng(0).standard_normal((n, n), np.float32))
+        compiled, compile_s = aot_compile(lambda x, y: x @ y, a, a)
+        _, times = time_runs(lambda: compiled(a, a).block_until_ready(), max(5, self.s.repeats), 1)
+        best = min(times)
+        self.matmul_peak = {
+            "n": n,
+            "dtype": "float32",
+            "best_s": best,
+            "median_s": statistics.median(times),
+            "compile_s": compile_s,
+            "gflops_per_s": 2 * n**3 / best / 1e9,
+        }
+
+    # --- cases ---------------------------------------------------------------------------------------------
+
+    def mit_executable(self, size: str, hw: tuple[int, int], dtype: str) -> tuple[Any, tuple, float]:
+        """(compiled MiT forward on 4 frames, its arguments, compile s); cached for the peer case."""
+        key = (size, hw, dtype)
+        if key in self._mit:
+            compiled, args = self._mit[key]
+            return compiled, args, 0.0
+        config = self.config("mit", size, dtype)
+        model = build_model(config)
+        frames = jax.device_put(np.random.default_rng(1).standard_normal((4, *hw, 3), np.float32))
+        args = (self.variables(config), frames)
+        compiled, compile_s = self.compile(lambda v, x: model.apply(v, x), *args)
+        self._mit[key] = (compiled, args)
+        return compiled, args, compile_s
+
+    def case_mit(self) -> None:
+        for size in self.s.models:
+            for hw in self.s.sizes:
+                for dtype in self.s.dtypes:
+                    name = f"mit_{size}"
+                    r = Result("mit", self.label(f"MiT-{size.upper()} 4 frames"), name, hw, dtype)
+                    r.items_per_run, r.item = 4, "frame"
+                    with HostMemory() as mem:
+                        compiled, args, r.compile_s = self.mit_executable(size, hw, dtype)
+                        r.first_run_s, times = time_runs(
+                            lambda c=compiled, a=args: jax.block_until_ready(c(*a)),
+                            self.s.repeats,
+                            self.s.warmup,
+                        )
+                    r.set_times(times)
+                    self._finish(r, compiled, mem, 4, ("mit", name))
+
+    def case_clip(self) -> None:
+        rng = np.random.default_rng(2)
+        for size in self.s.models:
+            for arch in ("cffm", "cffmpp"):
+                for hw in self.s.sizes:
+                    for dtype in self.s.dtypes:
+                        config = self.config(arch, size, dtype)
+                        model = build_model(config)
+                        label = f"{'CFFM++' if arch == 'cffmpp' else 'CFFM'}-{size.upper()} clip 1x4"
+                        r = Result("clip", self.label(label), config.name, hw, dtype)
+                        r.items_per_run, r.item = 1, "target frame"
+                        clip = jax.device_put(rng.standard_normal((1, 4, *hw, 3), np.float32))
+                        protos = None
+                        if arch == "cffmpp":
+                            shape = (1, NUM_PROTOTYPES, config.decoder_embed_dim)
+                            protos = jax.device_put(rng.standard_normal(shape, np.float32))
+                        args = (self.variables(config), clip, protos)
+                        with HostMemory() as mem:
+                            compiled, r.compile_s = self.compile(
+                                lambda v, x, p, m=model: m.apply(v, x, prototypes=p), *args
+                            )
+                            r.first_run_s, times = time_runs(
+                                lambda c=compiled, a=args: jax.block_until_ready(c(*a)),
+                                self.s.repeats,
+                                self.s.warmup,
+                            )
+                        r.set_times(times)
+                        self._finish(r, compiled, mem, 4, ("clip", config.name))
+                        if r.ratio_vs_reference is not None:
+                            r.target = f"<= {CLIP_TARGET}x official"
+                            r.target_met = r.ratio_vs_reference <= CLIP_TARGET
+
+    def case_stream(self) -> None:
+        from cffm_jax import streaming
+
+        sizes = list(self.s.sizes)
+        second = sizes[1] if len(sizes) > 1 else (sizes[0][0], sizes[0][1] + 32)
+        count_sizes = [sizes[0], second, sizes[0]]
+        for size in self.s.models:
+            for dtype in self.s.dtypes:
+                config = self.config("cffm", size, dtype)
+                segmenter = streaming.VideoSegmenter(config, self.variables(config))
+                videos = {hw: self._video(hw) for hw in {*sizes, *count_sizes}}
+
+                def run(hw, seg=segmenter, videos=videos):
+                    n = 0
+                    for _ in seg.segment(videos[hw]):
+                        n += 1
+                    return n
+
+                first: dict[tuple[int, int], tuple[float, float]] = {}
+                cache_before = (streaming._encode._cache_size(), streaming._decode_step._cache_size())
+                with HostMemory() as count_mem, CompileCounter() as counter:
+                    for hw in count_sizes:
+                        before = counter.seconds
+                        start = time.perf_counter()
+                        run(hw)
+                        first.setdefault(hw, (time.perf_counter() - start, counter.seconds - before))
+                cache_after = (streaming._encode._cache_size(), streaming._decode_step._cache_size())
+                self.compile_counts.append(
+                    {
+                        "model": config.name,
+                        "dtype": dtype,
+                        "videos": [list(hw) for hw in count_sizes],
+                        "frames_per_video": self.s.stream_frames,
+                        "distinct_sizes": len(set(count_sizes)),
+                        "backend_compiles": len(counter.events),
+                        "backend_compile_s": counter.seconds,
+                        "compiles_by_function": counter.by_name(),
+                        "encode_cache_growth": cache_after[0] - cache_before[0],
+                        "decode_step_cache_growth": cache_after[1] - cache_before[1],
+                        "host_rss_delta_mb": count_mem.delta_mb,
+                        "method": "jax.monitoring "
+                        + BACKEND_COMPILE_EVENT
+                        + " events; jitted _cache_size() growth",
+                    }
+                )
+                for hw in sizes:
+                    r = Result("stream", self.label(f"CFFM-{size.upper()} streaming"), config.name, hw, dtype)
+                    r.items_per_run, r.item = self.s.stream_frames, "target frame"
+                    with HostMemory() as mem:
+                        for _ in range(max(0, self.s.warmup - 1)):
+                            run(hw)
+                        _, times = time_runs(lambda hw=hw: run(hw), self.s.repeats, 0)
+                    r.first_run_s, r.compile_s = first[hw]
+                    r.set_times(times)
+                    r.extra["batch_size"] = segmenter.batch_size
+                    r.extra["compile_s_from"] = "backend compile events during the first video of this size"
+                    self._finish(r, None, mem, self.s.stream_frames)
+                    self._compare_stream(r, size)
+
+    def _video(self, hw: tuple[int, int]) -> list:
+        from cffm_jax.data.pipeline import EvalFrame
+
+        rng = np.random.default_rng(hw[0] * 10_000 + hw[1])
+        images = [rng.standard_normal((*hw, 3), np.float32) for _ in range(4)]
+        return [EvalFrame(images[t % 4], None, hw) for t in range(self.s.stream_frames)]
+
+    def _compare_stream(self, r: Result, size: str) -> None:
+        """Speed-up over our clip mode (same model, size, dtype) and over the official per-target rate."""
+        clip = next(
+            (
+                c
+                for c in self.results
+                if c.case == "clip" and c.model == f"cffm_{size}" and c.size == r.size and c.dtype == r.dtype
+            ),
+            None,
+        )
+        if clip is not None and r.per_item_s:
+            r.extra["clip_mode_s_per_target"] = clip.median_s
+            r.extra["speedup_vs_clip_mode"] = clip.median_s / r.per_item_s
+        ref = REFERENCES.get(("clip", f"cffm_{size}"))
+        if ref is not None and not self.s.tiny and r.size == REFERENCE_SIZE and r.per_item_s:
+            r.reference_s = ref  # official s per target frame = its clip forward
+            r.ratio_vs_reference = r.per_item_s / ref[0]
+            r.extra["speedup_vs_official"] = ref[0] / r.per_item_s
+            r.target = f">= {STREAM_TARGET}x official rate"
+            r.target_met = r.extra["speedup_vs_official"] >= STREAM_TARGET
+
+    def case_train(self) -> None:
+        from cffm_jax.optim import make_optimizer
+        from cffm_jax.train import train_step
+        from cffm_jax.train_state import create_train_state
+
+        hw = self.s.sizes[0]
+        rng = np.random.default_rng(3)
+        for size in self.s.models:
+            for dtype in self.s.dtypes:
+                config = self.config("cffm", size, dtype)
+                model = build_model(config)
+                variables = random_variables(config)  # numpy: the jitted state gets its own (donated) buffers
+                mask = trainable_mask(config, variables["params"])
+                tx, schedule = make_optimizer(OPTIM, variables["params"], 160_000, mask)
+                labels = rng.integers(0, config.num_classes, (1, 4, *hw), dtype=np.int32)
+                labels[:, :, : hw[0] // 8] = 255  # some ignored pixels
+                batch = jax.device_put(
+                    {"clips": rng.standard_normal((1, 4, *hw, 3), np.float32), "labels": labels}
+                )
+                step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, loss_config=LOSS)
+                r = Result("train", self.label(f"CFFM-{size.upper()} train step 1x4"), config.name, hw, dtype)
+                r.items_per_run, r.item = 1, "step"
+                with HostMemory() as mem:
+                    state = jax.jit(functools.partial(create_train_state, tx=tx, seed=0))(variables)
+                    compiled, r.compile_s = self.compile(step, state, batch, donate_argnums=0)
+                    holder = [state]
+
+                    def run(c=compiled, holder=holder, batch=batch):
+                        holder[0], metrics = c(holder[0], batch)
+                        jax.block_until_ready((holder[0], metrics))
+                        return metrics
+
+                    r.first_run_s, times = time_runs(run, self.s.repeats, self.s.warmup)
+                    r.extra["loss"] = float(run()["loss"])
+                r.set_times(times)
+                r.extra["step_fn"] = "cffm_jax.train.train_step (AdamW, SPEC 9 groups), donated state"
+                self._finish(r, compiled, mem, 4, ("train", config.name))
+                if r.ratio_vs_reference is not None:
+                    r.target = "<= official"
+                    r.target_met = r.ratio_vs_reference <= 1.0
+
+    def case_data(self) -> None:
+        from cffm_jax.data import pipeline, synthetic
+
+        crop = self.s.sizes[0]
+        r = Result("data", self.label(f"train pipeline, batch {self.s.data_batch}, 0 workers"), None, crop)
+        r.items_per_run, r.item = self.s.data_batch, "clip"
+        with tempfile.TemporaryDirectory() as tmp, HostMemory() as mem:
+            start = time.perf_counter()
+            root = synthetic.generate(
+                os.path.join(tmp, "vspw"),
+                videos=2,
+                val_videos=0,
+                test_videos=0,
+                frames=12,
+                size=self.s.data_frame_size,
+            )
+            r.extra["dataset_generation_s"] = time.perf_counter() - start
+            r.extra["frame_size"] = list(self.s.data_frame_size)
+            kwargs = {"img_scale": self.s.data_frame_size[::-1]} if self.s.tiny else None
+            it = pipeline.make_train_iterator(
+                root,
+                batch_size=self.s.data_batch,
+                crop_size=crop,
+                seed=0,
+                num_workers=0,
+                shard_index=0,
+                shard_count=1,
+                transform_kwargs=kwargs,
+            )
+            try:
+                r.first_run_s, times = time_runs(lambda: next(it), self.s.repeats, max(1, self.s.warmup))
+            finally:
+                if hasattr(it, "close"):
+                    it.close()
+        r.set_times(times)
+        self._finish(r, None, mem, 4 * self.s.data_batch)
+
+    def case_kmeans(self) -> None:
+        from cffm_jax import kmeans as km
+
+        n, d, k = self.s.kmeans_shape
+        rng = np.random.default_rng(4)
+        x = rng.standard_normal((n, d), np.float32)
+        init = jax.device_put(x[rng.choice(n, k, replace=False)])
+        x = jax.device_put(x)
+        r = Result("kmeans", self.label(f"k-means {n}x{d} K={k}"), None, None, "float32")
+        r.items_per_run, r.item = self.s.kmeans_iters, "iteration"
+        with HostMemory() as mem:
+            compiled, r.compile_s = self.compile(
+                functools.partial(km.lloyd, max_iter=self.s.kmeans_iters, tol=-1.0), x, init
+            )
+            r.first_run_s, times = time_runs(
+                lambda: jax.block_until_ready(compiled(x, init)), self.s.repeats, self.s.warmup
+            )
+        r.set_times(times)
+        self._finish(r, compiled, mem, None)
+
+    def case_peer(self) -> None:
+        try:
+            import torch
+            from transformers import SegformerConfig, SegformerModel
+        except (
+            ImportError
+        ) as e:  # optional (the 'test' extra): say so in the row instead of failing the suite
+            log.warning("peer case skipped: %s", e)
+            self.results.append(Result("peer", self.label("MiT vs HF SegFormer"), extra={"skipped": str(e)}))
+            return
+        threads = len(os.sched_getaffinity(0))
+        torch.set_num_threads(threads)
+        for size in self.s.models:
+            config = self.config("mit", size)
+            peer = SegformerModel(
+                SegformerConfig(
+                    hidden_sizes=list(config.embed_dims),
+                    depths=list(config.depths),
+                    num_attention_heads=list(config.num_heads),
+                    sr_ratios=list(config.sr_ratios),
+                    mlp_ratios=list(config.mlp_ratios),
+                )
+            ).eval()
+            for hw in self.s.sizes:
+                r = Result(
+                    "peer", self.label(f"MiT-{size.upper()} 4 frames: ours / HF SegFormer"), config.name, hw
+                )
+                r.dtype, r.items_per_run, r.item = "float32", 4, "frame"
+                with HostMemory() as mem:
+                    compiled, args, _ = self.mit_executable(size, hw, "float32")
+                    x = torch.from_numpy(np.asarray(args[1]).transpose(0, 3, 1, 2).copy())
+
+                    def theirs(model=peer, x=x):
+                        with torch.no_grad():
+                            return model(pixel_values=x).last_hidden_state
+
+                    def ours(c=compiled, a=args):
+                        return jax.block_until_ready(c(*a))
+
+                    start = time.perf_counter()
+                    theirs()
+                    r.extra["peer_first_run_s"] = time.perf_counter() - start
+                    for _ in range(self.s.warmup):
+                        ours()
+                        theirs()
+                    times: dict[str, list[float]] = {"ours": [], "theirs": []}
+                    runners = [("ours", ours), ("theirs", theirs)]
+                    for i in range(self.s.repeats):
+                        for who, fn in runners if i % 2 == 0 else runners[::-1]:
+                            start = time.perf_counter()
+                            fn()
+                            times[who].append(time.perf_counter() - start)
+                r.set_times(times["ours"])
+                theirs_median = statistics.median(times["theirs"])
+                r.extra.update(
+                    peer="transformers SegformerModel (PyTorch CPU, eval, no_grad)",
+                    peer_times_s=times["theirs"],
+                    peer_median_s=theirs_median,
+                    ours_over_theirs=r.median_s / theirs_median,
+                    torch_threads=threads,
+                )
+                self._finish(r, compiled, mem, 4)
+
+    def run(self) -> None:
+        self.measure_matmul_peak()
+        for case in CASES:  # fixed order: stream compares with clip, peer reuses mit's executables
+            if case in self.s.cases:
+                log.info("case %s", case)
+                getattr(self, f"case_{case}")()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Output
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _rate(r: Result) -> str:
+    if r.case == "mit" or r.case == "peer":
+        return f"{_fmt(1e3 * r.per_item_s, '.1f')} ms/frame"
+    if r.case == "clip":
+        return f"{_fmt(r.per_item_s)} s/target"
+    if r.case == "stream":
+        return f"{_fmt(r.items_per_s, '.2f')} frames/s = {_fmt(r.per_item_s)} s/target"
+    if r.case == "train":
+        return f"{_fmt(r.median_s)} s/step"
+    if r.case == "data":
+        return f"{_fmt(r.items_per_s, '.2f')} clips/s"
+    if r.case == "kmeans":
+        return f"{_fmt(1e3 * r.per_item_s, '.1f')} ms/iter"
+    return "-"
+
+
+def _vs(r: Result) -> str:
+    """Comparison column: reference ratio, streaming speed-ups, peer ratio."""
+    parts = []
+    if r.reference_s is not None:
+        low, high = r.reference_s
+        ref = f"{low:g}" if low == high else f"{low:g}-{high:g}"
+        parts.append(f"official {ref} s: ours/official {r.ratio_vs_reference:.2f}")
+    if "speedup_vs_official" in r.extra:
+        parts.append(f"{r.extra['speedup_vs_official']:.2f}x official rate")
+    if "speedup_vs_clip_mode" in r.extra:
+        parts.append(f"{r.extra['speedup_vs_clip_mode']:.2f}x our clip mode")
+    if "ours_over_theirs" in r.extra:
+        parts.append(f"HF {r.extra['peer_median_s']:.3f} s: ours/HF {r.extra['ours_over_theirs']:.2f}")
+    return "; ".join(parts) or "-"
+
+
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.0f}"
+
+
+def _met(flag: bool | None) -> str:
+    return "-" if flag is None else ("yes" if flag else "NO")
+
+
+def format_table(suite: Suite, machine: dict[str, Any]) -> str:
+    """The report printed to stdout (markdown)."""
+    peak = suite.matmul_peak
+    lines = [
+        f"command: {machine['command']}",
+        f"machine: {machine['cpu']}, {machine['cores_available']} cores available; "
+        f"backend {machine['backend']} ({machine['device']}); jax {machine['versions']['jax']}, "
+        f"flax {machine['versions']['flax']}; "
+        f"{machine['date']}",
+        f"load average (1/5/15 min) at start {_loads(machine['loadavg_start'])}, at end "
+        f"{_loads(machine.get('loadavg_end'))}",
+        f"matmul peak: float32 {peak['n']}^3, best of N: {peak['gflops_per_s']:.1f} GFLOP/s",
+        "",
+        "| case | input | dtype | compile s | median s (min-max) | rate | GFLOP/frame | GFLOP/s | % peak | "
+        "RSS +MB | vs | target | peak >= 50% |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in suite.results:
+        size = "-" if r.size is None else f"{r.size[0]}x{r.size[1]}"
+        if r.case in ("mit", "peer"):
+            size = f"4x{size}"
+        elif r.case in ("clip", "train"):
+            size = f"1x4x{size}"
+        elif r.case == "stream":
+            size = f"{r.items_per_run}x{size}"
+        elif r.case == "data":
+            size = f"crop {size}"
+        lines.append(
+            f"| {r.name} | {size} | {r.dtype or '-'} | {_fmt(r.compile_s, '.1f')} | "
+            f"{_fmt(r.median_s)} ({_fmt(r.min_s)}-{_fmt(r.max_s)}) | {_rate(r)} | "
+            f"{_fmt(None if r.flops_per_frame is None else r.flops_per_frame / 1e9, '.2f')} | "
+            f"{_fmt(r.gflops_per_s, '.1f')} | {_percent(r.peak_fraction)} | "
+            f"{_fmt(r.host_rss_delta_mb, '.0f')} | {_vs(r)} | "
+            f"{(r.target + ': ' + _met(r.target_met)) if r.target else '-'} | {_met(r.peak_target_met)} |"
+        )
+    for c in suite.compile_counts:
+        sizes = ", ".join(f"{h}x{w}" for h, w in c["videos"])
+        lines.append(
+            f"\ncompile counts, {c['model']} {c['dtype']} streaming over 3 videos ({sizes}; "
+            f"{c['distinct_sizes']} distinct sizes, {c['frames_per_video']} frames each): "
+            f"{c['backend_compiles']} XLA compilations "
+            f"({c['backend_compile_s']:.1f} s): {c['compiles_by_function']}; jitted cache growth: _encode "
+            f"+{c['encode_cache_growth']}, _decode_step +{c['decode_step_cache_growth']}"
+        )
+    return "\n".join(lines)
+
+
+def _loads(loads: Sequence[float] | None) -> str:
+    return "-" if loads is None else " / ".join(f"{x:.2f}" for x in loads)
+
+
+def to_json(suite: Suite, machine: dict[str, Any]) -> dict[str, Any]:
+    settings = dataclasses.asdict(suite.s)
+    return {
+        "machine": machine,
+        "settings": settings,
+        "matmul_peak": suite.matmul_peak,
+        "references": {f"{case}/{model}": list(v) for (case, model), v in REFERENCES.items()},
+        "targets": {"clip": CLIP_TARGET, "stream": STREAM_TARGET, "peak_fraction": PEAK_TARGET},
+        "results": [dataclasses.asdict(r) for r in suite.results],
+        "compile_counts": suite.compile_counts,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _list(value: str, valid: Sequence[str], what: str) -> tuple[str, ...]:
+    items = tuple(v.strip() for v in value.split(",") if v.strip())
+    bad = [v for v in items if v not in valid]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"unknown {what} {bad or value!r}; valid: {', '.join(valid)}")
+    return items
+
+
+def _sizes(value: str) -> tuple[tuple[int, int], ...]:
+    try:
+        sizes = tuple(tuple(int(x) for x in s.lower().split("x")) for s in value.split(",") if s.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or any(len(s) != 2 or min(s) < 32 or s[0] % 32 or s[1] % 32 for s in sizes):
+        raise argparse.ArgumentTypeError(
+            f"sizes must be HxW multiples of 32 separated by commas, got {value!r}"
+        )
+    return sizes
+
+
+def parse_args(argv: Sequence[str]) -> tuple[Settings, str | None]:
+    """(settings, JSON output path or None) from the command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m cffm_jax.benchmark",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--cases", type=lambda v: _list(v, CASES, "case"), default=CASES)
+    parser.add_argument(
+        "--models", type=lambda v: _list(v, tuple(f"b{i}" for i in range(6)), "model"), default=("b0",)
+    )
+    parser.add_argument(
+        "--sizes", type=_sizes, default=None, help="HxW network inputs (default 480x480,480x864)"
+    )
+    parser.add_argument("--dtype", type=lambda v: _list(v, DTYPES, "dtype"), default=("float32",))
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 3; tiny 2)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs after compilation")
+    parser.add_argument(
+        "--frames", type=int, default=None, help="frames of the streaming video (30; tiny 12)"
+    )
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--tiny", action="store_true", help="tiny model and sizes (seconds; for tests)")
+    args = parser.parse_args(argv)
+    tiny = args.tiny
+    repeats = args.repeats if args.repeats is not None else (2 if tiny else 3)
+    if repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    sizes = args.sizes or (((64, 64), (64, 96)) if tiny else ((480, 480), (480, 864)))
+    frames = args.frames or (12 if tiny else 30)
+    return Settings(
+        cases=args.cases,
+        models=args.models,
+        sizes=sizes,
+        dtypes=args.dtype,
+        repeats=repeats,
+        warmup=args.warmup,
+        tiny=tiny,
+        stream_frames=frames,
+        matmul_n=256 if tiny else 2048,
+        kmeans_shape=(2000, 32, 10) if tiny else (64_800, 256, 100),
+        kmeans_iters=10,
+        data_frame_size=(60, 100) if tiny else (480, 853),
+        data_batch=1 if tiny else 2,
+    ), args.json
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs the suite, prints the table, writes the JSON if asked; returns the JSON dict."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    settings, json_path = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    machine = machine_info(argv)
+    suite = Suite(settings)
+    suite.run()
+    machine["loadavg_end"] = list(os.getloadavg())
+    print(format_table(suite, machine))  # noqa: T201
+    report = to_json(suite, machine)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The benchmark suite runs end to end (``python -m cffm_jax.benchmark --tiny``) and writes a complete JSON.
+
+One in-process run of every case with the tiny model at one size (the streaming case adds a second size for
+its compile count). Figures are not asserted, only that they exist and are sane; the compile count is:
+streaming evaluation must compile its two jitted functions once per distinct frame size.
+"""
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+from cffm_jax import benchmark
+
+RESULT_KEYS = {f.name for f in dataclasses.fields(benchmark.Result)}
+TIMED = ("median_s", "min_s", "max_s", "per_item_s", "items_per_s")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    argv = ["--tiny", "--sizes", "64x64", "--repeats", "2", "--warmup", "1", "--json", str(path)]
+    returned = benchmark.main(argv)
+    with open(path) as f:
+        written = json.load(f)
+    return argv, returned, written
+
+
+def test_json_has_machine_info_and_every_case(report):
+    argv, returned, written = report
+    assert written == json.loads(json.dumps(returned))  # what main returns is what it wrote
+    machine = written["machine"]
+    for key in (
+        "cpu",
+        "cpu_count",
+        "cores_available",
+        "versions",
+        "backend",
+        "date",
+        "command",
+        "loadavg_start",
+    ):
+        assert machine[key], key
+    assert machine["loadavg_end"] is not None
+    assert machine["command"] == "python -m cffm_jax.benchmark " + " ".join(argv)
+    assert {"jax", "jaxlib", "flax"} <= set(machine["versions"])
+    assert written["settings"]["tiny"] is True and written["settings"]["sizes"] == [[64, 64]]
+    assert written["matmul_peak"]["gflops_per_s"] > 0
+
+    results = written["results"]
+    assert {r["case"] for r in results} == set(benchmark.CASES)
+    for r in results:
+        assert set(r) == RESULT_KEYS, r["name"]
+        if r["extra"].get("skipped"):  # only the peer, when torch/transformers are missing
+            assert r["case"] == "peer"
+            continue
+        assert len(r["times_s"]) == 2, r["name"]
+        for key in TIMED:
+            assert r[key] is not None and math.isfinite(r[key]) and r[key] > 0, (r["name"], key)
+        assert r["min_s"] <= r["median_s"] <= r["max_s"]
+        assert r["host_rss_delta_mb"] is not None and r["host_maxrss_mb"] > 0
+    by_case = {}
+    for r in results:
+        by_case.setdefault(r["case"], []).append(r)
+    assert [r["model"] for r in by_case["clip"]] == ["cffm_b0", "cffmpp_b0"]
+    for r in by_case["mit"] + by_case["clip"] + by_case["train"] + by_case["kmeans"]:
+        assert r["compile_s"] > 0 and r["flops"] > 0 and r["gflops_per_s"] > 0 and r["peak_fraction"] > 0
+    for r in by_case["mit"] + by_case["clip"] + by_case["train"]:
+        assert r["flops_per_frame"] == pytest.approx(r["flops"] / 4)
+        assert r["peak_target_met"] in (True, False)
+    (stream,) = by_case["stream"]
+    assert stream["items_per_run"] == 12 and stream["extra"]["speedup_vs_clip_mode"] > 0
+    (train,) = by_case["train"]
+    assert math.isfinite(train["extra"]["loss"])
+    (peer,) = by_case["peer"]
+    if not peer["extra"].get("skipped"):
+        assert peer["extra"]["ours_over_theirs"] > 0 and len(peer["extra"]["peer_times_s"]) == 2
+    # tiny runs are not compared with the official figures (those are for the real models at 480x480)
+    assert all(r["reference_s"] is None and r["target_met"] is None for r in results)
+
+
+def test_streaming_compiles_once_per_size(report):
+    (counts,) = report[2]["compile_counts"]
+    assert counts["videos"] == [[64, 64], [64, 96], [64, 64]] and counts["distinct_sizes"] == 2
+    assert counts["encode_cache_growth"] == 2 and counts["decode_step_cache_growth"] == 2
+    by_function = counts["compiles_by_function"]
+    assert by_function["jit(_encode)"] == 2 and by_function["jit(_decode_step)"] == 2
+    assert counts["backend_compiles"] == sum(by_function.values())
+
+
+def test_bad_arguments_are_rejected():
+    for argv in (
+        ["--cases", "mit,bogus"],
+        ["--sizes", "480x470"],
+        ["--models", "b9"],
+        ["--dtype", "float16"],
+    ):
+        with pytest.raises(SystemExit):
+            benchmark.parse_args(argv)
