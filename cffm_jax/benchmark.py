@@ -30,14 +30,18 @@ Project issue 8 (performance); the protocols timed are those of SPEC.md sections
 
 Every jitted case is compiled ahead of time (``jit(f).lower(...).compile()``: the compile time is reported
 separately and the same executable is then timed), run ``--warmup`` times, then ``--repeats`` times:
-median / min / max. Weights are random (shapes from ``jax.eval_shape`` of the model's ``init``, normal(0,
-0.02) kernels, unit scales and variances, zero biases and means): speed does not depend on the values, and
-this skips the initialisation compile.
+median / min / max of the wall time, and the median CPU time of this process (``time.process_time``, all
+threads; on a shared machine the load-robust figure: other processes stretch a run's wall time much more
+than the CPU time it needs). Each row records the 1-minute load average when it finished.
+
+Weights are random (shapes from ``jax.eval_shape`` of the model's ``init``, normal(0, 0.02) kernels, unit
+scales and variances, zero biases and means): speed does not depend on the values, and this skips the
+initialisation compile.
 
 Figures per case: FLOPs per call from XLA's cost analysis of the compiled executable
 (``cost_analysis()['flops']``) and per input frame, achieved GFLOP/s (FLOPs / median time) and its fraction
 of this machine's measured matrix-multiply peak (best of N jitted float32 2048^3 matmuls, measured at the
-start); host memory: the peak resident set size sampled every 10 ms during the case (compile included)
+start); host memory: the peak resident set size sampled every 20 ms during the case (compile included)
 minus the RSS before it, and the process's ``ru_maxrss``; XLA's compiled memory analysis (arguments +
 outputs + temporaries); device memory from ``jax.local_devices()[0].memory_stats()`` where the backend has
 it (GPU/TPU: ``peak_bytes_in_use``, a process lifetime peak; None on CPU).
@@ -165,6 +169,8 @@ class Result:
     median_s: float | None = None
     min_s: float | None = None
     max_s: float | None = None
+    cpu_times_s: list[float] = dataclasses.field(default_factory=list)
+    cpu_median_s: float | None = None
     items_per_run: int | None = None
     item: str | None = None
     per_item_s: float | None = None
@@ -178,6 +184,7 @@ class Result:
     host_maxrss_mb: float | None = None
     xla_memory_mb: float | None = None
     device_peak_mb: float | None = None
+    loadavg_1min: float | None = None
     reference_s: tuple[float, float] | None = None
     ratio_vs_reference: float | None = None
     target: str | None = None
@@ -185,8 +192,11 @@ class Result:
     peak_target_met: bool | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    def set_times(self, times: Sequence[float]) -> None:
-        self.times_s = [float(t) for t in times]
+    def set_times(self, times: Sequence[tuple[float, float]]) -> None:
+        """Timed runs as (wall s, process CPU s) pairs -> the statistics."""
+        self.times_s = [float(wall) for wall, _ in times]
+        self.cpu_times_s = [float(cpu) for _, cpu in times]
+        self.cpu_median_s = statistics.median(self.cpu_times_s)
         self.median_s = statistics.median(self.times_s)
         self.min_s, self.max_s = min(self.times_s), max(self.times_s)
         if self.items_per_run:
@@ -214,7 +224,7 @@ def rss_bytes() -> int:
 class HostMemory:
     """Samples this process's RSS every ``interval`` s: ``delta_mb`` = peak - RSS at entry."""
 
-    def __init__(self, interval: float = 0.01):
+    def __init__(self, interval: float = 0.02):
         self._interval = interval
         self._stop = threading.Event()
         self.start_rss = self.peak_rss = 0
@@ -276,20 +286,30 @@ def xla_memory_mb(compiled: Any) -> float | None:
     return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes) / 2**20
 
 
-def time_runs(fn: Callable[[], Any], repeats: int, warmup: int) -> tuple[float | None, list[float]]:
-    """(first warm-up run s or None, ``repeats`` timed runs s); ``fn`` must block until its work is done."""
+def timed(fn: Callable[[], Any]) -> tuple[float, float]:
+    """(wall s, CPU s of this process, all threads) of one call of ``fn``.
+
+    The CPU time is the load-robust figure on a shared machine: other processes stretch the wall time of a
+    run, much less the CPU time it needs.
+    """
+    start, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def time_runs(
+    fn: Callable[[], Any], repeats: int, warmup: int
+) -> tuple[float | None, list[tuple[float, float]]]:
+    """(first warm-up run's wall s or None, ``repeats`` timed runs as (wall s, CPU s)).
+
+    ``fn`` must block until its work is done.
+    """
     first = None
     for i in range(warmup):
-        start = time.perf_counter()
-        fn()
+        wall, _ = timed(fn)
         if i == 0:
-            first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return first, times
+            first = wall
+    return first, [timed(fn) for _ in range(repeats)]
 
 
 def aot_compile(
@@ -444,6 +464,7 @@ class Suite:
         r.host_rss_delta_mb = mem.delta_mb
         r.host_maxrss_mb = maxrss_mb()
         r.device_peak_mb = device_peak_mb()
+        r.loadavg_1min = os.getloadavg()[0]
         if reference_key is not None and not self.s.tiny and r.size == REFERENCE_SIZE and r.median_s:
             ref = REFERENCES.get(reference_key)
             if ref is not None:
@@ -459,7 +480,8 @@ class Suite:
         n = self.s.matmul_n
         a = jax.device_put(np.random.default_rng(0).standard_normal((n, n), np.float32))
         compiled, compile_s = aot_compile(lambda x, y: x @ y, a, a)
-        _, times = time_runs(lambda: compiled(a, a).block_until_ready(), max(5, self.s.repeats), 1)
+        _, runs = time_runs(lambda: compiled(a, a).block_until_ready(), max(5, self.s.repeats), 1)
+        times = [wall for wall, _ in runs]
         best = min(times)
         self.matmul_peak = {
             "n": n,
@@ -765,20 +787,21 @@ class Suite:
                     for _ in range(self.s.warmup):
                         ours()
                         theirs()
-                    times: dict[str, list[float]] = {"ours": [], "theirs": []}
+                    times: dict[str, list[tuple[float, float]]] = {"ours": [], "theirs": []}
                     runners = [("ours", ours), ("theirs", theirs)]
                     for i in range(self.s.repeats):
                         for who, fn in runners if i % 2 == 0 else runners[::-1]:
-                            start = time.perf_counter()
-                            fn()
-                            times[who].append(time.perf_counter() - start)
+                            times[who].append(timed(fn))
                 r.set_times(times["ours"])
-                theirs_median = statistics.median(times["theirs"])
+                theirs_median = statistics.median(wall for wall, _ in times["theirs"])
                 r.extra.update(
                     peer="transformers SegformerModel (PyTorch CPU, eval, no_grad)",
-                    peer_times_s=times["theirs"],
+                    peer_times_s=[wall for wall, _ in times["theirs"]],
+                    peer_cpu_times_s=[cpu for _, cpu in times["theirs"]],
                     peer_median_s=theirs_median,
                     ours_over_theirs=r.median_s / theirs_median,
+                    ours_over_theirs_cpu=r.cpu_median_s
+                    / statistics.median(cpu for _, cpu in times["theirs"]),
                     torch_threads=threads,
                 )
                 self._finish(r, compiled, mem, 4)
@@ -827,7 +850,10 @@ def _vs(r: Result) -> str:
     if "speedup_vs_clip_mode" in r.extra:
         parts.append(f"{r.extra['speedup_vs_clip_mode']:.2f}x our clip mode")
     if "ours_over_theirs" in r.extra:
-        parts.append(f"HF {r.extra['peer_median_s']:.3f} s: ours/HF {r.extra['ours_over_theirs']:.2f}")
+        parts.append(
+            f"HF {r.extra['peer_median_s']:.3f} s: ours/HF {r.extra['ours_over_theirs']:.2f} "
+            f"(CPU time {r.extra['ours_over_theirs_cpu']:.2f})"
+        )
     return "; ".join(parts) or "-"
 
 
@@ -852,9 +878,9 @@ def format_table(suite: Suite, machine: dict[str, Any]) -> str:
         f"{_loads(machine.get('loadavg_end'))}",
         f"matmul peak: float32 {peak['n']}^3, best of N: {peak['gflops_per_s']:.1f} GFLOP/s",
         "",
-        "| case | input | dtype | compile s | median s (min-max) | rate | GFLOP/frame | GFLOP/s | % peak | "
-        "RSS +MB | vs | target | peak >= 50% |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | input | dtype | compile s | median s (min-max) | CPU s | rate | GFLOP/frame | GFLOP/s | "
+        "% peak | RSS +MB | dev MB | load | vs | target | peak >= 50% |",
+        "|" + "---|" * 16,
     ]
     for r in suite.results:
         size = "-" if r.size is None else f"{r.size[0]}x{r.size[1]}"
@@ -868,12 +894,19 @@ def format_table(suite: Suite, machine: dict[str, Any]) -> str:
             size = f"crop {size}"
         lines.append(
             f"| {r.name} | {size} | {r.dtype or '-'} | {_fmt(r.compile_s, '.1f')} | "
-            f"{_fmt(r.median_s)} ({_fmt(r.min_s)}-{_fmt(r.max_s)}) | {_rate(r)} | "
+            f"{_fmt(r.median_s)} ({_fmt(r.min_s)}-{_fmt(r.max_s)}) | {_fmt(r.cpu_median_s, '.2f')} | "
+            f"{_rate(r)} | "
             f"{_fmt(None if r.flops_per_frame is None else r.flops_per_frame / 1e9, '.2f')} | "
             f"{_fmt(r.gflops_per_s, '.1f')} | {_percent(r.peak_fraction)} | "
-            f"{_fmt(r.host_rss_delta_mb, '.0f')} | {_vs(r)} | "
+            f"{_fmt(r.host_rss_delta_mb, '.0f')} | {_fmt(r.device_peak_mb, '.0f')} | "
+            f"{_fmt(r.loadavg_1min, '.1f')} | {_vs(r)} | "
             f"{(r.target + ': ' + _met(r.target_met)) if r.target else '-'} | {_met(r.peak_target_met)} |"
         )
+    lines.append(
+        "\nCPU s: median CPU seconds of this process per run (all threads); load: 1-min load average when "
+        "the row finished; official figures: PyTorch, 2 threads, 1x4x480x480 (project issue 8), ratios and "
+        "targets against the low end of each range; % peak: achieved GFLOP/s over the measured matmul peak."
+    )
     for c in suite.compile_counts:
         sizes = ", ".join(f"{h}x{w}" for h, w in c["videos"])
         lines.append(

@@ -59,6 +59,7 @@ def test_json_has_machine_info_and_every_case(report):
         for key in TIMED:
             assert r[key] is not None and math.isfinite(r[key]) and r[key] > 0, (r["name"], key)
         assert r["min_s"] <= r["median_s"] <= r["max_s"]
+        assert len(r["cpu_times_s"]) == 2 and r["cpu_median_s"] >= 0 and r["loadavg_1min"] >= 0
         assert r["host_rss_delta_mb"] is not None and r["host_maxrss_mb"] > 0
     by_case = {}
     for r in results:
@@ -76,6 +77,7 @@ def test_json_has_machine_info_and_every_case(report):
     (peer,) = by_case["peer"]
     if not peer["extra"].get("skipped"):
         assert peer["extra"]["ours_over_theirs"] > 0 and len(peer["extra"]["peer_times_s"]) == 2
+        assert peer["extra"]["ours_over_theirs_cpu"] > 0
     # tiny runs are not compared with the official figures (those are for the real models at 480x480)
     assert all(r["reference_s"] is None and r["target_met"] is None for r in results)
 
