@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.json"
 DATA_DIR = "data"
+MODEL_INPUTS = ("clips", "labels", "prototypes")  # the batch entries the update step uses
 
 
 @dataclasses.dataclass
@@ -433,7 +434,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     try:
         for step in range(start_step + 1, config.total_steps + 1):
-            batch = shd.global_batch(next(train_iter), mesh)
+            batch = shd.global_batch({k: v for k, v in next(train_iter).items() if k in MODEL_INPUTS}, mesh)
             state, metrics = step_fn(state, batch)
             if pending is not None:
                 finish(*pending)

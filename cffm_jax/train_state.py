@@ -42,9 +42,9 @@ CHECKPOINT_DIR = "checkpoints"
 STATE_ITEM = "state"
 DATA_ITEM = "data"
 
-# Initialisation only: its values are exact integer/elementwise work, so a fast, unoptimised compile gives the
-# same result ~5x sooner (threefry initialisation of even a tiny CFFM took 150 s to compile at the default
-# level on a loaded 2-core CPU, 28 s with these options).
+# Initialisation runs once, so an unoptimised compile is much cheaper overall: the threefry initialisation of
+# even a tiny CFFM took 150 s to compile at the default level on a loaded 2-core CPU, 28 s with these options
+# (the 'rbg' PRNG: 36 s / 19 s). Values are deterministic for a backend and these options.
 _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
@@ -79,14 +79,16 @@ class TrainState:
 def fresh_variables(model_config: ml_collections.ConfigDict, seed: int) -> dict[str, Any]:
     """Freshly initialised ``{'params', 'batch_stats'}`` as numpy arrays (threefry key ``seed``).
 
-    Same initialisers as ``cffm_jax.models.init_variables``, compiled with XLA's cheap options (see
-    ``_FAST_COMPILE``); deterministic for a seed on every backend.
+    Same initialisers as ``cffm_jax.models.init_variables``, compiled on CPU with XLA's cheap options (see
+    ``_FAST_COMPILE``). The threefry key (not 'rbg', whose compile was ~1.5x faster here) keeps the values
+    independent of the backend and of sharding.
     """
     model = build_model(model_config)
     args, kwargs = example_inputs(model_config)
     key = jax.random.key(seed, impl="threefry2x32")
     init = jax.jit(lambda k: model.init(k, *args, **kwargs))
-    variables = init.lower(key).compile(compiler_options=_FAST_COMPILE)(key)
+    options = _FAST_COMPILE if jax.default_backend() == "cpu" else None
+    variables = init.lower(key).compile(compiler_options=options)(key)
     variables = jax.tree.map(np.asarray, dict(variables))
     variables.setdefault("batch_stats", {})
     return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
