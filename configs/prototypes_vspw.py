@@ -30,7 +30,7 @@ def get_config(arg: str | None = None):
     config.data.img_scale = (853, 480)
     config.data.prototypes_dir = f"prototypes/vspw_{size}"
     config.prototypes = ml_collections.ConfigDict(
-        dict(num_prototypes=100, num_frames=10, max_iter=10, tol=1e-4, init="random", overwrite=False)
+        dict(num_prototypes=100, num_frames=10, max_iter=10, tol=1e-4, init="random")
     )
     config.progress = True
     return config
