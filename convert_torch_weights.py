@@ -18,9 +18,6 @@ import argparse
 import logging
 import sys
 
-import jax
-import numpy as np
-
 from cffm_jax.checkpoint import save_variables
 from cffm_jax.convert import ConversionError, convert_state_dict_with_report, load_state_dict
 from cffm_jax.models import MODEL_NAMES, init_variables, model_config
@@ -42,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     config = model_config(args.model, **overrides)
     try:
         state_dict = load_state_dict(args.src)
-        init = jax.tree_util.tree_map(np.asarray, init_variables(config, args.seed)) if args.init_missing else None
+        init = init_variables(config, args.seed) if args.init_missing else None
         variables, report = convert_state_dict_with_report(state_dict, config, init_variables=init)
     except (ConversionError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -50,7 +50,7 @@ from cffm_jax import sharding as shd
 from cffm_jax import train_state as ts
 from cffm_jax.evaluate import evaluate_videos
 from cffm_jax.losses import segmentation_loss
-from cffm_jax.models import build_model, trainable_mask
+from cffm_jax.models import build_model, init_variables, trainable_mask
 from cffm_jax.optim import make_optimizer
 
 log = logging.getLogger(__name__)
@@ -358,7 +358,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     # --- Model, optimiser and state shapes ------------------------------------------------------------------
     model = build_model(config.model)
     t0 = time.time()
-    fresh = ts.fresh_variables(config.model, config.seed)
+    fresh = init_variables(config.model, config.seed)
     log.info("initialised %s in %.1f s", config.model.name, time.time() - t0)
     tx, schedule = make_optimizer(
         config.optim, fresh["params"], config.total_steps, trainable_mask(config.model, fresh["params"])

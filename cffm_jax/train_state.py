@@ -34,8 +34,6 @@ import ml_collections
 import numpy as np
 import optax
 
-from cffm_jax.models import build_model, example_inputs
-
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
@@ -45,7 +43,6 @@ DATA_ITEM = "data"
 # Initialisation runs once, so an unoptimised compile is much cheaper overall: the threefry initialisation of
 # even a tiny CFFM took 150 s to compile at the default level on a loaded 2-core CPU, 28 s with these options
 # (the 'rbg' PRNG: 36 s / 19 s). Values are deterministic for a backend and these options.
-_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 @flax.struct.dataclass
@@ -74,24 +71,6 @@ class TrainState:
     def step_key(self) -> jax.Array:
         """The typed PRNG key of the current step (for dropout and stochastic depth)."""
         return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
-
-
-def fresh_variables(model_config: ml_collections.ConfigDict, seed: int) -> dict[str, Any]:
-    """Freshly initialised ``{'params', 'batch_stats'}`` as numpy arrays (threefry key ``seed``).
-
-    Same initialisers as ``cffm_jax.models.init_variables``, compiled on CPU with XLA's cheap options (see
-    ``_FAST_COMPILE``). The threefry key (not 'rbg', whose compile was ~1.5x faster here) keeps the values
-    independent of the backend and of sharding.
-    """
-    model = build_model(model_config)
-    args, kwargs = example_inputs(model_config)
-    key = jax.random.key(seed, impl="threefry2x32")
-    init = jax.jit(lambda k: model.init(k, *args, **kwargs))
-    options = _FAST_COMPILE if jax.default_backend() == "cpu" else None
-    variables = init.lower(key).compile(compiler_options=options)(key)
-    variables = jax.tree.map(np.asarray, dict(variables))
-    variables.setdefault("batch_stats", {})
-    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
 
 
 def create_train_state(

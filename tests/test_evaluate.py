@@ -51,9 +51,7 @@ def get_config(arg=None):
 def setup(tmp_path_factory):
     """Dataset, weights directories of both fixtures, and a config file."""
     tmp = tmp_path_factory.mktemp("eval")
-    root = generate(
-        str(tmp / "data"), videos=0, val_videos=2, test_videos=1, frames=20, size=(48, 80), seed=5
-    )
+    root = generate(str(tmp / "data"), videos=0, val_videos=2, test_videos=1, frames=20, size=(48, 80), seed=5)
     weights = {}
     for name in ("cffm", "cffmpp"):
         config, variables = tiny_model(f"{name}_tiny.npz")

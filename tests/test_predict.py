@@ -28,9 +28,7 @@ NUM_FRAMES = 12
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("predict")
-    root = generate(
-        str(tmp / "data"), videos=0, val_videos=1, test_videos=0, frames=NUM_FRAMES, size=(48, 80)
-    )
+    root = generate(str(tmp / "data"), videos=0, val_videos=1, test_videos=0, frames=NUM_FRAMES, size=(48, 80))
     (video,) = open(os.path.join(root, "val.txt")).read().split()
     frames_dir = tmp / "my_video"
     shutil.copytree(os.path.join(root, "data", video, "origin"), frames_dir)
@@ -131,9 +129,7 @@ def test_video_file(setup):
     reader = predict.open_input(path)
     assert reader.num_frames == NUM_FRAMES and reader.name == "clip"
     decoded = [f for _, f in reader.iterate()]
-    assert (
-        np.abs(decoded[3].astype(int) - setup["rgb"][3].astype(int)).mean() < 20
-    )  # lossy, but the same video
+    assert np.abs(decoded[3].astype(int) - setup["rgb"][3].astype(int)).mean() < 20  # lossy, but the same video
     out = setup["tmp"] / "out_video"
     _run(setup, path, out)
     _check_outputs(out, [f"{t:06d}" for t in range(NUM_FRAMES)], decoded)

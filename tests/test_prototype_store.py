@@ -200,9 +200,7 @@ def test_cli_import_and_info(official, tmp_path, capsys):
     src, videos = official
     (tmp_path / "list.txt").write_text("8_DyBQc5Tpdxs\n127_-hIVCYO4C90\n")
     dst = tmp_path / "cli_store"
-    ps._main(
-        ["import", str(src), str(dst), "--embed-dim", str(E), "--videos-file", str(tmp_path / "list.txt")]
-    )
+    ps._main(["import", str(src), str(dst), "--embed-dim", str(E), "--videos-file", str(tmp_path / "list.txt")])
     out = capsys.readouterr().out
     assert "imported 2 videos" in out and "ignored 1 videos" in out
     ps._main(["info", str(dst)])

@@ -92,9 +92,7 @@ def test_compiles_once_per_size_and_ring_is_bounded(video):
     assert _encode._cache_size() == cache_size
     assert len(second) == len(first) == FRAMES
     (ring,) = segmenter._rings.values()
-    assert (
-        ring.shape[0] == BATCH + 9 < FRAMES
-    )  # the clip span plus one chunk, independent of the video length
+    assert ring.shape[0] == BATCH + 9 < FRAMES  # the clip span plus one chunk, independent of the video length
     np.testing.assert_array_equal(first[0], [r.pred for r in segmenter.segment(frames[:1])][0])
 
 

@@ -18,7 +18,7 @@ import pytest
 from cffm_jax import train
 from cffm_jax import train_state as ts
 from cffm_jax.logging_utils import MetricWriter, crc32c, masked_crc32c, read_metrics
-from cffm_jax.models import build_model
+from cffm_jax.models import build_model, init_variables
 from cffm_jax.sharding import check_batch_size, make_mesh
 from configs import common, smoke
 
@@ -157,7 +157,7 @@ def test_grad_accumulation_equals_the_large_batch_cffmpp():
     2 clips must give the loss and gradients of the batch of 4 (dropout off: the keys differ by design)."""
     config = smoke.get_config("cffmpp")
     config.model.dropout_ratio = 0.0
-    variables = ts.fresh_variables(config.model, 0)
+    variables = init_variables(config.model, 0)
     batch = _batch(np.random.default_rng(0), 4, with_prototypes=True)
     key = jax.random.key(0)
     args = (variables["params"], variables["batch_stats"], batch, key)

@@ -177,14 +177,14 @@ def _eight_devices_script() -> None:
     from cffm_jax import sharding as shd
     from cffm_jax import train
     from cffm_jax import train_state as ts
-    from cffm_jax.models import build_model, trainable_mask
+    from cffm_jax.models import build_model, init_variables, trainable_mask
     from cffm_jax.optim import make_optimizer
 
     assert jax.device_count() == 8, jax.devices()
     config = smoke.get_config()
     model = build_model(config.model)
     loss_config = config.loss.to_dict()
-    fresh = ts.fresh_variables(config.model, 0)
+    fresh = init_variables(config.model, 0)
     tx, _ = make_optimizer(config.optim, fresh["params"], 10, trainable_mask(config.model, fresh["params"]))
     rng = np.random.default_rng(0)
 

@@ -130,21 +130,24 @@ def example_inputs(config, batch: int = 1, size: tuple[int, int] = (64, 64)) -> 
     return (jnp.zeros((batch, config.num_clips, *size, 3)),), kwargs
 
 
-def init_variables(config, seed: int = 0) -> dict:
-    """Freshly initialised variables ``{'params', 'batch_stats'}`` of a model.
+# XLA options for compiling the init function on CPU: it runs once and trivially fast, while optimising its hundreds
+# of random-number generators dominated start-up (a tiny CFFM++ on the 2-core CPU: 150 s -> 28 s).
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
-    The init function is compiled with XLA's backend optimisations off: it runs once and trivially fast, while
-    optimising its hundreds of random-number generators dominated start-up (111 s -> 25 s for a tiny CFFM++ on the
-    2-core CPU).
+
+def init_variables(config, seed: int = 0) -> dict:
+    """Freshly initialised variables ``{'params', 'batch_stats'}`` of a model, as numpy arrays.
+
+    The key is a threefry key (``jax.random.key(seed, impl='threefry2x32')``), so the values do not depend on the
+    backend, the sharding or a changed default PRNG implementation.
     """
     import jax
+    import numpy as np
 
     model = build_model(config)
     args, kwargs = example_inputs(config)
-    key = jax.random.key(seed)
+    key = jax.random.key(seed, impl="threefry2x32")
     init = jax.jit(lambda key: model.init(key, *args, **kwargs))
-    compiled = init.lower(key).compile(compiler_options={"xla_backend_optimization_level": 0})
-    variables = compiled(key)
-    variables = dict(variables)
-    variables.setdefault("batch_stats", {})
-    return variables
+    options = _FAST_COMPILE if jax.default_backend() == "cpu" else None
+    variables = jax.tree.map(np.asarray, dict(init.lower(key).compile(compiler_options=options)(key)))
+    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
