@@ -2,6 +2,11 @@ r"""Demo: train a small CFFM from scratch on synthetic videos on a CPU in minute
 
     python -m cffm_jax.train --config configs/demo.py [--workdir runs/demo]
 
+The CFFM++ recipe on the same data, after the command above:
+
+    python -m cffm_jax.prototypes --config configs/demo.py --out runs/demo/prototypes   # per-video prototypes
+    python -m cffm_jax.train --config configs/demo.py:cffmpp                           # fine-tune CFFM++
+
 The synthetic dataset (``cffm_jax.data.synthetic``: textured classes, moving occluding shapes, 'others' and
 255 regions) is generated into ``<workdir>/data`` on first use. No pretrained weights (nothing to download).
 
@@ -14,10 +19,12 @@ from configs import common
 
 
 def get_config(arg: str | None = None):
-    del arg
+    arch = arg or "cffm"
+    if arch not in ("cffm", "cffmpp"):
+        raise ValueError(f"unknown demo variant {arch!r}; valid: cffm, cffmpp")
     num_classes = 6
     config = common.base_config(
-        "cffm_b0",
+        f"{arch}_b0",
         embed_dims=(16, 32, 80, 128),
         depths=(1, 1, 1, 1),
         decoder_embed_dim=64,
@@ -40,4 +47,14 @@ def get_config(arg: str | None = None):
     config.keep_checkpoints = 2
     config.optim = common.optim_config(lr=1e-3, head_lr_mult=1.0)
     config.optim.warmup_steps = 50
+    if arch == "cffmpp":
+        # CFFM++ fine-tuning of the demo CFFM with its prototypes (only the prototype branch trains).
+        config.workdir = "runs/demo_cffmpp"
+        config.init_from = "runs/demo"
+        config.data.root = "runs/demo/data"
+        config.data.prototypes_dir = "runs/demo/prototypes"
+        config.total_steps = 300
+        config.checkpoint_every = 100
+        config.optim.lr = 3e-3
+        config.optim.warmup_steps = 20
     return config
