@@ -50,7 +50,7 @@ from cffm_jax.data.pipeline import EvalFrame
 from cffm_jax.data.vspw import DILATIONS, eval_clip_indices
 from cffm_jax.kmeans import kmeans
 from cffm_jax.models import build_model
-from cffm_jax.models.cffm import upsample_logits
+from cffm_jax.models.cffm import quarter_size, upsample_logits
 
 DEFAULT_BATCH_PER_DEVICE = 4
 # Frames before a target that a later target can still reference (the oldest clip member is t - 9).
@@ -92,9 +92,11 @@ def _broadcast_prototypes(prototypes: jax.Array | None, batch: int) -> jax.Array
     return None if prototypes is None else jnp.broadcast_to(prototypes, (batch, *prototypes.shape))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _encode(model: nn.Module, variables: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return model.apply(variables, images, method="encode_frames")
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _encode(
+    model: nn.Module, variables: Any, images: jax.Array, with_logits: bool = True
+) -> tuple[jax.Array | None, jax.Array]:
+    return model.apply(variables, images, with_logits=with_logits, method="encode_frames")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
@@ -104,7 +106,7 @@ def _decode_step(
     sharding: NamedSharding | None,
     variables: Any,
     ring: jax.Array,
-    logits: jax.Array,
+    logits: jax.Array | None,
     feats: jax.Array,
     write_slots: jax.Array,
     clip_slots: jax.Array,
@@ -118,11 +120,14 @@ def _decode_step(
     target = model.apply(
         variables,
         clip_feats,
-        size=logits.shape[1:3],
+        size=quarter_size(sizes[0]),
         prototypes=_broadcast_prototypes(prototypes, batch),
         method="decode_clip",
     )
-    out = jnp.where(use_perframe[:, None, None, None], logits.astype(target.dtype), target)
+    if logits is None:  # no target of this chunk is one of a video's first frames
+        out = target
+    else:
+        out = jnp.where(use_perframe[:, None, None, None], logits.astype(target.dtype), target)
     return ring, out, _labels(out, *sizes)
 
 
@@ -180,9 +185,7 @@ class VideoSegmenter:
         num_devices = len(devices)
         self.batch_size = int(DEFAULT_BATCH_PER_DEVICE * num_devices if batch_size is None else batch_size)
         if self.batch_size < 1 or self.batch_size % num_devices:
-            raise ValueError(
-                f"batch_size {self.batch_size} must be a positive multiple of {num_devices} devices"
-            )
+            raise ValueError(f"batch_size {self.batch_size} must be a positive multiple of {num_devices} devices")
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self._batch = NamedSharding(self.mesh, PartitionSpec("data"))
         self._constraint = self._batch if num_devices > 1 else None
@@ -280,7 +283,8 @@ class VideoSegmenter:
     ) -> _Pending:
         del images
         b, r = self.batch_size, self.ring_size
-        logits, feats = _encode(self.model, self.variables, self._put_batch([f.image for f in chunk]))
+        early = indices[0] < NUM_EARLY_FRAMES  # per-frame logits are needed only for frames 0-2
+        logits, feats = _encode(self.model, self.variables, self._put_batch([f.image for f in chunk]), early)
         start = indices[0]
         write_slots = np.arange(start, start + b) % r  # padding rows land in slots no target still needs
         targets = indices + [indices[-1]] * (b - len(indices))
@@ -316,9 +320,7 @@ class VideoSegmenter:
             if not targets:
                 continue
             clips = [np.stack([images[i] for i in eval_clip_indices(t)]) for t in targets]
-            out, ids = _clip_forward(
-                self.model, sizes, self._constraint, self.variables, self._put_batch(clips), p
-            )
+            out, ids = _clip_forward(self.model, sizes, self._constraint, self.variables, self._put_batch(clips), p)
             outs.append(out[: len(targets)])
             labels.append(ids[: len(targets)])
         oldest_needed = indices[-1] + 1 - CLIP_SPAN

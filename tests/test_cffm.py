@@ -14,6 +14,7 @@ from conftest import FIXTURES
 
 from cffm_jax.convert import convert_state_dict
 from cffm_jax.models import build_model, model_config, trainable_mask
+from cffm_jax.models.cffm import quarter_size
 from cffm_jax.models.cffm_attention import index_buffers
 from cffm_jax.parity import FixtureError, check_arrays, config_from_meta
 
@@ -217,7 +218,7 @@ def test_odd_input_size_floors_the_eighth_resolution(tiny_model):
     model, variables, _, clip = tiny_model
     clip = jnp.pad(clip[:1], ((0, 0), (0, 0), (0, 4), (0, 0), (0, 0)))[:, :, :68, :100]  # h4 = 17, w4 = 25
     out, state = jax.jit(lambda v, c: model.apply(v, c, mutable=["intermediates"]))(variables, clip)
-    assert out.shape == (1, 17, 25, 7)
+    assert out.shape == (1, 17, 25, 7) and quarter_size((68, 100)) == (17, 25)
     assert state["intermediates"]["decode_head"]["focal_in"][0].shape == (1, 4, 8, 12, 32)
     assert np.isfinite(np.asarray(out)).all()
 

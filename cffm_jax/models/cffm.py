@@ -39,6 +39,12 @@ from cffm_jax.models.mit import MixVisionTransformer
 from cffm_jax.models.prototype_attention import PrototypeTransformer
 
 
+def quarter_size(size: tuple[int, int]) -> tuple[int, int]:
+    """The logits' (h, w) for an input of ``size`` (H, W): the stride-4 patch embedding's output size
+    (kernel 7, padding 3), e.g. 480 -> 120, 61 -> 16."""
+    return tuple((int(n) + 2 * 3 - 7) // 4 + 1 for n in size)
+
+
 def upsample_logits(logits: jax.Array, size: tuple[int, int]) -> jax.Array:
     """(B, h, w, K) logits -> (B, H, W, K), bilinear with PyTorch ``align_corners=False`` semantics."""
     return resize_bilinear(logits, size)
@@ -75,7 +81,9 @@ class CFFMHead(nn.Module):
             self.decoder_swin = PrototypeTransformer(e, self.prototype_num_heads, dtype=self.dtype)
             self.linear_pred3 = torch_dense(self.num_classes, e, "linear_pred3", self.dtype)
 
-    def encode_frames(self, stages: tuple[jax.Array, ...], train: bool = False) -> tuple[jax.Array, jax.Array]:
+    def encode_frames(
+        self, stages: tuple[jax.Array, ...], train: bool = False, with_logits: bool = True
+    ) -> tuple[jax.Array | None, jax.Array]:
         """Per-frame part. stages: c1..c4 (N, h_s, w_s, C_s) -> (per-frame logits (N, h, w, K),
         1/8 features (N, h // 2, w // 2, E))."""
         size = stages[0].shape[1:3]
@@ -85,7 +93,7 @@ class CFFMHead(nn.Module):
             c = jax.lax.stop_gradient(self.linear_fuse.normalize(fused, use_running_average=True))
         else:
             c = self.linear_fuse.normalize(fused, use_running_average=not train)
-        logits = self.linear_pred(self.dropout(c, deterministic=not train))
+        logits = self.linear_pred(self.dropout(c, deterministic=not train)) if with_logits else None
         feats = resize_bilinear(c, (size[0] // 2, size[1] // 2))
         return logits, feats
 
@@ -159,11 +167,11 @@ class CFFM(nn.Module):
         stages = self.backbone(frames, train=train)
         return self.decode_head(stages, b, train=train, prototypes=prototypes)
 
-    def encode_frames(self, frames: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def encode_frames(self, frames: jax.Array, with_logits: bool = True) -> tuple[jax.Array | None, jax.Array]:
         """Evaluation, per frame: frames (N, H, W, 3) -> (per-frame logits (N, h, w, K), 1/8 features
         (N, h // 2, w // 2, E)). The per-frame logits are what the model predicts for a frame without temporal
-        context (the first frames of a video)."""
-        return self.decode_head.encode_frames(self.backbone(frames, train=False), train=False)
+        context (the first frames of a video); ``with_logits=False`` skips them (None)."""
+        return self.decode_head.encode_frames(self.backbone(frames, train=False), train=False, with_logits=with_logits)
 
     def decode_clip(self, feats: jax.Array, size: tuple[int, int], prototypes: jax.Array | None = None) -> jax.Array:
         """Evaluation, temporal part: 1/8 features of a clip (B, T, h8, w8, E) (from ``encode_frames``) ->
