@@ -37,6 +37,12 @@ Command lines::
 
 ``--checkpoint`` defaults to ``config.workdir`` (a training workdir); a raw ``.pth`` needs the model from the
 config or ``--model``. The last form scores saved predictions against the ground truth without a model.
+
+Several hosts: start one process per host with ``--coordinator-address host0:port --num-processes N
+--process-id i`` (or nothing where the platform tells JAX, e.g. SLURM, Cloud TPU pods). The videos are split
+between the processes (balanced by frame count), each one runs its share on its local devices, and the
+metric totals are pooled, so every process returns the metrics of the whole split (process 0 prints and
+writes the JSON). ``--predictions-out`` must then be on a filesystem that all processes share.
 """
 
 from __future__ import annotations
@@ -114,10 +120,30 @@ class PredictionWriter:
         while len(self._pending) > self._max_pending:
             self._pending.popleft().result()
 
-    def commit(self) -> Path:
-        """Waits for every file and moves the folder into place; returns its path."""
+    @classmethod
+    def join(cls, out_dir: str | os.PathLike, *, workers: int = 2) -> PredictionWriter:
+        """A writer into the ``.partial`` folder that another process created (multi-process evaluation)."""
+        self = cls.__new__(cls)
+        self.out = Path(out_dir)
+        self.tmp = self.out.with_name(f".{self.out.name}.partial")
+        if not self.tmp.is_dir():
+            raise FileNotFoundError(
+                f"{self.tmp} (created by process 0) is not visible from process {jax.process_index()}: with "
+                "several processes the predictions folder must be on a filesystem shared by all of them"
+            )
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="png")
+        self._pending = collections.deque()
+        self._made = set()
+        return self
+
+    def flush(self) -> None:
+        """Waits until every queued file is written."""
         while self._pending:
             self._pending.popleft().result()
+
+    def commit(self) -> Path:
+        """Waits for every file and moves the folder into place; returns its path."""
+        self.flush()
         self._pool.shutdown()
         if self.out.exists():
             shutil.rmtree(self.out)
@@ -144,6 +170,89 @@ class PredictionWriter:
 def _select_videos(root: str, split: str, num_classes: int, max_videos: int) -> list[EvalVideo]:
     videos = list_eval_videos(root, split, num_classes=num_classes)
     return videos[:max_videos] if max_videos > 0 else videos
+
+
+def split_videos(frame_counts: Sequence[int], num_processes: int) -> list[int]:
+    """Owner process of each video: longest first to the least loaded process (ties: lower index).
+
+    Deterministic, so every process computes the same assignment; each process keeps the split's order.
+    """
+    loads = [0] * num_processes
+    owners = [0] * len(frame_counts)
+    for i in sorted(range(len(frame_counts)), key=lambda i: (-frame_counts[i], i)):
+        owner = min(range(num_processes), key=lambda p: (loads[p], p))
+        owners[i] = owner
+        loads[owner] += frame_counts[i]
+    return owners
+
+
+def _all_agree(ok: bool) -> bool:
+    """True on every process iff ``ok`` is true on process 0 (a barrier that carries process 0's verdict)."""
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+
+
+def _open_writer(predictions_dir: str | os.PathLike | None, overwrite: bool) -> PredictionWriter | None:
+    """The prediction writer of this process: process 0 creates the folder, the others join it."""
+    if predictions_dir is None:
+        return None
+    if jax.process_count() == 1:
+        return PredictionWriter(predictions_dir, overwrite=overwrite)
+    writer, error = None, ""
+    if jax.process_index() == 0:
+        try:
+            writer = PredictionWriter(predictions_dir, overwrite=overwrite)
+        except OSError as e:
+            error = str(e)
+    if not _all_agree(not error):
+        raise FileExistsError(error or f"{predictions_dir}: process 0 could not create it (see its log)")
+    return writer if writer is not None else PredictionWriter.join(predictions_dir)
+
+
+def _commit_writer(writer: PredictionWriter, videos: Sequence[EvalVideo]) -> None:
+    """Every process's files written -> process 0 checks that all are there and renames the folder."""
+    if jax.process_count() == 1:
+        writer.commit()
+        return
+    writer.flush()
+    _all_agree(True)
+    missing = ""
+    if jax.process_index() == 0:
+        for video in videos:
+            folder = writer.tmp / video.name
+            count = len(list(folder.glob("*.png"))) if folder.is_dir() else 0
+            if count != video.num_frames:
+                missing = (
+                    f"{folder}: {count} of {video.num_frames} predictions after every process finished (is "
+                    "the predictions folder on a filesystem shared by all processes?)"
+                )
+                break
+        if missing:
+            writer.abort()
+        else:
+            writer.commit()
+    else:
+        writer._pool.shutdown()
+    if not _all_agree(not missing):
+        raise DatasetError(missing or f"{writer.out}: process 0 found predictions missing (see its log)")
+
+
+def _pool_processes(accumulator: MetricsAccumulator, predicted: int) -> tuple[MetricsAccumulator, int]:
+    """Pools the metric totals of all processes (each scored its own videos); the same result everywhere."""
+    if jax.process_count() == 1:
+        return accumulator, predicted
+    from jax.experimental import multihost_utils
+
+    mine = np.concatenate([accumulator.state(), [predicted]])
+    rows = np.asarray(multihost_utils.process_allgather(mine.view(np.uint8)))
+    pooled = MetricsAccumulator(num_classes=accumulator.num_classes)
+    total = 0
+    for row in rows.reshape(jax.process_count(), -1):
+        values = row.view(np.float64)
+        pooled.merge_state(values[:-1])
+        total += int(values[-1])
+    return pooled, total
 
 
 def _video_prototypes(
@@ -191,27 +300,37 @@ def evaluate_videos(
       img_scale: test rescale bound (W, H).
       prototypes: CFFM++ only: a callable video name -> (Kp, E) (e.g. a PrototypeStore), or ``'auto'``.
       max_videos: evaluate only the first N videos of the split (0 = all).
-      predictions_dir: if given, also write the predictions there (VSPW submission layout; process 0 only).
+      predictions_dir: if given, also write the predictions there (VSPW submission layout).
       progress: show a tqdm progress bar.
       streaming: feature-cache streaming (default) or the clip-by-clip reference.
       batch_size: frames per device batch (default 4 per device).
       overwrite: allow replacing a non-empty ``predictions_dir``.
+
+    With several processes (``jax.distributed``), call it on every process: each one evaluates its share of
+    the videos (:func:`split_videos`) on its local devices and all return the pooled metrics.
+
     Returns:
       dict with ``miou``, ``miou_gt_present``, ``aacc``, ``macc``, ``fwiou``, ``mvc8``, ``mvc16`` (percent,
       NaN where undefined), ``per_class_iou`` and ``per_class_acc`` (K-lists), ``num_frames``, ``num_videos``
       (labelled ones), ``num_predicted_frames``, ``seconds`` and ``frames_per_second``.
     """
     num_classes = int(model_config.num_classes)
-    videos = _select_videos(data_root, split, num_classes, max_videos)
+    all_videos = _select_videos(data_root, split, num_classes, max_videos)
+    owners = split_videos([v.num_frames for v in all_videos], jax.process_count())
+    videos = [v for v, owner in zip(all_videos, owners, strict=True) if owner == jax.process_index()]
     segmenter = VideoSegmenter(model_config, variables, batch_size=batch_size)
     accumulator = MetricsAccumulator(num_classes=num_classes)
-    writer = None
-    if predictions_dir is not None and jax.process_index() == 0:
-        writer = PredictionWriter(predictions_dir, overwrite=overwrite)
+    writer = _open_writer(predictions_dir, overwrite)
     img_scale = tuple(int(s) for s in img_scale)
     total = sum(v.num_frames for v in videos)
+    if jax.process_count() > 1:
+        log.info(
+            "process %d of %d evaluates %d of %d videos (%d frames)",
+            jax.process_index(), jax.process_count(), len(videos), len(all_videos), total,
+        )
     start = time.perf_counter()
     predicted = 0
+    progress = progress and jax.process_index() == 0
     try:
         with tqdm(total=total, unit="frame", disable=not progress, desc=f"eval {split}") as bar:
             for video in videos:
@@ -225,11 +344,12 @@ def evaluate_videos(
                     predicted += 1
                     bar.update()
         if writer is not None:
-            writer.commit()
+            _commit_writer(writer, all_videos)
     except BaseException:
         if writer is not None:
             writer.abort()
         raise
+    accumulator, predicted = _pool_processes(accumulator, predicted)
     seconds = time.perf_counter() - start
     if accumulator.num_frames == 0:
         log.warning(
@@ -419,6 +539,10 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--max-videos", type=int, default=0, help="only the first N videos (0 = all)")
     common.add_argument("--json", help="write every metric to this JSON file")
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
+    hosts = parser.add_argument_group("several hosts (default: from the environment, e.g. SLURM, Cloud TPU)")
+    hosts.add_argument("--coordinator-address", default="", help="host:port of process 0")
+    hosts.add_argument("--num-processes", type=int, default=0, help="number of processes")
+    hosts.add_argument("--process-id", type=int, default=-1, help="this process's index")
     return parser
 
 
@@ -506,7 +630,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
         run = {"predictions": str(args.predictions), "data_root": str(args.data_root), "split": split}
     else:
+        from cffm_jax import sharding
+
+        sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
         scores, run = _model_run(args, config)
+        run["processes"] = jax.process_count()
+    if jax.process_index() != 0:
+        return scores
     print(format_table(scores))  # noqa: T201
     if args.json:
         write_json(args.json, {**scores, "run": run})

@@ -406,6 +406,7 @@ class MetricsAccumulator:
         self._video: str | None = None
         self._last_frame = -1
         self._finished: set[str] = set()
+        self._merged_videos = 0
         self.num_frames = 0
 
     def _flush_confusion(self) -> None:
@@ -456,6 +457,45 @@ class MetricsAccumulator:
         self._vc.add_frame(pred, label)
         self.num_frames += 1
 
+    def end_video(self) -> None:
+        """Ends the video in progress (its VC windows count from now on; it may not come back)."""
+        if self._video is not None:
+            self._finished.add(self._video)
+            self._video = None
+        self._vc.end_video()
+
+    def state(self) -> np.ndarray:
+        """Everything :meth:`compute` needs, as one float64 vector (counts are exact below 2**53).
+
+        Ends the video in progress. ``a.merge_state(b.state())`` gives ``a`` the scores of the frames of both
+        (the videos of ``a`` and ``b`` must differ): this is how evaluation pools the videos that several
+        processes scored, each one a part of the split.
+        """
+        self.end_video()
+        vc = self._vc
+        pooled = [v for n in vc.windows for v in (vc._pooled[n].total, vc._pooled[n].valid, vc._pooled[n].nan)]
+        counts = [self.num_frames, len(self._finished) + self._merged_videos, vc.num_videos, vc.num_skipped_videos]
+        return np.concatenate([self.confusion_matrix().ravel().astype(np.float64), pooled, counts])
+
+    def merge_state(self, state: np.ndarray) -> None:
+        """Adds the scores captured by another accumulator's :meth:`state` (same K and VC windows)."""
+        state = np.asarray(state, np.float64)
+        k2, nw = self.num_classes**2, len(self._vc.windows)
+        if state.shape != (k2 + 3 * nw + 4,):
+            raise ValueError(f"state of shape {state.shape} does not fit K={self.num_classes}, {nw} VC windows")
+        self._flush_confusion()
+        self._cm_host += state[:k2].astype(np.int64).reshape(self.num_classes, self.num_classes)
+        for i, n in enumerate(self._vc.windows):
+            total, valid, nan = state[k2 + 3 * i : k2 + 3 * i + 3]
+            self._vc._pooled[n].total += float(total)
+            self._vc._pooled[n].valid += int(valid)
+            self._vc._pooled[n].nan += int(nan)
+        frames, videos, vc_videos, vc_skipped = (int(v) for v in state[k2 + 3 * nw :])
+        self.num_frames += frames
+        self._merged_videos += videos
+        self._vc.num_videos += vc_videos
+        self._vc.num_skipped_videos += vc_skipped
+
     def confusion_matrix(self) -> np.ndarray:
         """The accumulated (K, K) int64 confusion matrix (rows = GT, columns = prediction)."""
         self._flush_confusion()
@@ -474,5 +514,5 @@ class MetricsAccumulator:
         scores["per_class_acc"] = scores["per_class_acc"].tolist()
         scores.update(self._vc.result())
         scores["num_frames"] = self.num_frames
-        scores["num_videos"] = len(self._finished) + (self._video is not None)
+        scores["num_videos"] = len(self._finished) + (self._video is not None) + self._merged_videos
         return scores

@@ -58,7 +58,8 @@ def initialize_distributed(
     if explicit:
         if not (coordinator_address and num_processes > 0 and process_id >= 0):
             raise ValueError(
-                "multi-process training needs all of --coordinator_address, --num_processes and --process_id "
+                "a multi-process run needs all of the coordinator address, the number of processes and the "
+                "process id "
                 f"(got {coordinator_address!r}, {num_processes}, {process_id})"
             )
         jax.distributed.initialize(coordinator_address, num_processes, process_id)

@@ -272,9 +272,7 @@ def run_evaluation(
     data_root: str,
     predictions_dir: pathlib.Path | None = None,
 ) -> dict[str, Any] | None:
-    """Evaluation on ``config.data.val_split`` (process 0 only; None on the other processes)."""
-    if jax.process_index() != 0:
-        return None
+    """Evaluation on ``config.data.val_split`` (every process scores a share of the videos; pooled metrics)."""
     prototypes = None
     if config.data.prototypes_dir:
         from cffm_jax.prototype_store import PrototypeStore

@@ -172,6 +172,20 @@ def test_checkpoint_for_another_class_count_is_rejected(setup):
         evaluate.main(argv)
 
 
+def test_videos_are_split_between_processes_by_frame_count():
+    assert evaluate.split_videos([10, 50, 20, 30, 40], 1) == [0] * 5
+    # longest first to the least loaded: 50 -> 0, 40 -> 1, 30 -> 1, 20 -> 0, 10 -> 0 (80 and 70 frames)
+    assert evaluate.split_videos([10, 50, 20, 30, 40], 2) == [0, 0, 0, 1, 1]
+    assert evaluate.split_videos([5], 3) == [0]  # processes without a video still take part
+
+
+def test_incomplete_multi_host_flags_are_an_error(setup):
+    argv = ["--config", setup["config"], f"--config.data.root={setup['root']}", "--num-processes", "2",
+            "--checkpoint", setup["weights"]["cffm"], "--no-progress"]  # fmt: skip
+    with pytest.raises(ValueError, match="coordinator address"):
+        evaluate.main(argv)
+
+
 def test_unknown_config_field_is_an_error(setup):
     with pytest.raises(ValueError, match="bogus"):
         evaluate.main(["--config", setup["config"], "--config.data.bogus=1", "--checkpoint", "x"])

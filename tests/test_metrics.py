@@ -184,6 +184,21 @@ def test_streaming_accumulator_equals_whole_video_computation():
     assert scores["num_frames"] == sum(lengths) and scores["num_videos"] == len(lengths)
     assert len(scores["per_class_iou"]) == k
 
+    # several processes, each with some of the videos, pool their states into the same scores
+    parts = [MetricsAccumulator(num_classes=k) for _ in range(2)]
+    for v, (pred, gt) in enumerate(videos):
+        for f in range(len(pred)):
+            parts[v % 2].update(f"video{v}", f, pred[f], gt[f])
+    pooled = MetricsAccumulator(num_classes=k)
+    for part in parts:
+        pooled.merge_state(part.state())
+    merged = pooled.compute()
+    assert merged.keys() == scores.keys()
+    for key, value in scores.items():
+        np.testing.assert_allclose(merged[key], value, rtol=1e-12, err_msg=key)
+    with pytest.raises(ValueError, match="K=5"):
+        MetricsAccumulator(num_classes=5).merge_state(parts[0].state())
+
 
 def test_result_mid_video_equals_result_after_end():
     preds, gts = _video(20, lambda f: [0, f // 9], lambda f: [0, 0])

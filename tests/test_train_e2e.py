@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 
 from cffm_jax.checkpoint import load_for_inference
+from cffm_jax.evaluate import evaluate_videos
 from cffm_jax.logging_utils import read_metrics
 from cffm_jax.train_state import load_training_checkpoint_for_inference
 from configs import smoke
@@ -272,9 +273,13 @@ def _two_processes_script() -> None:
     config = smoke.get_config()
     config.data.root = data_root
     config.total_steps, config.checkpoint_every, config.log_every = STEPS, 6, 1
+    # final evaluation on the 3 labelled training videos: split between the processes, metrics pooled
+    config.eval_at_end, config.data.val_split = True, config.data.train_split
     result = train.train_and_evaluate(config, workdir)
     flat = tu.flatten_dict(shd.to_host(result.state.params), sep="/")
     np.savez(f"{out}/params_{pid}.npz", **flat)
+    scores = {k: v for k, v in result.eval_metrics.items() if k not in ("seconds", "frames_per_second")}
+    (pathlib.Path(out) / f"eval_{pid}.json").write_text(json.dumps(scores))
 
 
 def _free_port() -> int:
@@ -326,6 +331,21 @@ def test_two_processes_train_identically(tmp_path, env, data_root, reference_run
     np.testing.assert_array_equal(
         saved["params"]["decode_head"]["linear_pred"]["kernel"], p0["decode_head/linear_pred/kernel"]
     )
+    # the evaluation: both processes return the metrics of all 3 videos, equal to one process scoring them all
+    e0, e1 = (json.loads((tmp_path / f"eval_{i}.json").read_text()) for i in range(2))
+    assert e0 == e1
+    config = smoke.get_config()
+    single = evaluate_videos(
+        config.model, saved, data_root, split=config.data.train_split,
+        img_scale=tuple(config.data.img_scale), progress=False, predictions_dir=tmp_path / "single",
+    )
+    assert e0["num_videos"] == single["num_videos"] == 3 and e0["num_frames"] == single["num_frames"] == 36
+    for key, value in e0.items():
+        np.testing.assert_allclose(value, single[key], rtol=1e-12, err_msg=key)
+    for path in sorted((tmp_path / "single").rglob("*.png")):
+        shared = workdir / "predictions" / path.relative_to(tmp_path / "single")
+        assert shared.read_bytes() == path.read_bytes(), shared
+    assert len(list((workdir / "predictions").rglob("*.png"))) == 36
 
 
 def test_cffmpp_finetuning_changes_only_the_prototype_branch(tmp_path, env, data_root, reference_run):
