@@ -207,7 +207,7 @@ def test_early_exit_returns_the_last_frames_own_logits(tiny_model):
     clip = clip[:1, :, :32, :48]
     _, state = jax.jit(lambda v, c: model.apply(v, c, mutable=["intermediates"]))(variables, clip)
     perframe = state["intermediates"]["decode_head"]["perframe_logits"][0]  # (1, 4, h, w, K)
-    for t in (1, 2, 3):
+    for t in (1, 3):
         out = jax.jit(model.apply)(variables, clip[:, :t])
         assert out.shape == (1, 8, 12, 7)
         # the per-frame branch of frame t-1 does not depend on the other frames

@@ -162,7 +162,13 @@ class CFFM(nn.Module):
 
     def __call__(self, clip: jax.Array, train: bool = False, prototypes: jax.Array | None = None) -> jax.Array:
         """clip (B, T, H, W, 3) float32, normalised; prototypes (B, Kp, E) for CFFM++."""
-        b = clip.shape[0]
+        b, t = clip.shape[:2]
+        # The head's input checks, before the backbone runs (an eager call would otherwise fail after it).
+        head = self.decode_head
+        if train and t != head.num_clips:
+            raise ValueError(f"Training clips must have num_clips={head.num_clips} frames, got {t}")
+        if head.use_prototypes and prototypes is None and t == head.num_clips:
+            raise ValueError("CFFM++ needs the video's prototypes (B, Kp, E): pass prototypes=...")
         frames = einops.rearrange(clip, "b t h w c -> (b t) h w c")
         stages = self.backbone(frames, train=train)
         return self.decode_head(stages, b, train=train, prototypes=prototypes)
