@@ -59,6 +59,10 @@ official range. Targets: clip forward <= 0.8x official; streaming >= 3x the offi
 matmul peak on the heavy parts (mit, clip, train). The suite reports whether each target is met; it asserts
 nothing.
 
+Compiler options: the MiT and clip-mode cases are compiled with ``cffm_jax.xla_options``' options for
+'encoder' programs (what streaming evaluation, clip-mode evaluation and prediction use; on CPU: without the
+YNNPACK fusions), the others with XLA's defaults.
+
 ``--tiny`` runs every case with a tiny model and tiny sizes, compiled at XLA's cheapest settings (the test
 uses it). The JSON (``--json``) holds ``machine`` (CPU, cores, versions, backend, date, load average
 before/after, command line), ``settings``, ``matmul_peak``, ``references``, ``targets``, ``results`` (one
@@ -87,6 +91,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from cffm_jax import xla_options
 from cffm_jax.models import build_model, example_inputs, model_config, trainable_mask
 
 log = logging.getLogger(__name__)
@@ -145,6 +150,7 @@ class Settings:
     kmeans_iters: int
     data_frame_size: tuple[int, int]
     data_batch: int
+    xla_defaults: bool = False
 
     def model_overrides(self, arch: str) -> dict[str, Any]:
         """Config overrides of the tiny model (empty for the real ones)."""
@@ -434,9 +440,12 @@ class Suite:
             self._variables[key] = jax.device_put(random_variables(config))
         return self._variables[key]
 
-    def compile(self, fn: Callable, *args, **jit_kwargs) -> tuple[Any, float]:
-        """:func:`aot_compile`; with ``--tiny`` at XLA's cheapest settings (tiny timings mean nothing)."""
-        return aot_compile(fn, *args, compiler_options=TINY_COMPILE if self.s.tiny else None, **jit_kwargs)
+    def compile(self, fn: Callable, *args, kind: str = "default", **jit_kwargs) -> tuple[Any, float]:
+        """:func:`aot_compile` with the project's options for a program of ``kind`` (``cffm_jax.xla_options``,
+        what evaluation and prediction use); with ``--tiny`` also at XLA's cheapest settings (tiny timings mean
+        nothing)."""
+        options = {**(xla_options.compiler_options(kind) or {}), **(TINY_COMPILE if self.s.tiny else {})}
+        return aot_compile(fn, *args, compiler_options=options or None, **jit_kwargs)
 
     def label(self, name: str) -> str:
         return f"{name} (tiny)" if self.s.tiny else name
@@ -529,7 +538,7 @@ class Suite:
         model = build_model(config)
         frames = jax.device_put(np.random.default_rng(1).standard_normal((4, *hw, 3), np.float32))
         args = (self.variables(config), frames)
-        compiled, compile_s = self.compile(lambda v, x: model.apply(v, x), *args)
+        compiled, compile_s = self.compile(lambda v, x: model.apply(v, x), *args, kind="encoder")
         self._mit[key] = (compiled, args)
         return compiled, args, compile_s
 
@@ -569,7 +578,7 @@ class Suite:
                         args = (self.variables(config), clip, protos)
                         with HostMemory() as mem:
                             compiled, r.compile_s = self.compile(
-                                lambda v, x, p, m=model: m.apply(v, x, prototypes=p), *args
+                                lambda v, x, p, m=model: m.apply(v, x, prototypes=p), *args, kind="encoder"
                             )
                             r.first_run_s, times = time_runs(
                                 lambda c=compiled, a=args: jax.block_until_ready(c(*a)),
@@ -1049,6 +1058,11 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, str | None, str | None]:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--tiny", action="store_true", help="tiny model and sizes (seconds; for tests)")
     parser.add_argument("--report", help="print the table of a saved --json file instead of running")
+    parser.add_argument(
+        "--xla-defaults",
+        action="store_true",
+        help="compile everything with XLA's default options, not cffm_jax.xla_options' (for comparison)",
+    )
     args = parser.parse_args(argv)
     tiny = args.tiny
     repeats = args.repeats if args.repeats is not None else (2 if tiny else 3)
@@ -1070,6 +1084,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, str | None, str | None]:
         kmeans_iters=10,
         data_frame_size=(60, 100) if tiny else (480, 853),
         data_batch=1 if tiny else 2,
+        xla_defaults=args.xla_defaults,
     )
     return settings, args.json, args.report
 
@@ -1084,6 +1099,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(format_table(load_suite(saved), saved["machine"]))  # noqa: T201
         return saved
     logging.basicConfig(level=logging.WARNING)
+    if settings.xla_defaults:
+        xla_options.use_xla_defaults()
     machine = machine_info(argv)
     suite = Suite(settings)
     suite.run()

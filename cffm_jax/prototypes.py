@@ -53,7 +53,6 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
@@ -72,6 +71,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from cffm_jax import xla_options
 from cffm_jax.data.pipeline import EvalVideo, list_eval_videos, load_eval_frame, video_names
 from cffm_jax.data.transforms import IMG_SCALE
 from cffm_jax.data.vspw import DatasetError, is_tfds_dir, split_file
@@ -99,7 +99,7 @@ def video_key(seed: int, video: str) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), int.from_bytes(digest[:4], "little"))
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@xla_options.jit("encoder", static_argnums=0)
 def _encode_features(model, variables: Any, images: jax.Array) -> jax.Array:
     """(B, H, W, 3) normalised frames -> (B, H/8, W/8, E) 1/8 features (the per-frame logits are dropped)."""
     return model.apply(variables, images, method="encode_frames")[1]

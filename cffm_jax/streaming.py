@@ -46,6 +46,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from cffm_jax import xla_options
 from cffm_jax.data.pipeline import EvalFrame
 from cffm_jax.data.vspw import DILATIONS, eval_clip_indices
 from cffm_jax.kmeans import kmeans
@@ -92,7 +93,7 @@ def _broadcast_prototypes(prototypes: jax.Array | None, batch: int) -> jax.Array
     return None if prototypes is None else jnp.broadcast_to(prototypes, (batch, *prototypes.shape))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
+@xla_options.jit("encoder", static_argnums=(0, 3))
 def _encode(
     model: nn.Module, variables: Any, images: jax.Array, with_logits: bool = True
 ) -> tuple[jax.Array | None, jax.Array]:
@@ -131,7 +132,7 @@ def _decode_step(
     return ring, out, _labels(out, *sizes)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+@xla_options.jit("encoder", static_argnums=(0, 1, 2))
 def _clip_forward(
     model: nn.Module,
     sizes: tuple[tuple[int, int], tuple[int, int]],
