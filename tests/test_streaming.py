@@ -20,6 +20,7 @@ from conftest import load_fixture
 from cffm_jax.convert import convert_state_dict
 from cffm_jax.data.pipeline import EvalFrame, list_eval_videos
 from cffm_jax.data.synthetic import generate
+from cffm_jax.models import build_model
 from cffm_jax.parity import config_from_meta
 from cffm_jax.prototype_store import prototype_frame_indices
 from cffm_jax.streaming import VideoSegmenter, _encode, compute_prototypes, prefetch
@@ -181,3 +182,17 @@ def test_two_devices_match_one(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "OK 14" in proc.stdout
+
+
+def test_frame_encoder_compiles_without_ynnpack_fusions():
+    """cffm_jax.xla_options: on CPU the frame encoder is compiled without XLA's YNNPACK fusions (faster for the
+    MiT's thin matrix products), which XLA's default options would use; results stay equal to float32 precision."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the options are CPU-only")
+    config, variables = tiny_model("cffm_tiny.npz")
+    model = build_model(config)
+    images = np.random.default_rng(0).standard_normal((BATCH, 64, 96, 3)).astype(np.float32)
+    ours = _encode.lower(model, variables, images, False).compile()
+    default = jax.jit(_encode.__wrapped__, static_argnums=(0, 3)).lower(model, variables, images, False).compile()
+    assert "ynn_fusion" in default.as_text() and "ynn_fusion" not in ours.as_text()
+    np.testing.assert_allclose(ours(variables, images)[1], default(variables, images)[1], atol=1e-5, rtol=0)
