@@ -271,7 +271,7 @@ def _video_prototypes(
         from cffm_jax.prototype_store import prototype_frame_indices
 
         images = [video.load(t, img_scale=img_scale).image for t in prototype_frame_indices(video.num_frames)]
-        return compute_prototypes(segmenter, images)
+        return compute_prototypes(segmenter, images, video=video.name)  # = a seed-0 generated store
     return np.asarray(prototypes(video.name), np.float32)
 
 

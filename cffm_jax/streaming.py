@@ -377,6 +377,7 @@ def compute_prototypes(
     num_prototypes: int = NUM_PROTOTYPES,
     seed: int = 0,
     max_iter: int = 10,
+    video: str | None = None,
 ) -> np.ndarray:
     """CFFM++ prototypes of one video on the fly (SPEC section 6): k-means centres of its 1/8 features.
 
@@ -387,6 +388,9 @@ def compute_prototypes(
       num_prototypes: K of the k-means (100 in the official code).
       seed: seed of the k-means initialisation (the official code is unseeded).
       max_iter: k-means iterations (10 in the official code).
+      video: the video's name: the k-means initialisation key is then ``cffm_jax.prototypes.video_key(seed,
+        video)``, as for ``python -m cffm_jax.prototypes``, so the result equals a store generated with the same
+        seed; None: ``jax.random.key(seed)``.
     Returns:
       (num_prototypes, E) float32.
     """
@@ -396,7 +400,13 @@ def compute_prototypes(
         raise ValueError(
             f"{x.shape[0]} feature vectors are too few for {num_prototypes} prototypes (frames too small?)"
         )
-    centers, _ = kmeans(x, k=num_prototypes, key=jax.random.key(seed), max_iter=max_iter)
+    if video is None:
+        key = jax.random.key(seed)
+    else:
+        from cffm_jax.prototypes import video_key
+
+        key = video_key(seed, video)
+    centers, _ = kmeans(x, k=num_prototypes, key=key, max_iter=max_iter)
     return np.asarray(centers, np.float32)
 
 

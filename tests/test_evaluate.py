@@ -131,8 +131,10 @@ def test_clip_by_clip_gives_the_same_predictions(setup, streamed):
 
 
 def test_library_api_cffmpp_with_store_and_auto(setup):
-    """evaluate_videos as the training loop calls it; CFFM++ with a PrototypeStore equals 'auto'."""
+    """evaluate_videos as the training loop calls it; CFFM++ with a store generated with seed 0 (the
+    generator of ``python -m cffm_jax.prototypes``) equals 'auto'."""
     from cffm_jax.prototype_store import prototype_frame_indices
+    from cffm_jax.prototypes import PrototypeGenerator
     from cffm_jax.streaming import VideoSegmenter, compute_prototypes
 
     config, variables = tiny_model("cffmpp_tiny.npz")
@@ -142,12 +144,16 @@ def test_library_api_cffmpp_with_store_and_auto(setup):
     assert {"miou", "miou_gt_present", "aacc", "fwiou", "mvc8", "mvc16", "per_class_iou"} <= set(auto)
 
     store = PrototypeStore(setup["tmp"] / "protos", embed_dim=32, num_prototypes=100, source="generated")
-    segmenter = VideoSegmenter(config, variables, batch_size=4)
     from cffm_jax.data.pipeline import list_eval_videos
 
     video = list_eval_videos(setup["root"], "val")[0]
     images = [video.load(t, img_scale=IMG_SCALE).image for t in prototype_frame_indices(video.num_frames)]
-    store.put(video.name, compute_prototypes(segmenter, images))
+    generated = PrototypeGenerator(config, variables, seed=0).prototypes(video.name, images)
+    store.put(video.name, generated)
+    # what 'auto' computes for this video: the generator's prototypes (same k-means initialisation)
+    segmenter = VideoSegmenter(config, variables, batch_size=4)
+    np.testing.assert_allclose(compute_prototypes(segmenter, images, video=video.name), generated, atol=1e-5)
+    assert np.abs(compute_prototypes(segmenter, images) - generated).max() > 1e-2  # another initialisation
     stored = evaluate.evaluate_videos(config, variables, setup["root"], prototypes=store, **kwargs)
     for key in METRICS:
         assert stored[key] == pytest.approx(auto[key], abs=1e-9), key
