@@ -92,20 +92,31 @@ class PredictionWriter:
     Args:
       out_dir: destination; must not exist or be empty unless ``overwrite``.
       overwrite: replace an existing non-empty ``out_dir`` at commit.
+      join: write into the ``.partial`` folder that another process created (multi-process evaluation; that
+        process checks and commits).
     """
 
     _max_pending = 32
 
-    def __init__(self, out_dir: str | os.PathLike, *, overwrite: bool = False, workers: int = 2):
+    def __init__(
+        self, out_dir: str | os.PathLike, *, overwrite: bool = False, workers: int = 2, join: bool = False
+    ):
         self.out = Path(out_dir)
-        if self.out.exists() and not self.out.is_dir():
-            raise FileExistsError(f"{self.out} exists and is not a directory")
-        if self.out.is_dir() and any(self.out.iterdir()) and not overwrite:
-            raise FileExistsError(f"{self.out} exists and is not empty (pass --overwrite to replace it)")
         self.tmp = self.out.with_name(f".{self.out.name}.partial")
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir(parents=True)
+        if join:
+            if not self.tmp.is_dir():
+                raise FileNotFoundError(
+                    f"{self.tmp} (created by process 0) is not visible from process {jax.process_index()}: "
+                    "with several processes the predictions folder must be on a filesystem shared by all of them"
+                )
+        else:
+            if self.out.exists() and not self.out.is_dir():
+                raise FileExistsError(f"{self.out} exists and is not a directory")
+            if self.out.is_dir() and any(self.out.iterdir()) and not overwrite:
+                raise FileExistsError(f"{self.out} exists and is not empty (pass --overwrite to replace it)")
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp)
+            self.tmp.mkdir(parents=True)
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="png")
         self._pending: collections.deque[concurrent.futures.Future] = collections.deque()
         self._made: set[str] = set()
@@ -120,31 +131,15 @@ class PredictionWriter:
         while len(self._pending) > self._max_pending:
             self._pending.popleft().result()
 
-    @classmethod
-    def join(cls, out_dir: str | os.PathLike, *, workers: int = 2) -> PredictionWriter:
-        """A writer into the ``.partial`` folder that another process created (multi-process evaluation)."""
-        self = cls.__new__(cls)
-        self.out = Path(out_dir)
-        self.tmp = self.out.with_name(f".{self.out.name}.partial")
-        if not self.tmp.is_dir():
-            raise FileNotFoundError(
-                f"{self.tmp} (created by process 0) is not visible from process {jax.process_index()}: with "
-                "several processes the predictions folder must be on a filesystem shared by all of them"
-            )
-        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="png")
-        self._pending = collections.deque()
-        self._made = set()
-        return self
-
-    def flush(self) -> None:
-        """Waits until every queued file is written."""
+    def close(self) -> None:
+        """Waits until every queued file is written and stops the encoding threads."""
         while self._pending:
             self._pending.popleft().result()
+        self._pool.shutdown()
 
     def commit(self) -> Path:
         """Waits for every file and moves the folder into place; returns its path."""
-        self.flush()
-        self._pool.shutdown()
+        self.close()
         if self.out.exists():
             shutil.rmtree(self.out)
         self.tmp.rename(self.out)
@@ -207,7 +202,7 @@ def _open_writer(predictions_dir: str | os.PathLike | None, overwrite: bool) -> 
             error = str(e)
     if not _all_agree(not error):
         raise FileExistsError(error or f"{predictions_dir}: process 0 could not create it (see its log)")
-    return writer if writer is not None else PredictionWriter.join(predictions_dir)
+    return writer if writer is not None else PredictionWriter(predictions_dir, join=True)
 
 
 def _commit_writer(writer: PredictionWriter, videos: Sequence[EvalVideo]) -> None:
@@ -215,8 +210,8 @@ def _commit_writer(writer: PredictionWriter, videos: Sequence[EvalVideo]) -> Non
     if jax.process_count() == 1:
         writer.commit()
         return
-    writer.flush()
-    _all_agree(True)
+    writer.close()
+    _all_agree(True)  # a barrier: every process's files are written
     missing = ""
     if jax.process_index() == 0:
         for video in videos:
@@ -232,8 +227,6 @@ def _commit_writer(writer: PredictionWriter, videos: Sequence[EvalVideo]) -> Non
             writer.abort()
         else:
             writer.commit()
-    else:
-        writer._pool.shutdown()
     if not _all_agree(not missing):
         raise DatasetError(missing or f"{writer.out}: process 0 found predictions missing (see its log)")
 

@@ -350,6 +350,21 @@ class VideoConsistency:
             self.add_frame(pred, gt)
         self.end_video()
 
+    def state(self) -> list[float]:
+        """The pooled totals of the ended videos (``total, valid, nan`` per window, then the video counts)."""
+        pooled = [v for n in self.windows for v in (self._pooled[n].total, self._pooled[n].valid, self._pooled[n].nan)]
+        return pooled + [self.num_videos, self.num_skipped_videos]
+
+    def merge_state(self, state: Sequence[float]) -> None:
+        """Adds another instance's :meth:`state` (same windows; its videos differ from this one's)."""
+        for i, n in enumerate(self.windows):
+            total, valid, nan = state[3 * i : 3 * i + 3]
+            self._pooled[n].total += float(total)
+            self._pooled[n].valid += int(valid)
+            self._pooled[n].nan += int(nan)
+        self.num_videos += int(state[-2])
+        self.num_skipped_videos += int(state[-1])
+
     def num_windows(self) -> dict[int, int]:
         """Committed windows per n (NaN windows included), excluding the video in progress."""
         return {n: p.valid + p.nan for n, p in self._pooled.items()}
@@ -472,29 +487,20 @@ class MetricsAccumulator:
         processes scored, each one a part of the split.
         """
         self.end_video()
-        vc = self._vc
-        pooled = [v for n in vc.windows for v in (vc._pooled[n].total, vc._pooled[n].valid, vc._pooled[n].nan)]
-        counts = [self.num_frames, len(self._finished) + self._merged_videos, vc.num_videos, vc.num_skipped_videos]
-        return np.concatenate([self.confusion_matrix().ravel().astype(np.float64), pooled, counts])
+        counts = [self.num_frames, len(self._finished) + self._merged_videos]
+        return np.concatenate([self.confusion_matrix().ravel().astype(np.float64), counts, self._vc.state()])
 
     def merge_state(self, state: np.ndarray) -> None:
         """Adds the scores captured by another accumulator's :meth:`state` (same K and VC windows)."""
         state = np.asarray(state, np.float64)
         k2, nw = self.num_classes**2, len(self._vc.windows)
-        if state.shape != (k2 + 3 * nw + 4,):
+        if state.shape != (k2 + 2 + 3 * nw + 2,):
             raise ValueError(f"state of shape {state.shape} does not fit K={self.num_classes}, {nw} VC windows")
         self._flush_confusion()
         self._cm_host += state[:k2].astype(np.int64).reshape(self.num_classes, self.num_classes)
-        for i, n in enumerate(self._vc.windows):
-            total, valid, nan = state[k2 + 3 * i : k2 + 3 * i + 3]
-            self._vc._pooled[n].total += float(total)
-            self._vc._pooled[n].valid += int(valid)
-            self._vc._pooled[n].nan += int(nan)
-        frames, videos, vc_videos, vc_skipped = (int(v) for v in state[k2 + 3 * nw :])
-        self.num_frames += frames
-        self._merged_videos += videos
-        self._vc.num_videos += vc_videos
-        self._vc.num_skipped_videos += vc_skipped
+        self.num_frames += int(state[k2])
+        self._merged_videos += int(state[k2 + 1])
+        self._vc.merge_state(state[k2 + 2 :])
 
     def confusion_matrix(self) -> np.ndarray:
         """The accumulated (K, K) int64 confusion matrix (rows = GT, columns = prediction)."""

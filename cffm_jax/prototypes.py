@@ -101,8 +101,8 @@ def video_key(seed: int, video: str) -> jax.Array:
 
 @xla_options.jit("encoder", static_argnums=0)
 def _encode_features(model, variables: Any, images: jax.Array) -> jax.Array:
-    """(B, H, W, 3) normalised frames -> (B, H/8, W/8, E) 1/8 features (the per-frame logits are dropped)."""
-    return model.apply(variables, images, method="encode_frames")[1]
+    """(B, H, W, 3) normalised frames -> (B, H/8, W/8, E) 1/8 features."""
+    return model.apply(variables, images, with_logits=False, method="encode_frames")[1]
 
 
 class PrototypeGenerator:

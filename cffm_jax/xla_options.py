@@ -35,10 +35,14 @@ def use_xla_defaults() -> None:
     _use_xla_defaults = True
 
 
-def compiler_options(kind: str) -> dict[str, str] | None:
-    """Options for a program of ``kind`` ('encoder' or 'default') on the default backend (None: XLA's own)."""
+def _check_kind(kind: str) -> None:
     if kind not in CPU_OPTIONS:
         raise ValueError(f"unknown program kind {kind!r}; valid: {sorted(CPU_OPTIONS)}")
+
+
+def compiler_options(kind: str) -> dict[str, str] | None:
+    """Options for a program of ``kind`` ('encoder' or 'default') on the default backend (None: XLA's own)."""
+    _check_kind(kind)
     if _use_xla_defaults or jax.default_backend() != "cpu":
         return None
     return dict(CPU_OPTIONS[kind]) or None
@@ -74,6 +78,5 @@ class _LazyJit:
 
 def jit(kind: str, **jit_kwargs: Any) -> Callable[[Callable], _LazyJit]:
     """Decorator: ``@xla_options.jit('encoder', static_argnums=0)`` = ``jax.jit`` with the options of ``kind``."""
-    if kind not in CPU_OPTIONS:
-        raise ValueError(f"unknown program kind {kind!r}; valid: {sorted(CPU_OPTIONS)}")
+    _check_kind(kind)
     return lambda fun: _LazyJit(fun, kind, jit_kwargs)

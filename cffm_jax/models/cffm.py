@@ -38,6 +38,8 @@ from cffm_jax.models.layers import resize_bilinear
 from cffm_jax.models.mit import MixVisionTransformer
 from cffm_jax.models.prototype_attention import PrototypeTransformer
 
+_NEEDS_PROTOTYPES = "CFFM++ needs the video's prototypes (B, Kp, E): pass prototypes=..."
+
 
 def quarter_size(size: tuple[int, int]) -> tuple[int, int]:
     """The logits' (h, w) for an input of ``size`` (H, W): the stride-4 patch embedding's output size
@@ -118,7 +120,7 @@ class CFFMHead(nn.Module):
         if not self.use_prototypes:
             return (x2, None) if train else x2
         if prototypes is None:
-            raise ValueError("CFFM++ needs the video's prototypes (B, Kp, E): pass prototypes=...")
+            raise ValueError(_NEEDS_PROTOTYPES)
         x2 = jax.lax.stop_gradient(x2)
         s = self.decoder_swin(jax.lax.stop_gradient(target), prototypes.astype(target.dtype))
         self.sow("intermediates", "cluster_feats", s)
@@ -128,6 +130,13 @@ class CFFMHead(nn.Module):
             return x2, x3
         return x2 + 0.5 * x3
 
+    def check_clip(self, num_frames: int, train: bool, prototypes: jax.Array | None) -> None:
+        """Raises ``ValueError`` for a clip the head cannot decode (before any work is done on it)."""
+        if train and num_frames != self.num_clips:
+            raise ValueError(f"Training clips must have num_clips={self.num_clips} frames, got {num_frames}")
+        if self.use_prototypes and prototypes is None and num_frames == self.num_clips:
+            raise ValueError(_NEEDS_PROTOTYPES)
+
     def __call__(
         self,
         stages: tuple[jax.Array, ...],
@@ -136,14 +145,13 @@ class CFFMHead(nn.Module):
         prototypes: jax.Array | None = None,
     ) -> jax.Array:
         """stages for B*T frames (batch-major) -> the outputs described in the module docstring."""
+        self.check_clip(stages[0].shape[0] // batch_size, train, prototypes)
         logits, feats = self.encode_frames(stages, train)
         logits = einops.rearrange(logits, "(b t) h w k -> b t h w k", b=batch_size)
         feats = einops.rearrange(feats, "(b t) h w e -> b t h w e", b=batch_size)
         self.sow("intermediates", "perframe_logits", logits)
         num_frames = logits.shape[1]
         if num_frames != self.num_clips:
-            if train:
-                raise ValueError(f"Training clips must have num_clips={self.num_clips} frames, got {num_frames}")
             return logits[:, -1]  # early exit: plain per-frame logits of the last frame
         out = self.decode_clip(feats, logits.shape[2:4], train, prototypes)
         if not train:
@@ -163,12 +171,7 @@ class CFFM(nn.Module):
     def __call__(self, clip: jax.Array, train: bool = False, prototypes: jax.Array | None = None) -> jax.Array:
         """clip (B, T, H, W, 3) float32, normalised; prototypes (B, Kp, E) for CFFM++."""
         b, t = clip.shape[:2]
-        # The head's input checks, before the backbone runs (an eager call would otherwise fail after it).
-        head = self.decode_head
-        if train and t != head.num_clips:
-            raise ValueError(f"Training clips must have num_clips={head.num_clips} frames, got {t}")
-        if head.use_prototypes and prototypes is None and t == head.num_clips:
-            raise ValueError("CFFM++ needs the video's prototypes (B, Kp, E): pass prototypes=...")
+        self.decode_head.check_clip(t, train, prototypes)  # before the backbone runs (eager calls fail fast)
         frames = einops.rearrange(clip, "b t h w c -> (b t) h w c")
         stages = self.backbone(frames, train=train)
         return self.decode_head(stages, b, train=train, prototypes=prototypes)
