@@ -296,7 +296,8 @@ def evaluate_videos(
       predictions_dir: if given, also write the predictions there (VSPW submission layout).
       progress: show a tqdm progress bar.
       streaming: feature-cache streaming (default) or the clip-by-clip reference.
-      batch_size: frames per device batch (default 4 per device).
+      batch_size: frames per batch, a multiple of the device count (default 1 per CPU device, 4 per
+        accelerator: ``cffm_jax.streaming.default_batch_size``).
       overwrite: allow replacing a non-empty ``predictions_dir``.
 
     With several processes (``jax.distributed``), call it on every process: each one evaluates its share of

@@ -208,8 +208,12 @@ class WindowPool(nn.Module):
         ws = self.window
         kernel = self.param("kernel", nn.initializers.constant(1.0 / ws**2), (ws * ws, 1), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (1,), jnp.float32)
-        x = einops.rearrange(x, "n (h p) (w q) c -> n h w c (p q)", p=ws, q=ws)
-        return jnp.einsum("nhwck,k->nhwc", x, kernel[:, 0].astype(self.dtype)) + bias[0].astype(self.dtype)
+        n, h, w, c = x.shape
+        # A weighted sum over the window positions, channels stay minor (an einsum over (p q) would transpose the
+        # map first: 2-3x slower on XLA:CPU).
+        x = x.reshape(n, h // ws, ws, w // ws, ws, c)
+        weights = kernel[:, 0].astype(self.dtype).reshape(1, 1, ws, 1, ws, 1)
+        return (x * weights).sum(axis=(2, 4)) + bias[0].astype(self.dtype)
 
 
 class CFFMAttention(nn.Module):
@@ -286,8 +290,11 @@ class CFFMAttention(nn.Module):
         n_h = hp // ws
         q = qkv[0, :, :, : hp * wp] * hd**-0.5
         q = einops.rearrange(q, "b h (nh p nw q) d -> b h (nh nw) (p q) d", nh=n_h, p=ws, q=ws)
-        # Keys/values: a static gather from the flat source, whose appended last row is the zero padding.
-        kv = jnp.pad(qkv[1:], ((0, 0), (0, 0), (0, 0), (0, 1), (0, 0)))
+        # Keys/values: a static gather from the flat source, whose appended last row is the zero padding. Keys
+        # and values are gathered from separate tables, straight into the layout of the batched products (one
+        # gather from a stacked table needs a transposing copy afterwards: ~15% slower on XLA:CPU).
+        pad_row = ((0, 0), (0, 0), (0, 1), (0, 0))
+        k_table, v_table = jnp.pad(qkv[1], pad_row), jnp.pad(qkv[2], pad_row)
         bias = self._bias()[:, None]  # (heads, 1, 49, K)
 
         # Windows are processed in chunks (sequentially, lax.map) so that on CPU each chunk's score tensor stays
@@ -295,17 +302,21 @@ class CFFMAttention(nn.Module):
         chunk = min(n_win, self.window_chunk or _default_window_chunk(batch * nh * ws * ws * n_keys * 4, n_win))
         n_chunks = -(-n_win // chunk)
         extra = n_chunks * chunk - n_win  # dummy windows (keys: the zero row), dropped below
-        index = np.pad(index, ((0, extra), (0, 0)), constant_values=kv.shape[3] - 1)
+        index = np.pad(index, ((0, extra), (0, 0)), constant_values=k_table.shape[2] - 1)
         mask = np.pad(mask, ((0, extra), (0, 0)))
         q = jnp.pad(q, ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0)))
         q = einops.rearrange(q, "b h (m c) p d -> m b h c p d", c=chunk)
 
         def attend(q_c: jax.Array, index_c: jax.Array, mask_c: jax.Array) -> jax.Array:
             """(B, heads, c, 49, d) queries, (c * K,) key rows, (c, 1, K) masks -> (B, heads, c, 49, d)."""
-            k, v = jnp.take(kv, index_c, axis=3, mode="clip").reshape(2, batch, nh, chunk, n_keys, hd)
-            scores = jnp.einsum("bhnqd,bhnkd->bhnqk", q_c, k) + bias + mask_c
-            attn = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
-            return jnp.einsum("bhnqk,bhnkd->bhnqd", attn, v)
+            k = jnp.take(k_table, index_c, axis=2, mode="clip").reshape(batch, nh, chunk, n_keys, hd)
+            v = jnp.take(v_table, index_c, axis=2, mode="clip").reshape(batch, nh, chunk, n_keys, hd)
+            scores = (jnp.einsum("bhnqd,bhnkd->bhnqk", q_c, k) + bias + mask_c).astype(jnp.float32)
+            # Softmax with the normalisation after the product with the values (49 x d divisions per window
+            # instead of 49 x K): the same function, one pass less over the scores (~10% of the attention on CPU).
+            weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
+            out = jnp.einsum("bhnqk,bhnkd->bhnqd", weights.astype(self.dtype), v)
+            return out / weights.sum(axis=-1, keepdims=True).astype(self.dtype)
 
         index = jnp.asarray(index.reshape(n_chunks, chunk * n_keys))
         mask = jnp.asarray(mask.reshape(n_chunks, chunk, 1, n_keys), self.dtype)
