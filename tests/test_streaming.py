@@ -23,7 +23,7 @@ from cffm_jax.data.synthetic import generate
 from cffm_jax.models import build_model
 from cffm_jax.parity import config_from_meta
 from cffm_jax.prototype_store import prototype_frame_indices
-from cffm_jax.streaming import VideoSegmenter, _encode, compute_prototypes, prefetch
+from cffm_jax.streaming import VideoSegmenter, _encode, clip_forward, compute_prototypes, prefetch
 
 IMG_SCALE = (80, 48)  # frames of 48x80 (H x W) keep their size and enter the network at 64x96
 FRAMES = 20
@@ -114,6 +114,26 @@ def test_cffmpp_needs_prototypes_of_the_right_shape(video):
         list(segmenter.segment(frames))
     with pytest.raises(ValueError, match="prototypes must have shape"):
         list(segmenter.segment(frames, np.zeros((100, 16), np.float32)))
+
+
+@pytest.mark.parametrize("fixture", ["cffm_tiny.npz", "cffmpp_tiny.npz"])
+def test_clip_forward_equals_model_apply(fixture):
+    """The two-program clip forward of clip mode gives model.apply's outputs: target logits and early frames."""
+    config, variables = tiny_model(fixture)
+    model = build_model(config)
+    rng = np.random.default_rng(0)
+    clips = rng.standard_normal((2, 4, 64, 96, 3)).astype(np.float32)
+    protos = rng.standard_normal((7, config.decoder_embed_dim)).astype(np.float32)
+    protos = protos if config.arch == "cffmpp" else None
+    batch_protos = None if protos is None else np.broadcast_to(protos, (2, *protos.shape))
+    for t in (4, 1):
+        expected = jax.jit(lambda v, x, p: model.apply(v, x, prototypes=p))(variables, clips[:, -t:], batch_protos)
+        got = clip_forward(model, variables, clips[:, -t:], protos)
+        assert got.shape == expected.shape == (2, 16, 24, config.num_classes)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    if protos is not None:
+        with pytest.raises(ValueError, match="prototypes"):
+            clip_forward(model, variables, clips)
 
 
 def test_batch_size_must_divide_over_devices():
