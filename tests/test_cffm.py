@@ -16,6 +16,7 @@ from cffm_jax.convert import convert_state_dict
 from cffm_jax.models import build_model, model_config, trainable_mask
 from cffm_jax.models.cffm import quarter_size
 from cffm_jax.models.cffm_attention import index_buffers
+from cffm_jax.models.layers import resize_bilinear, resize_bilinear_flat
 from cffm_jax.parity import FixtureError, check_arrays, config_from_meta
 
 # ---------------------------------------------------------------------------------------------------------
@@ -200,6 +201,19 @@ def tiny_model(cffm_tiny):
     cfg = config_from_meta(meta)
     sd = {k[len("state_dict/") :]: v for k, v in arrays.items() if k.startswith("state_dict/")}
     return build_model(cfg), convert_state_dict(sd, cfg), cfg, jnp.asarray(np.moveaxis(arrays["input/clip"], 2, -1))
+
+
+@pytest.mark.parametrize(
+    "shape,size",
+    [((2, 15, 15, 8), (120, 120)), ((1, 120, 216, 8), (60, 108)), ((1, 63, 63, 4), (54, 54)), ((2, 7, 9, 5), (29, 4))],
+)
+def test_flat_resize_equals_the_per_axis_resize(shape, size):
+    """The decoder's resize (gathers of channel vectors) computes the per-axis resize's float32 operations."""
+    x = jax.random.normal(jax.random.key(0), shape)
+    expected = jax.jit(resize_bilinear, static_argnums=1)(x, size)
+    got = jax.jit(resize_bilinear_flat, static_argnums=1)(x, size)
+    assert got.shape == expected.shape == (shape[0], *size, shape[3])
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
 
 
 def test_early_exit_returns_the_last_frames_own_logits(tiny_model):

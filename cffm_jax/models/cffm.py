@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from cffm_jax.models.cffm_attention import CFFMTransformer
 from cffm_jax.models.decoder import MLP, LinearFuse, fused_decoder, torch_dense
-from cffm_jax.models.layers import resize_bilinear
+from cffm_jax.models.layers import resize_bilinear, resize_bilinear_flat
 from cffm_jax.models.mit import MixVisionTransformer
 from cffm_jax.models.prototype_attention import PrototypeTransformer
 
@@ -96,7 +96,7 @@ class CFFMHead(nn.Module):
         else:
             c = self.linear_fuse.normalize(fused, use_running_average=not train)
         logits = self.linear_pred(self.dropout(c, deterministic=not train)) if with_logits else None
-        feats = resize_bilinear(c, (size[0] // 2, size[1] // 2))
+        feats = resize_bilinear_flat(c, (size[0] // 2, size[1] // 2))
         return logits, feats
 
     def decode_clip(

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cffm_jax.models.layers import resize_bilinear, torch_bias_init, torch_linear_kernel_init
+from cffm_jax.models.layers import resize_bilinear_flat, torch_bias_init, torch_linear_kernel_init
 
 
 def torch_dense(features: int, fan_in: int, name: str, dtype: Any, use_bias: bool = True) -> nn.Dense:
@@ -103,6 +103,6 @@ def fused_decoder(stages: tuple[jax.Array, ...], mlps: tuple[MLP, ...], fuse: Li
         kernel, bias = mlp(feat.shape[-1])
         w = fuse_kernel[slot * e : (slot + 1) * e]
         feat, kernel, bias = nn.dtypes.promote_dtype(feat, kernel @ w, bias @ w, dtype=dtype)
-        y = resize_bilinear(feat @ kernel + bias, size)
+        y = resize_bilinear_flat(feat @ kernel + bias, size)
         fused = y if fused is None else fused + y
     return fused
