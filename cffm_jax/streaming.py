@@ -91,8 +91,43 @@ def _labels(logits: jax.Array, input_size: tuple[int, int], output_size: tuple[i
     """(B, h, w, K) logits -> (B, H, W) class ids: bilinear to the input size, then to the original size."""
     x = upsample_logits(logits.astype(jnp.float32), input_size)
     x = upsample_logits(x, output_size)
-    ids = jnp.argmax(x, axis=-1)
+    ids = argmax_classes(x)
     return ids.astype(jnp.uint8) if logits.shape[-1] <= 256 else ids.astype(jnp.int32)
+
+
+ARGMAX_GROUPS = 6  # see argmax_classes
+ARGMAX_MIN_CLASSES = 48
+
+
+def argmax_classes(x: jax.Array) -> jax.Array:
+    """``jnp.argmax(x, axis=-1)`` (the first index of the maximum) for finite ``x``, faster on XLA:CPU.
+
+    XLA:CPU reduces over the class axis one element at a time. With many classes they are split into
+    ``ARGMAX_GROUPS`` contiguous groups first: an elementwise pass keeps, for each position within a group, the
+    maximum over the groups (strict ``>``, so the lowest group wins ties), then a reduction over the positions
+    that orders (value, class index) pairs by value, then by the lower index. Same result as ``jnp.argmax`` when
+    no value is NaN. Labels of the 124 VSPW classes with the 4x logits upsampling fused in: 95 -> 39 ms for a
+    480x480 frame, 260 -> 166 ms for 480x864 -> 480x853 (6 groups; 4 or 8 groups are slower in some of these
+    cases, XLA's fusion decides).
+    """
+    k = x.shape[-1]
+    if k < ARGMAX_MIN_CLASSES:
+        return jnp.argmax(x, axis=-1).astype(jnp.int32)
+    size = -(-k // ARGMAX_GROUPS)
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size * ARGMAX_GROUPS - k)], constant_values=-jnp.inf)
+    positions = jnp.arange(size, dtype=jnp.int32)
+    best, index = x[..., :size], jnp.broadcast_to(positions, x.shape[:-1] + (size,))
+    for g in range(1, ARGMAX_GROUPS):
+        group = x[..., g * size : (g + 1) * size]
+        better = group > best
+        best, index = jnp.where(better, group, best), jnp.where(better, positions + g * size, index)
+
+    def first_max(a: tuple[jax.Array, jax.Array], b: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        take_b = (b[0] > a[0]) | ((b[0] == a[0]) & (b[1] < a[1]))
+        return jnp.where(take_b, b[0], a[0]), jnp.where(take_b, b[1], a[1])
+
+    init = (jnp.array(-jnp.inf, x.dtype), jnp.array(np.iinfo(np.int32).max, jnp.int32))
+    return jax.lax.reduce((best, index), init, first_max, (x.ndim - 1,))[1]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

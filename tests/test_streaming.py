@@ -23,7 +23,7 @@ from cffm_jax.data.synthetic import generate
 from cffm_jax.models import build_model
 from cffm_jax.parity import config_from_meta
 from cffm_jax.prototype_store import prototype_frame_indices
-from cffm_jax.streaming import VideoSegmenter, _encode, clip_forward, compute_prototypes, prefetch
+from cffm_jax.streaming import VideoSegmenter, _encode, argmax_classes, clip_forward, compute_prototypes, prefetch
 
 IMG_SCALE = (80, 48)  # frames of 48x80 (H x W) keep their size and enter the network at 64x96
 FRAMES = 20
@@ -134,6 +134,20 @@ def test_clip_forward_equals_model_apply(fixture):
     if protos is not None:
         with pytest.raises(ValueError, match="prototypes"):
             clip_forward(model, variables, clips)
+
+
+@pytest.mark.parametrize("classes", [7, 124, 130])
+def test_argmax_classes_equals_argmax_ties_included(classes):
+    """The grouped argmax of the labels returns jnp.argmax's first index of the maximum, also for ties."""
+    rng = np.random.default_rng(classes)
+    x = rng.standard_normal((3, 5, 11, classes)).astype(np.float32)
+    x[0, 0, :, :] = 1.0  # all classes tied
+    x[1, 1, :, [3, classes - 2]] = 9.0  # a tie between the first and the last group
+    x[2, 2, :, [classes - 1, 40 % classes]] = 9.0
+    x[2, 3] = np.round(x[2, 3])  # many ties
+    got = jax.jit(argmax_classes)(x)
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    assert got[0, 0, 0] == 0 and got[1, 1, 0] == 3
 
 
 def test_batch_size_must_divide_over_devices():
