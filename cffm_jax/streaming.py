@@ -106,9 +106,10 @@ def argmax_classes(x: jax.Array) -> jax.Array:
     ``ARGMAX_GROUPS`` contiguous groups first: an elementwise pass keeps, for each position within a group, the
     maximum over the groups (strict ``>``, so the lowest group wins ties), then a reduction over the positions
     that orders (value, class index) pairs by value, then by the lower index. Same result as ``jnp.argmax`` when
-    no value is NaN. Labels of the 124 VSPW classes with the 4x logits upsampling fused in: 95 -> 39 ms for a
-    480x480 frame, 260 -> 166 ms for 480x864 -> 480x853 (6 groups; 4 or 8 groups are slower in some of these
-    cases, XLA's fusion decides).
+    no value is NaN. The labels of the 124 VSPW classes, logits upsampling fused in, on their own: 95 -> 39 ms for
+    a 480x480 frame, 260 -> 166 ms for 480x864 -> 480x853; in the streaming decode step per target: 480x864
+    697 -> 631 ms, 480x864 -> 480x853 900 -> 677 ms, 480x480 unchanged (6 groups; 4 or 8 groups are slower in
+    some of these cases: XLA's fusion decides).
     """
     k = x.shape[-1]
     if k < ARGMAX_MIN_CLASSES:
