@@ -56,8 +56,8 @@ from cffm_jax.models.cffm import quarter_size, upsample_logits
 # Frames per chunk and device: on CPU one frame per chunk is fastest (the working set of the cross-frame attention
 # stays in cache; CFFM-B0 streaming at 480x480: 0.43 s per target with 1, 0.50 s with 4 frames per chunk);
 # accelerators need larger batches to be busy.
-DEFAULT_BATCH_PER_DEVICE = {"cpu": 1}
-DEFAULT_BATCH_PER_ACCELERATOR = 4
+CPU_BATCH_PER_DEVICE = 1
+ACCELERATOR_BATCH_PER_DEVICE = 4
 # Frames before a target that a later target can still reference (the oldest clip member is t - 9).
 CLIP_SPAN = -DILATIONS[0]
 NUM_EARLY_FRAMES = 3  # targets 0, 1, 2 are predicted without temporal context (T = 1)
@@ -83,8 +83,8 @@ class FrameResult:
 
 def default_batch_size(devices: Sequence[jax.Device]) -> int:
     """Frames per chunk for ``devices``: 1 per CPU device, 4 per GPU/TPU device."""
-    per_device = DEFAULT_BATCH_PER_DEVICE.get(devices[0].platform, DEFAULT_BATCH_PER_ACCELERATOR)
-    return per_device * len(devices)
+    cpu = devices[0].platform == "cpu"
+    return (CPU_BATCH_PER_DEVICE if cpu else ACCELERATOR_BATCH_PER_DEVICE) * len(devices)
 
 
 def _labels(logits: jax.Array, input_size: tuple[int, int], output_size: tuple[int, int]) -> jax.Array:
