@@ -20,8 +20,8 @@ summed over classes), so:
   upsampled logits in two fused reductions (logsumexp, picked logit) plus one for the argmax of ``acc_seg``;
 * the gradient with respect to the upsampled logits, ``(softmax(x) - onehot(label)) * valid / num_pixels``,
   is one fused elementwise expression (no scatter into a zero buffer, as the transpose of
-  ``take_along_axis`` would be), which then goes through the transposed resize (two small matmuls) back to
-  the head's resolution.
+  ``take_along_axis`` would be), which then goes through the transposed resize (static gathers, not
+  autodiff's scatter-adds: ``cffm_jax.models.layers``) back to the head's resolution.
 
 Without chunking (``frames_per_chunk=None``, the default) XLA keeps the upsampled logits alive from the
 forward pass until the loss's backward pass and needs one more buffer of the same size for their gradient:
@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cffm_jax.models.layers import resize_bilinear
+from cffm_jax.models.layers import argmax_classes, resize_bilinear
 
 
 def _ce_and_correct(logits: jax.Array, labels: jax.Array, ignore_index: int) -> tuple[jax.Array, jax.Array]:
@@ -60,7 +60,7 @@ def _ce_and_correct(logits: jax.Array, labels: jax.Array, ignore_index: int) -> 
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.sum(jnp.where(classes == labels[..., None], logits, 0.0), axis=-1)
     nll = jnp.where(labels != ignore_index, lse - picked, 0.0)
-    pred = jnp.argmax(lax.stop_gradient(logits), axis=-1).astype(jnp.int32)
+    pred = argmax_classes(lax.stop_gradient(logits))
     correct = jnp.sum((pred == labels).astype(jnp.int32))
     return jnp.sum(nll), correct
 

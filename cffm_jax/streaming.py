@@ -52,6 +52,7 @@ from cffm_jax.data.vspw import DILATIONS, eval_clip_indices
 from cffm_jax.kmeans import kmeans
 from cffm_jax.models import build_model
 from cffm_jax.models.cffm import quarter_size, upsample_logits
+from cffm_jax.models.layers import argmax_classes
 
 # Frames per chunk and device: on CPU one frame per chunk is fastest (the working set of the cross-frame attention
 # stays in cache; CFFM-B0 streaming at 480x480: 0.43 s per target with 1, 0.50 s with 4 frames per chunk);
@@ -93,42 +94,6 @@ def _labels(logits: jax.Array, input_size: tuple[int, int], output_size: tuple[i
     x = upsample_logits(x, output_size)
     ids = argmax_classes(x)
     return ids.astype(jnp.uint8) if logits.shape[-1] <= 256 else ids.astype(jnp.int32)
-
-
-ARGMAX_GROUPS = 6  # see argmax_classes
-ARGMAX_MIN_CLASSES = 48
-
-
-def argmax_classes(x: jax.Array) -> jax.Array:
-    """``jnp.argmax(x, axis=-1)`` (the first index of the maximum) for finite ``x``, faster on XLA:CPU.
-
-    XLA:CPU reduces over the class axis one element at a time. With many classes they are split into
-    ``ARGMAX_GROUPS`` contiguous groups first: an elementwise pass keeps, for each position within a group, the
-    maximum over the groups (strict ``>``, so the lowest group wins ties), then a reduction over the positions
-    that orders (value, class index) pairs by value, then by the lower index. Same result as ``jnp.argmax`` when
-    no value is NaN. The labels of the 124 VSPW classes, logits upsampling fused in, on their own: 95 -> 39 ms for
-    a 480x480 frame, 260 -> 166 ms for 480x864 -> 480x853; in the streaming decode step per target: 480x864
-    697 -> 631 ms, 480x864 -> 480x853 900 -> 677 ms, 480x480 unchanged (6 groups; 4 or 8 groups are slower in
-    some of these cases: XLA's fusion decides).
-    """
-    k = x.shape[-1]
-    if k < ARGMAX_MIN_CLASSES:
-        return jnp.argmax(x, axis=-1).astype(jnp.int32)
-    size = -(-k // ARGMAX_GROUPS)
-    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size * ARGMAX_GROUPS - k)], constant_values=-jnp.inf)
-    positions = jnp.arange(size, dtype=jnp.int32)
-    best, index = x[..., :size], jnp.broadcast_to(positions, x.shape[:-1] + (size,))
-    for g in range(1, ARGMAX_GROUPS):
-        group = x[..., g * size : (g + 1) * size]
-        better = group > best
-        best, index = jnp.where(better, group, best), jnp.where(better, positions + g * size, index)
-
-    def first_max(a: tuple[jax.Array, jax.Array], b: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        take_b = (b[0] > a[0]) | ((b[0] == a[0]) & (b[1] < a[1]))
-        return jnp.where(take_b, b[0], a[0]), jnp.where(take_b, b[1], a[1])
-
-    init = (jnp.array(-jnp.inf, x.dtype), jnp.array(np.iinfo(np.int32).max, jnp.int32))
-    return jax.lax.reduce((best, index), init, first_max, (x.ndim - 1,))[1]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

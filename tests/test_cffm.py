@@ -16,7 +16,7 @@ from cffm_jax.convert import convert_state_dict
 from cffm_jax.models import build_model, model_config, trainable_mask
 from cffm_jax.models.cffm import quarter_size
 from cffm_jax.models.cffm_attention import index_buffers
-from cffm_jax.models.layers import resize_bilinear, resize_bilinear_flat
+from cffm_jax.models.layers import _bilinear_taps, resize_bilinear, resize_bilinear_flat
 from cffm_jax.parity import FixtureError, check_arrays, config_from_meta
 
 # ---------------------------------------------------------------------------------------------------------
@@ -214,6 +214,32 @@ def test_flat_resize_equals_the_per_axis_resize(shape, size):
     got = jax.jit(resize_bilinear_flat, static_argnums=1)(x, size)
     assert got.shape == expected.shape == (shape[0], *size, shape[3])
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+
+
+def _interpolation_matrix(in_size, out_size):
+    """PyTorch's bilinear resize along one axis as a dense (out, in) float64 matrix."""
+    lo, hi, frac = _bilinear_taps(in_size, out_size)
+    m = np.zeros((out_size, in_size))
+    np.add.at(m, (np.arange(out_size), lo), 1.0 - frac)
+    np.add.at(m, (np.arange(out_size), hi), frac)
+    return m
+
+
+@pytest.mark.parametrize("resize", [resize_bilinear, resize_bilinear_flat])
+@pytest.mark.parametrize(
+    "shape,size",
+    [((2, 15, 15, 3), (120, 120)), ((1, 30, 54, 2), (120, 213)), ((1, 63, 63, 4), (54, 54)), ((2, 7, 9, 5), (29, 4))],
+)
+def test_resize_gradient_is_the_transposed_interpolation(resize, shape, size):
+    """The written-out gradient (gathers instead of autodiff's scatter-adds) is the transpose of the linear map:
+    the cotangent through the dense interpolation matrices, in float64."""
+    x = jax.random.normal(jax.random.key(0), shape)
+    g = jax.random.normal(jax.random.key(1), (shape[0], *size, shape[3]))
+    y, vjp = jax.vjp(lambda a: resize(a, size), x)
+    rows, cols = _interpolation_matrix(shape[1], size[0]), _interpolation_matrix(shape[2], size[1])
+    np.testing.assert_allclose(y, np.einsum("Hh,Ww,nhwc->nHWc", rows, cols, np.float64(x)), atol=1e-5)
+    expected = np.einsum("Hh,Ww,nHWc->nhwc", rows, cols, np.float64(g))
+    np.testing.assert_allclose(jax.jit(vjp)(g)[0], expected, atol=2e-5)
 
 
 def test_early_exit_returns_the_last_frames_own_logits(tiny_model):

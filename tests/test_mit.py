@@ -7,6 +7,7 @@ import pytest
 
 from cffm_jax.convert import convert_state_dict, load_state_dict
 from cffm_jax.models import build_model, model_config
+from cffm_jax.models.mit import depthwise_conv3x3
 
 TINY = dict(embed_dims=(8, 16, 40, 64), depths=(2, 1, 1, 2))
 
@@ -96,3 +97,26 @@ def test_npz_checkpoint_is_readable(tmp_path, cffm_tiny):
     np.testing.assert_array_equal(
         sd["backbone.block1.0.attn.kv.weight"], arrays["state_dict/backbone.block1.0.attn.kv.weight"]
     )
+
+
+@pytest.mark.parametrize("shape", [(2, 12, 10, 8), (1, 7, 9, 5), (3, 16, 16, 4)])
+def test_depthwise_conv_and_its_gradients_equal_the_grouped_convolution(shape):
+    """The shifted-sum depthwise conv and its written-out gradients against XLA's grouped convolution."""
+    keys = jax.random.split(jax.random.key(0), 4)
+    x, g = jax.random.normal(keys[0], shape), jax.random.normal(keys[1], shape)
+    kernel = jax.random.normal(keys[2], (3, 3, 1, shape[-1]))
+    bias = jax.random.normal(keys[3], (shape[-1],))
+
+    def reference(x, kernel, bias):
+        dims = ("NHWC", "HWIO", "NHWC")
+        out = jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dims, feature_group_count=shape[-1]
+        )
+        return out + bias
+
+    y, vjp = jax.vjp(depthwise_conv3x3, x, kernel, bias)
+    y_ref, vjp_ref = jax.vjp(reference, x, kernel, bias)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)
+    for got, expected in zip(jax.jit(vjp)(g), vjp_ref(g), strict=True):
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-5)

@@ -22,9 +22,10 @@ from cffm_jax.convert import convert_state_dict
 from cffm_jax.data.pipeline import EvalFrame, list_eval_videos
 from cffm_jax.data.synthetic import generate
 from cffm_jax.models import build_model
+from cffm_jax.models.layers import argmax_classes
 from cffm_jax.parity import config_from_meta
 from cffm_jax.prototype_store import prototype_frame_indices
-from cffm_jax.streaming import VideoSegmenter, _encode, argmax_classes, clip_forward, compute_prototypes, prefetch
+from cffm_jax.streaming import VideoSegmenter, _encode, clip_forward, compute_prototypes, prefetch
 
 IMG_SCALE = (80, 48)  # frames of 48x80 (H x W) keep their size and enter the network at 64x96
 FRAMES = 20
