@@ -14,10 +14,11 @@ and the argmax over classes is the prediction (the official softmax before the a
   logits, 1/8 features) exactly once. The 1/8 features are written into a device-resident ring buffer of
   ``R = batch_size + 9`` frames (slot = frame index mod R), from which the clip features of every target are
   gathered for ``decode_clip`` (the CFFM cross-frame attention and, for CFFM++, the prototype branch). Frames
-  0-2 take their own per-frame logits. Frames are processed in chunks of ``batch_size``: one ``encode_frames``
-  call on the chunk's frames, then one ``decode_clip`` call on the chunk's targets (whose references are at
-  most 9 frames back, hence in the ring). Memory is bounded by the ring (the clip span plus one chunk), not
-  by the video length. Each jitted function compiles once per distinct (network input size, original size).
+  0-2 take their own per-frame logits (a chunk of only such frames skips ``decode_clip``). Frames are processed
+  in chunks of ``batch_size``: one ``encode_frames`` call on the chunk's frames, then one ``decode_clip`` call on
+  the chunk's targets (whose references are at most 9 frames back, hence in the ring). Memory is bounded by the
+  ring (the clip span plus one chunk), not by the video length. Each jitted function compiles once per distinct
+  (network input size, original size).
 * **clip-by-clip** (``streaming=False``, the reference): the whole clip of every target through the model
   (T = 1 for frames 0-2, T = 4 after), as the official ``tools/test.py`` does; each frame passes through the
   backbone up to four times. :func:`clip_forward` computes ``model.apply`` there as two programs.
@@ -149,6 +150,21 @@ def _decode_step(
     else:
         out = jnp.where(use_perframe[:, None, None, None], logits.astype(target.dtype), target)
     return ring, out, _labels(out, *sizes)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2,))
+def _early_step(
+    sizes: tuple[tuple[int, int], tuple[int, int]],
+    sharding: NamedSharding | None,
+    ring: jax.Array,
+    logits: jax.Array,
+    feats: jax.Array,
+    write_slots: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`_decode_step` for a chunk whose targets are all among frames 0-2: their own per-frame logits, no
+    ``decode_clip`` (one frame per chunk on CPU: 3 of a video's decode steps saved)."""
+    ring = ring.at[write_slots].set(feats.astype(ring.dtype))
+    return ring, logits, _labels(_constrain(logits, sharding), *sizes)
 
 
 def encode_clips(
@@ -351,19 +367,24 @@ class VideoSegmenter:
         clip_slots = np.asarray([[s % r for s in _clip(t)] for t in targets], np.int32)
         use_perframe = np.asarray([t < NUM_EARLY_FRAMES for t in targets])
         ring = self._ring(feats)
-        ring, out, labels = _decode_step(
-            self.model,
-            self._sizes(chunk[0]),
-            self._constraint,
-            self.variables,
-            ring,
-            logits,
-            feats,
-            jnp.asarray(write_slots, jnp.int32),
-            jax.device_put(clip_slots, self._batch),
-            jax.device_put(use_perframe, self._batch),
-            protos,
-        )
+        if use_perframe.all():
+            ring, out, labels = _early_step(
+                self._sizes(chunk[0]), self._constraint, ring, logits, feats, jnp.asarray(write_slots, jnp.int32)
+            )
+        else:
+            ring, out, labels = _decode_step(
+                self.model,
+                self._sizes(chunk[0]),
+                self._constraint,
+                self.variables,
+                ring,
+                logits,
+                feats,
+                jnp.asarray(write_slots, jnp.int32),
+                jax.device_put(clip_slots, self._batch),
+                jax.device_put(use_perframe, self._batch),
+                protos,
+            )
         self._rings[(*feats.shape[1:], str(feats.dtype))] = ring
         return _Pending(indices, chunk, out, labels)
 

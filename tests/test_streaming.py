@@ -58,10 +58,11 @@ def _prototypes(segmenter, video):
     return compute_prototypes(segmenter, images)
 
 
-@pytest.mark.parametrize("fixture", ["cffm_tiny.npz", "cffmpp_tiny.npz"])
-def test_streaming_matches_clip_by_clip(video, fixture):
+@pytest.mark.parametrize("fixture,batch", [("cffm_tiny.npz", BATCH), ("cffmpp_tiny.npz", BATCH), ("cffm_tiny.npz", 2)])
+def test_streaming_matches_clip_by_clip(video, fixture, batch):
+    """Also with 2 frames per chunk: chunk [0, 1] takes only per-frame logits (no decode), [2, 3] mixes both."""
     config, variables = tiny_model(fixture)
-    segmenter = VideoSegmenter(config, variables, batch_size=BATCH, keep_logits=True)
+    segmenter = VideoSegmenter(config, variables, batch_size=batch, keep_logits=True)
     protos = _prototypes(segmenter, video) if segmenter.needs_prototypes else None
     frames = _frames(video)
     streamed = list(segmenter.segment(frames, protos))
