@@ -126,7 +126,9 @@ class DWConv(nn.Module):
         return depthwise_conv3x3(x, kernel, bias)
 
 
-def _shifted_sum(padded: jax.Array, kernel: jax.Array, h: int, w: int, flip: bool, out: Any = None) -> jax.Array:
+def _shifted_sum(
+    padded: jax.Array, kernel: jax.Array, h: int, w: int, flip: bool, out: jax.Array | None = None
+) -> jax.Array:
     """``out`` + the sum over the 3x3 taps (i, j) of padded[:, i:i+h, j:j+w] * kernel[i, j, 0], in tap order
     (taps mirrored if ``flip``)."""
     for i in range(3):
@@ -169,7 +171,7 @@ def _depthwise_bwd(residuals: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array
     """Input gradient: the same convolution of ``g`` with the taps mirrored; kernel gradient: per tap, the sum
     over positions of shifted input times ``g``; bias gradient: the sum of ``g``."""
     x, kernel, bias = residuals
-    n, h, w, c = x.shape
+    h, w, c = x.shape[1:]
     pad = ((0, 0), (1, 1), (1, 1), (0, 0))
     grad_x = _shifted_sum(jnp.pad(g, pad), kernel, h, w, flip=True)
     padded = jnp.pad(x, pad)
