@@ -120,6 +120,11 @@ def _encode(
     return model.apply(variables, images, with_logits=with_logits, method="encode_frames")
 
 
+def _write_ring(ring: jax.Array, feats: jax.Array, write_slots: jax.Array) -> jax.Array:
+    """Stores a chunk's 1/8 features in their ring slots."""
+    return ring.at[write_slots].set(feats.astype(ring.dtype))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
 def _decode_step(
     model: nn.Module,
@@ -135,7 +140,7 @@ def _decode_step(
     prototypes: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Writes a chunk's features into the ring, decodes its targets, resizes and takes the argmax."""
-    ring = ring.at[write_slots].set(feats.astype(ring.dtype))
+    ring = _write_ring(ring, feats, write_slots)
     clip_feats = _constrain(ring[clip_slots], sharding)  # (B, 4, h8, w8, E)
     batch = clip_slots.shape[0]
     target = model.apply(
@@ -163,7 +168,7 @@ def _early_step(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """:func:`_decode_step` for a chunk whose targets are all among frames 0-2: their own per-frame logits, no
     ``decode_clip`` (one frame per chunk on CPU: 3 of a video's decode steps saved)."""
-    ring = ring.at[write_slots].set(feats.astype(ring.dtype))
+    ring = _write_ring(ring, feats, write_slots)
     return ring, logits, _labels(_constrain(logits, sharding), *sizes)
 
 
