@@ -7,6 +7,7 @@ import pytest
 
 from cffm_jax.convert import convert_state_dict, load_state_dict
 from cffm_jax.models import build_model, model_config
+from cffm_jax.models.layers import attention
 from cffm_jax.models.mit import depthwise_conv3x3
 
 TINY = dict(embed_dims=(8, 16, 40, 64), depths=(2, 1, 1, 2))
@@ -120,3 +121,24 @@ def test_depthwise_conv_and_its_gradients_equal_the_grouped_convolution(shape):
     for got, expected in zip(jax.jit(vjp)(g), vjp_ref(g), strict=True):
         assert got.shape == expected.shape
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 37, 11, 8), (2, 64, 64, 4), (1, 5, 1, 3)])
+def test_attention_and_its_written_out_gradient_equal_autodiff(shape):
+    """The attention core's custom gradient against autodiff of the plain softmax(q k^T) v."""
+    b, length, keys_len, d = shape
+    keys = jax.random.split(jax.random.key(1), 4)
+    q = 2.0 * jax.random.normal(keys[0], (b, length, d))
+    k = jax.random.normal(keys[1], (b, keys_len, d))
+    v = jax.random.normal(keys[2], (b, keys_len, d))
+    g = jax.random.normal(keys[3], (b, length, d))
+
+    def reference(q, k, v):
+        return jnp.einsum("bqk,bkd->bqd", jax.nn.softmax(jnp.einsum("bqd,bkd->bqk", q, k), axis=-1), v)
+
+    out, vjp = jax.vjp(attention, q, k, v)
+    out_ref, vjp_ref = jax.vjp(reference, q, k, v)
+    np.testing.assert_allclose(out, out_ref, atol=1e-6)
+    for got, expected in zip(jax.jit(vjp)(g), vjp_ref(g), strict=True):
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)

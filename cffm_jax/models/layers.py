@@ -223,6 +223,37 @@ _linear_resize_vjp(_resize_separable)
 _linear_resize_vjp(_resize_flat)
 
 
+@jax.custom_vjp
+def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """``softmax(q k^T) v``: q (B, L, d) already scaled, k and v (B, S, d) -> (B, L, d); softmax over the S keys.
+
+    The gradient is written out (:func:`_attention_bwd`): with ``rowsum(dP * P)`` taken as ``rowsum(dO * O)``
+    (the same value) the softmax's backward is elementwise after the ``dO v^T`` product, which XLA:CPU fuses into
+    the product; autodiff's version reduces over the keys inside that fusion. MiT-B0 stage 1 (4 x 14400 queries,
+    225 keys), forward + backward of this core: 278 -> 199 ms.
+    """
+    return _attention_fwd(q, k, v)[0]
+
+
+def _attention_fwd(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, tuple]:
+    p = jax.nn.softmax(jnp.einsum("bqd,bkd->bqk", q, k), axis=-1)
+    out = jnp.einsum("bqk,bkd->bqd", p, v)
+    return out, (q, k, v, p, out)
+
+
+def _attention_bwd(residuals: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    q, k, v, p, out = residuals
+    scores_grad = p * (jnp.einsum("bqd,bkd->bqk", g, v) - jnp.sum(g * out, axis=-1, keepdims=True))
+    return (
+        jnp.einsum("bqk,bkd->bqd", scores_grad, k),
+        jnp.einsum("bqk,bqd->bkd", scores_grad, q),
+        jnp.einsum("bqk,bqd->bkd", p, g),
+    )
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
+
+
 def argmax_classes(x: jax.Array) -> jax.Array:
     """``jnp.argmax(x, axis=-1)`` (the first index of the maximum) for finite ``x``, faster on XLA:CPU.
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cffm_jax.models.layers import DropPath, conv_fan_out_init, gelu, trunc_normal_init
+from cffm_jax.models.layers import DropPath, attention, conv_fan_out_init, gelu, trunc_normal_init
 
 # SPEC.md section 3. All variants: num_heads (1, 2, 5, 8), sr_ratios (8, 4, 2, 1), mlp_ratios (4, 4, 4, 4).
 VARIANTS: dict[str, dict[str, tuple[int, ...]]] = {
@@ -96,13 +96,9 @@ class EfficientSelfAttention(nn.Module):
             kv_in = nn.LayerNorm(epsilon=PATCH_NORM_EPS, dtype=self.dtype, name="norm")(kv_in)
         kv = _dense(2 * self.dim, "kv", self.dtype)(kv_in)
         k, v = jnp.split(kv, 2, axis=-1)  # k = first C outputs, v = last C
-        q = einops.rearrange(q, "n h w (heads d) -> n heads (h w) d", heads=self.num_heads)
-        k = einops.rearrange(k, "n h w (heads d) -> n heads (h w) d", heads=self.num_heads)
-        v = einops.rearrange(v, "n h w (heads d) -> n heads (h w) d", heads=self.num_heads)
-        attn = jnp.einsum("nhqd,nhkd->nhqk", q * head_dim**-0.5, k)
-        attn = jax.nn.softmax(attn, axis=-1)
-        out = jnp.einsum("nhqk,nhkd->nhqd", attn, v)
-        out = einops.rearrange(out, "n heads (h w) d -> n h w (heads d)", h=h, w=w)
+        q, k, v = (einops.rearrange(t, "n h w (heads d) -> (n heads) (h w) d", heads=self.num_heads) for t in (q, k, v))
+        out = attention(q * head_dim**-0.5, k, v)
+        out = einops.rearrange(out, "(n heads) (h w) d -> n h w (heads d)", n=n, h=h, w=w)
         return _dense(self.dim, "proj", self.dtype)(out)
 
 
