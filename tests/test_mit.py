@@ -115,12 +115,7 @@ def test_depthwise_conv_and_its_gradients_equal_the_grouped_convolution(shape):
         )
         return out + bias
 
-    y, vjp = jax.vjp(depthwise_conv3x3, x, kernel, bias)
-    y_ref, vjp_ref = jax.vjp(reference, x, kernel, bias)
-    np.testing.assert_allclose(y, y_ref, atol=1e-5)
-    for got, expected in zip(jax.jit(vjp)(g), vjp_ref(g), strict=True):
-        assert got.shape == expected.shape
-        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-5)
+    _assert_same_vjp(depthwise_conv3x3, reference, (x, kernel, bias), g, out_atol=1e-5, grad_atol=1e-4)
 
 
 @pytest.mark.parametrize("shape", [(3, 37, 11, 8), (2, 64, 64, 4), (1, 5, 1, 3)])
@@ -136,9 +131,14 @@ def test_attention_and_its_written_out_gradient_equal_autodiff(shape):
     def reference(q, k, v):
         return jnp.einsum("bqk,bkd->bqd", jax.nn.softmax(jnp.einsum("bqd,bkd->bqk", q, k), axis=-1), v)
 
-    out, vjp = jax.vjp(attention, q, k, v)
-    out_ref, vjp_ref = jax.vjp(reference, q, k, v)
-    np.testing.assert_allclose(out, out_ref, atol=1e-6)
-    for got, expected in zip(jax.jit(vjp)(g), vjp_ref(g), strict=True):
+    _assert_same_vjp(attention, reference, (q, k, v), g, out_atol=1e-6, grad_atol=1e-5)
+
+
+def _assert_same_vjp(fn, reference, args, cotangent, out_atol, grad_atol):
+    """``fn`` and ``reference`` give the same outputs and the same (jitted) vector-Jacobian products."""
+    out, vjp = jax.vjp(fn, *args)
+    out_ref, vjp_ref = jax.vjp(reference, *args)
+    np.testing.assert_allclose(out, out_ref, atol=out_atol)
+    for got, expected in zip(jax.jit(vjp)(cotangent), vjp_ref(cotangent), strict=True):
         assert got.shape == expected.shape
-        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(got, expected, atol=grad_atol, rtol=1e-5)
