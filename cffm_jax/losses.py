@@ -11,39 +11,52 @@ cross entropy with ``ignore_index`` whose mean is taken over **all** pixels: ign
 the sum but are counted in the denominator (SPEC section 12.10). ``acc_seg`` (logged only) is the top-1
 accuracy in percent of the per-frame maps over all pixels, ignored pixels counting as wrong.
 
-Memory behaviour. At 480x480, K = 124 and B*T = 32 the upsampled per-frame logits alone are ~3.6 GB in
-float32, and their gradient is another 3.6 GB. The cross entropy here is written as
-``logsumexp(x) - x[label]`` with the label logit picked by an iota comparison (``where(class == label, x, 0)``
-summed over classes), so:
+Memory and speed. At 480x480, K = 124 and B*T = 32 the upsampled per-frame logits alone are ~3.6 GB in float32.
 
-* no one-hot tensor and no log-softmax tensor of size K is materialised: the forward pass reads the
-  upsampled logits in two fused reductions (logsumexp, picked logit) plus one for the argmax of ``acc_seg``;
-* the gradient with respect to the upsampled logits, ``(softmax(x) - onehot(label)) * valid / num_pixels``,
-  is one fused elementwise expression (no scatter into a zero buffer, as the transpose of
-  ``take_along_axis`` would be), which then goes through the transposed resize (static gathers, not
-  autodiff's scatter-adds: ``cffm_jax.models.layers``) back to the head's resolution.
+* Default path (``frames_per_chunk=None``, when the label size is the logits' size times a power of two on each
+  axis, as in training: 1/4 resolution): :func:`_blocked_ce` never materialises them. A ``lax.scan`` over blocks
+  of low-resolution rows makes each block's label-resolution logits (a few MB, ``BLOCK_BYTES``) with the same
+  float32 operations as :func:`resize_bilinear`, takes their cross entropy, top-1 hits and gradient
+  ``softmax(x) - onehot(label)`` while the block is in cache, and applies the transposed upsampling; the gradient
+  with respect to the low-resolution logits is computed in the forward pass and only scaled in the backward pass.
+  Each step of the loop takes the block's rows of all N frames, so that a batch sharded over devices stays
+  sharded (a loop over frames made XLA replicate the logits on every device). Extra memory: a few times the size
+  of the low-resolution logits. Measured (CPU, jax 0.10.2) for logits (1, 5, 120, 120, 124) and labels
+  (1, 4, 480, 480), the loss and its gradient: 0.80 -> 0.61 s, temporary buffers 1104 -> 200 MiB against the
+  unblocked path; for (8, 5, 120, 120, 124) logits 1.57 GiB of temporary buffers (4.30 GiB unblocked, see below).
+  (One frame per step was faster on one device, 0.50 s.)
+* Otherwise, and whenever ``frames_per_chunk`` is given: the logits are resized (:func:`resize_bilinear`) and the
+  cross entropy is ``logsumexp(x) - x[label]`` with the label logit picked by an iota comparison; no one-hot or
+  log-softmax tensor of size K is materialised, and the gradient ``(softmax(x) - onehot(label)) * valid /
+  num_pixels`` is one fused elementwise expression followed by the transposed resize. Without chunking XLA keeps
+  the upsampled logits alive until the backward pass and needs one more buffer of the same size for their
+  gradient: ~2 x N*H*W*K*4 bytes. With ``frames_per_chunk=c`` the frames are processed ``c`` at a time in a
+  ``lax.map`` whose body is rematerialised (``jax.checkpoint``): ~2 x c*H*W*K*4 bytes, at the cost of
+  recomputing the resize in the backward pass. ``memory_analysis`` of ``jit(grad(loss))`` for logits
+  (8, 5, 120, 120, 124) and labels (8, 4, 480, 480): temporary buffers 4.30 GiB unchunked, 1.94 GiB with
+  ``frames_per_chunk=8``, 0.57 GiB with ``frames_per_chunk=1``.
 
-Without chunking (``frames_per_chunk=None``, the default) XLA keeps the upsampled logits alive from the
-forward pass until the loss's backward pass and needs one more buffer of the same size for their gradient:
-peak extra memory ~2 x N*H*W*K*4 bytes. With ``frames_per_chunk=c`` the frames are processed ``c`` at a time
-in a ``lax.map`` whose body is rematerialised (``jax.checkpoint``): only the head-resolution logits are
-saved, and the peak is ~2 x c*H*W*K*4 bytes (e.g. ~0.23 GB for c = 1 at 480x480, K = 124), at the cost of
-recomputing the resize in the backward pass and of running the chunks sequentially. Measured with XLA's
-``memory_analysis`` of ``jit(grad(loss))`` (CPU backend, jax 0.10.2) for logits (8, 5, 120, 120, 124) and
-labels (8, 4, 480, 480): temporary buffers 4.30 GiB unchunked, 1.94 GiB with ``frames_per_chunk=8``,
-0.57 GiB with ``frames_per_chunk=1`` (8.54 / 2.14 / 0.67 GiB when the resize's gradient was autodiff's
-scatter-add).
+``acc_seg`` counts a pixel as a hit when the label's logit is the maximum; on the unblocked path by the first
+index of the maximum, on the blocked one as ``x[label] >= max(x)`` (so a label tied for the maximum with an
+earlier class counts there as a hit; ties of float32 logits are rare outside degenerate weights).
 
 Everything is computed in float32 whatever the input dtype (bfloat16 logits are cast before the resize).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from cffm_jax.models.layers import argmax_classes, resize_bilinear
+from cffm_jax.models.layers import _bilinear_taps, argmax_classes, resize_bilinear
+
+# Label-resolution logits of one block of the blocked loss (all N frames, see _blocked_ce), at most (but at least
+# one low-resolution row): about the two cores' 2 x 1 MiB of L2 on the development machine.
+BLOCK_BYTES = 2 * 2**20
 
 
 def _ce_and_correct(logits: jax.Array, labels: jax.Array, ignore_index: int) -> tuple[jax.Array, jax.Array]:
@@ -78,6 +91,8 @@ def _resized_ce_and_correct(
         return _ce_and_correct(resize_bilinear(lg.astype(jnp.float32), size), lb, ignore_index)
 
     n = logits.shape[0]
+    if frames_per_chunk is None and _phases(logits.shape[1], size[0]) and _phases(logits.shape[2], size[1]):
+        return _blocked_ce(logits.astype(jnp.float32), labels.astype(jnp.int32), ignore_index)
     if frames_per_chunk is None or frames_per_chunk >= n:
         return body(logits, labels)
     if n % frames_per_chunk:
@@ -87,6 +102,150 @@ def _resized_ce_and_correct(
     lb = labels.reshape(chunks, frames_per_chunk, *labels.shape[1:])
     sums, correct = lax.map(jax.checkpoint(lambda a: body(*a)), (lg, lb))
     return jnp.sum(sums), jnp.sum(correct)
+
+
+@functools.lru_cache(maxsize=64)
+def _phases(n_in: int, n_out: int) -> tuple[tuple[int, np.float32], ...] | None:
+    """The bilinear upsampling from ``n_in`` to ``n_out = s * n_in`` entries as ``s`` phases, when exact.
+
+    Output ``s * i + r`` is ``a + (b - a) * f`` with ``a, b = p[i + o], p[i + o + 1]`` of the input edge-padded by
+    one entry and ``(o, f)`` the r-th pair returned. Returns None unless ``s`` is an integer >= 2 for which this
+    gives bitwise the values of :func:`cffm_jax.models.layers.resize_bilinear` (checked here on random values;
+    it holds for powers of two, where PyTorch's float32 source coordinates are exact).
+    """
+    if n_out % n_in or n_out // n_in < 2:
+        return None
+    s = n_out // n_in
+    plan = []
+    for r in range(s):
+        f = (r + 0.5) / s - 0.5
+        plan.append((0, np.float32(f + 1.0)) if f < 0 else (1, np.float32(f)))
+    lo, hi, frac = _bilinear_taps(n_in, n_out)
+    x = np.random.default_rng(0).standard_normal(n_in).astype(np.float32)
+    padded = np.pad(x, 1, mode="edge")
+    got = np.empty(n_out, np.float32)
+    for r, (o, f) in enumerate(plan):
+        a, b = padded[o : o + n_in], padded[o + 1 : o + 1 + n_in]
+        got[r::s] = a + (b - a) * f
+    return tuple(plan) if np.array_equal(got, x[lo] + (x[hi] - x[lo]) * frac) else None
+
+
+def _upsample_phases(x: jax.Array, axis: int, plan: tuple, n: int) -> jax.Array:
+    """x with ``n + 2`` (edge-padded) entries along ``axis`` -> the phases stacked on a new axis at ``axis``."""
+    terms = []
+    for o, f in plan:
+        a = lax.slice_in_dim(x, o, o + n, axis=axis)
+        terms.append(a + (lax.slice_in_dim(x, o + 1, o + 1 + n, axis=axis) - a) * f)
+    return jnp.stack(terms, axis=axis)
+
+
+def _upsample_phases_adjoint(g: jax.Array, axis: int, plan: tuple, n: int) -> jax.Array:
+    """The transpose of :func:`_upsample_phases`: phases at ``axis`` -> ``n + 2`` entries along ``axis``."""
+    out = None
+    for r, (o, f) in enumerate(plan):
+        q = lax.index_in_dim(g, r, axis, keepdims=False)
+        for start, weight in ((o, np.float32(1.0) - f), (o + 1, f)):
+            pad = [(0, 0)] * q.ndim
+            pad[axis] = (start, 2 - start)
+            term = jnp.pad(q * weight, pad)
+            out = term if out is None else out + term
+    return out
+
+
+def _fold_edge_padding(g: jax.Array, axis: int, n: int) -> jax.Array:
+    """The transpose of edge padding by one: ``n + 2`` entries -> ``n``, the pads added to the first and last."""
+
+    def part(start: int, stop: int) -> jax.Array:
+        return lax.slice_in_dim(g, start, stop, axis=axis)
+
+    if n == 1:
+        return part(0, 1) + part(1, 2) + part(2, 3)
+    return jnp.concatenate([part(0, 1) + part(1, 2), part(2, n), part(n, n + 1) + part(n + 1, n + 2)], axis=axis)
+
+
+def _blocked_ce_parts(logits: jax.Array, labels: jax.Array, ignore_index: int, with_grad: bool) -> tuple:
+    """Summed CE, #correct and (if ``with_grad``) d(summed CE)/d(logits), block by block of low-resolution rows.
+
+    The loop runs over blocks of rows with all N frames in each step, so that a batch sharded over devices stays
+    sharded (each device runs the loop on its frames).
+    """
+    n, h, w, k = logits.shape
+    big_h, big_w = labels.shape[1:]
+    row_plan, col_plan = _phases(h, big_h), _phases(w, big_w)
+    sh, sw = big_h // h, big_w // w
+    rows = max([r for r in range(1, h + 1) if h % r == 0 and n * sh * r * big_w * k * 4 <= BLOCK_BYTES] or [1])
+    blocks = h // rows
+    # Each block's rows with one row of context above and below, all edge-padded by one (the clamped border);
+    # (blocks, rows + 2, N, w + 2, K).
+    padded = jnp.pad(logits, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    index = (np.arange(blocks)[:, None] * rows + np.arange(rows + 2)[None, :]).reshape(-1)
+    slabs = jnp.moveaxis(jnp.take(padded, index, axis=1), 1, 0).reshape(blocks, rows + 2, n, w + 2, k)
+    # Labels in the pixel order of the blocks: (block, row phase, row, frame, column phase, column).
+    labels = labels.reshape(n, blocks, rows, sh, w, sw).transpose(1, 3, 2, 0, 5, 4)
+
+    def block(carry: None, xs: tuple[jax.Array, jax.Array]) -> tuple[None, tuple]:
+        slab, label = xs
+        x = _upsample_phases(_upsample_phases(slab, 0, row_plan, rows), 3, col_plan, w)  # (sh, rows, N, sw, w, K)
+        top = jnp.max(x, axis=-1, keepdims=True)
+        top_finite = jnp.where(jnp.isfinite(top), top, 0.0)  # as jax.nn.logsumexp
+        exp = jnp.exp(x - top_finite)
+        total = jnp.sum(exp, axis=-1, keepdims=True)
+        onehot = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1) == label[..., None]
+        picked = jnp.sum(jnp.where(onehot, x, 0.0), axis=-1)
+        valid = label != ignore_index
+        nll = jnp.sum(jnp.where(valid, (jnp.log(total) + top_finite)[..., 0] - picked, 0.0))
+        hit = valid & (label >= 0) & (label < k) & (picked >= top[..., 0])
+        correct = jnp.sum(hit.astype(jnp.int32))
+        if not with_grad:
+            return carry, (nll, correct)
+        grad = jnp.where(valid[..., None], exp / total - onehot.astype(exp.dtype), 0.0)
+        grad = _fold_edge_padding(_upsample_phases_adjoint(grad, 3, col_plan, w), 3, w)  # (sh, rows, N, w, K)
+        return carry, (nll, correct, _upsample_phases_adjoint(grad, 0, row_plan, rows))  # (rows + 2, N, w, K)
+
+    _, out = lax.scan(block, None, (slabs, labels))
+    nll, correct = jnp.sum(out[0]), jnp.sum(out[1])
+    if not with_grad:
+        return nll, correct
+    # Each block's gradient covers its rows and one row above and below: add the overlaps (and the edge pads).
+    parts = jnp.moveaxis(out[2], 2, 0)  # (N, blocks, rows + 2, w, K)
+    above, below = parts[:, :, 0], parts[:, :, rows + 1]
+    to_first = jnp.concatenate([above[:, :1], below[:, :-1]], axis=1)[:, :, None]
+    to_last = jnp.concatenate([above[:, 1:], below[:, -1:]], axis=1)[:, :, None]
+    if rows == 1:
+        grad = parts[:, :, 1:2] + to_first + to_last
+    else:
+        grad = jnp.concatenate(
+            [parts[:, :, 1:2] + to_first, parts[:, :, 2:rows], parts[:, :, rows : rows + 1] + to_last], axis=2
+        )
+    return nll, correct, grad.reshape(n, h, w, k)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _blocked_ce(logits: jax.Array, labels: jax.Array, ignore_index: int) -> tuple[jax.Array, jax.Array]:
+    """:func:`_resized_ce_and_correct` for integer (power-of-two) upsampling factors, in blocks of rows.
+
+    logits (N, h, w, K) float32, labels (N, s*h, t*w) int32. The label-resolution logits of a block of rows (a few
+    MB) are made from the low-resolution rows by the phases of :func:`_phases` (the same float32 operations as
+    :func:`resize_bilinear`), and their cross entropy, top-1 hits and gradient are computed while the block is in
+    cache; the gradient with respect to the low-resolution logits (the transposed upsampling) is made in the
+    forward pass, so the backward pass only scales it. Memory: the blocks' gradients (~(1 + 2/rows) x the logits)
+    instead of N*s*h*t*w*K floats twice. A hit is ``picked >= max`` (a label tied with another class for the
+    maximum counts as a hit; the unblocked path takes the first maximum).
+    """
+    return _blocked_ce_parts(logits, labels, ignore_index, with_grad=False)
+
+
+def _blocked_ce_fwd(logits: jax.Array, labels: jax.Array, ignore_index: int) -> tuple[tuple, jax.Array]:
+    nll, correct, grad = _blocked_ce_parts(logits, labels, ignore_index, with_grad=True)
+    return (nll, correct), grad
+
+
+def _blocked_ce_bwd(ignore_index: int, grad: jax.Array, cotangents: tuple) -> tuple[jax.Array, None]:
+    del ignore_index
+    return cotangents[0] * grad, None
+
+
+_blocked_ce.defvjp(_blocked_ce_fwd, _blocked_ce_bwd)
 
 
 def cross_entropy_mean_all(

@@ -83,7 +83,9 @@ def base_config(model_name: str, **model_overrides) -> ml_collections.ConfigDict
       eval_at_end: evaluate the final model (and write sample predictions).
       eval_max_videos: 0 = all validation videos.
       optim: see ``optim_config``.
-      loss: frame_weight, target_weight (SPEC 8: 0.5, 1.0); frames_per_chunk (0 = off): memory bound.
+      loss: frame_weight, target_weight (SPEC 8: 0.5, 1.0); frames_per_chunk (0 = off: the blocked loss when the
+        labels are the logits' size times powers of two; c > 0: resize, then cross entropy c frames at a time,
+        see cffm_jax/losses.py).
       progress: show a progress bar.
     """
     config = ml_collections.ConfigDict()

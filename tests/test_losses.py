@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cffm_jax import losses
 from cffm_jax.losses import cross_entropy_mean_all, segmentation_loss
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "loss_tiny.npz"
@@ -99,3 +103,63 @@ def test_shape_errors(loss_tiny):
         segmentation_loss(loss_tiny["logits"][:, :4], loss_tiny["labels"])
     with pytest.raises(ValueError, match="does not divide"):
         segmentation_loss(loss_tiny["logits"], loss_tiny["labels"], frames_per_chunk=3)
+
+
+@pytest.mark.parametrize(
+    "shape,size,block_rows", [((2, 6, 5, 9), (24, 20), 1), ((1, 6, 4, 9), (24, 16), 3), ((2, 4, 6, 5), (8, 24), 4)]
+)
+def test_blocked_loss_equals_the_resized_one(monkeypatch, shape, size, block_rows):
+    """The default (blocked, written-out gradient) path against resize-then-cross-entropy with autodiff.
+
+    Several blocks of rows per frame (the block size forced through BLOCK_BYTES), so that the rows shared by
+    neighbouring blocks and the clamped borders are exercised; power-of-two upsampling, different per axis.
+    """
+    n, h, w, k = shape
+    monkeypatch.setattr(losses, "BLOCK_BYTES", n * (size[0] // h) * block_rows * size[1] * k * 4)
+    rng = np.random.default_rng(block_rows)
+    logits = 3.0 * rng.standard_normal(shape).astype(np.float32)
+    labels = rng.integers(0, k, (n, *size)).astype(np.int32)
+    labels[:, : size[0] // 3, : size[1] // 2] = 255
+
+    def run(frames_per_chunk):
+        def total_and_correct(lg):
+            return losses._resized_ce_and_correct(lg, labels, 255, frames_per_chunk)
+
+        grad = jax.jit(jax.grad(lambda lg: total_and_correct(lg)[0]))(logits)
+        return jax.jit(total_and_correct)(logits), grad
+
+    (total, correct), grad = run(None)  # blocked
+    (total_ref, correct_ref), grad_ref = run(n)  # one chunk of all frames: the plain resize and autodiff
+    np.testing.assert_allclose(total, total_ref, rtol=1e-6)
+    assert int(correct) == int(correct_ref)
+    np.testing.assert_allclose(grad, grad_ref, atol=1e-6, rtol=1e-5)
+
+
+_SHARDED = r"""
+import jax, numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from cffm_jax.losses import segmentation_loss
+mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,))
+data = NamedSharding(mesh, P("data"))
+rng = np.random.default_rng(0)
+logits = jax.device_put(rng.standard_normal((4, 5, 12, 16, 7)).astype(np.float32), data)
+labels = jax.device_put(rng.integers(0, 7, (4, 4, 48, 64)).astype(np.int32), data)
+grad_fn = jax.jit(jax.value_and_grad(lambda lg, lb: segmentation_loss(lg, lb)[0]))
+hlo = grad_fn.lower(logits, labels).compile().as_text()
+loss, grad = grad_fn(logits, labels)
+ref_loss, ref_grad = jax.jit(jax.value_and_grad(lambda lg, lb: segmentation_loss(lg, lb)[0]))(
+    np.asarray(logits), np.asarray(labels))
+np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+np.testing.assert_allclose(grad, ref_grad, atol=1e-9, rtol=1e-5)
+print("ALL-GATHERS", hlo.count(" all-gather("), "GRAD-SHARDED", grad.sharding.spec == P("data"))
+"""
+
+
+def test_blocked_loss_keeps_a_sharded_batch_sharded():
+    """On a batch sharded over devices (4 fake CPU devices, fresh process) the blocked loss loops over rows with
+    every device's frames in each step: no all-gather of the logits (a loop over frames would replicate them on
+    every device), the gradient stays sharded, and the values equal the single-device ones."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", _SHARDED], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ALL-GATHERS 0 GRAD-SHARDED True" in proc.stdout, proc.stdout
