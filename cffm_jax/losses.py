@@ -52,7 +52,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from cffm_jax.models.layers import _bilinear_taps, argmax_classes, resize_bilinear
+from cffm_jax.models.layers import (
+    argmax_classes,
+    fold_edge_padding,
+    resize_bilinear,
+    upsample_phases,
+    upsample_phases_adjoint,
+    upsampling_phases,
+)
 
 # Label-resolution logits of one block of the blocked loss (all N frames, see _blocked_ce), at most (but at least
 # one low-resolution row): about the two cores' 2 x 1 MiB of L2 on the development machine.
@@ -91,7 +98,8 @@ def _resized_ce_and_correct(
         return _ce_and_correct(resize_bilinear(lg.astype(jnp.float32), size), lb, ignore_index)
 
     n = logits.shape[0]
-    if frames_per_chunk is None and _phases(logits.shape[1], size[0]) and _phases(logits.shape[2], size[1]):
+    exact_phases = upsampling_phases(logits.shape[1], size[0]) and upsampling_phases(logits.shape[2], size[1])
+    if frames_per_chunk is None and exact_phases:
         return _blocked_ce(logits.astype(jnp.float32), labels.astype(jnp.int32), ignore_index)
     if frames_per_chunk is None or frames_per_chunk >= n:
         return body(logits, labels)
@@ -104,65 +112,6 @@ def _resized_ce_and_correct(
     return jnp.sum(sums), jnp.sum(correct)
 
 
-@functools.lru_cache(maxsize=64)
-def _phases(n_in: int, n_out: int) -> tuple[tuple[int, np.float32], ...] | None:
-    """The bilinear upsampling from ``n_in`` to ``n_out = s * n_in`` entries as ``s`` phases, when exact.
-
-    Output ``s * i + r`` is ``a + (b - a) * f`` with ``a, b = p[i + o], p[i + o + 1]`` of the input edge-padded by
-    one entry and ``(o, f)`` the r-th pair returned. Returns None unless ``s`` is an integer >= 2 for which this
-    gives bitwise the values of :func:`cffm_jax.models.layers.resize_bilinear` (checked here on random values;
-    it holds for powers of two, where PyTorch's float32 source coordinates are exact).
-    """
-    if n_out % n_in or n_out // n_in < 2:
-        return None
-    s = n_out // n_in
-    plan = []
-    for r in range(s):
-        f = (r + 0.5) / s - 0.5
-        plan.append((0, np.float32(f + 1.0)) if f < 0 else (1, np.float32(f)))
-    lo, hi, frac = _bilinear_taps(n_in, n_out)
-    x = np.random.default_rng(0).standard_normal(n_in).astype(np.float32)
-    padded = np.pad(x, 1, mode="edge")
-    got = np.empty(n_out, np.float32)
-    for r, (o, f) in enumerate(plan):
-        a, b = padded[o : o + n_in], padded[o + 1 : o + 1 + n_in]
-        got[r::s] = a + (b - a) * f
-    return tuple(plan) if np.array_equal(got, x[lo] + (x[hi] - x[lo]) * frac) else None
-
-
-def _upsample_phases(x: jax.Array, axis: int, plan: tuple, n: int) -> jax.Array:
-    """x with ``n + 2`` (edge-padded) entries along ``axis`` -> the phases stacked on a new axis at ``axis``."""
-    terms = []
-    for o, f in plan:
-        a = lax.slice_in_dim(x, o, o + n, axis=axis)
-        terms.append(a + (lax.slice_in_dim(x, o + 1, o + 1 + n, axis=axis) - a) * f)
-    return jnp.stack(terms, axis=axis)
-
-
-def _upsample_phases_adjoint(g: jax.Array, axis: int, plan: tuple, n: int) -> jax.Array:
-    """The transpose of :func:`_upsample_phases`: phases at ``axis`` -> ``n + 2`` entries along ``axis``."""
-    out = None
-    for r, (o, f) in enumerate(plan):
-        q = lax.index_in_dim(g, r, axis, keepdims=False)
-        for start, weight in ((o, np.float32(1.0) - f), (o + 1, f)):
-            pad = [(0, 0)] * q.ndim
-            pad[axis] = (start, 2 - start)
-            term = jnp.pad(q * weight, pad)
-            out = term if out is None else out + term
-    return out
-
-
-def _fold_edge_padding(g: jax.Array, axis: int, n: int) -> jax.Array:
-    """The transpose of edge padding by one: ``n + 2`` entries -> ``n``, the pads added to the first and last."""
-
-    def part(start: int, stop: int) -> jax.Array:
-        return lax.slice_in_dim(g, start, stop, axis=axis)
-
-    if n == 1:
-        return part(0, 1) + part(1, 2) + part(2, 3)
-    return jnp.concatenate([part(0, 1) + part(1, 2), part(2, n), part(n, n + 1) + part(n + 1, n + 2)], axis=axis)
-
-
 def _blocked_ce_parts(logits: jax.Array, labels: jax.Array, ignore_index: int, with_grad: bool) -> tuple:
     """Summed CE, #correct and (if ``with_grad``) d(summed CE)/d(logits), block by block of low-resolution rows.
 
@@ -171,7 +120,7 @@ def _blocked_ce_parts(logits: jax.Array, labels: jax.Array, ignore_index: int, w
     """
     n, h, w, k = logits.shape
     big_h, big_w = labels.shape[1:]
-    row_plan, col_plan = _phases(h, big_h), _phases(w, big_w)
+    row_plan, col_plan = upsampling_phases(h, big_h), upsampling_phases(w, big_w)
     sh, sw = big_h // h, big_w // w
     rows = max([r for r in range(1, h + 1) if h % r == 0 and n * sh * r * big_w * k * 4 <= BLOCK_BYTES] or [1])
     blocks = h // rows
@@ -185,7 +134,7 @@ def _blocked_ce_parts(logits: jax.Array, labels: jax.Array, ignore_index: int, w
 
     def block(carry: None, xs: tuple[jax.Array, jax.Array]) -> tuple[None, tuple]:
         slab, label = xs
-        x = _upsample_phases(_upsample_phases(slab, 0, row_plan, rows), 3, col_plan, w)  # (sh, rows, N, sw, w, K)
+        x = upsample_phases(upsample_phases(slab, 0, row_plan, rows), 3, col_plan, w)  # (sh, rows, N, sw, w, K)
         top = jnp.max(x, axis=-1, keepdims=True)
         top_finite = jnp.where(jnp.isfinite(top), top, 0.0)  # as jax.nn.logsumexp
         exp = jnp.exp(x - top_finite)
@@ -199,8 +148,8 @@ def _blocked_ce_parts(logits: jax.Array, labels: jax.Array, ignore_index: int, w
         if not with_grad:
             return carry, (nll, correct)
         grad = jnp.where(valid[..., None], exp / total - onehot.astype(exp.dtype), 0.0)
-        grad = _fold_edge_padding(_upsample_phases_adjoint(grad, 3, col_plan, w), 3, w)  # (sh, rows, N, w, K)
-        return carry, (nll, correct, _upsample_phases_adjoint(grad, 0, row_plan, rows))  # (rows + 2, N, w, K)
+        grad = fold_edge_padding(upsample_phases_adjoint(grad, 3, col_plan, w), 3, w)  # (sh, rows, N, w, K)
+        return carry, (nll, correct, upsample_phases_adjoint(grad, 0, row_plan, rows))  # (rows + 2, N, w, K)
 
     _, out = lax.scan(block, None, (slabs, labels))
     nll, correct = jnp.sum(out[0]), jnp.sum(out[1])
@@ -225,9 +174,9 @@ def _blocked_ce(logits: jax.Array, labels: jax.Array, ignore_index: int) -> tupl
     """:func:`_resized_ce_and_correct` for integer (power-of-two) upsampling factors, in blocks of rows.
 
     logits (N, h, w, K) float32, labels (N, s*h, t*w) int32. The label-resolution logits of a block of rows (a few
-    MB) are made from the low-resolution rows by the phases of :func:`_phases` (the same float32 operations as
-    :func:`resize_bilinear`), and their cross entropy, top-1 hits and gradient are computed while the block is in
-    cache; the gradient with respect to the low-resolution logits (the transposed upsampling) is made in the
+    MB) are made from the low-resolution rows by the phases of ``layers.upsampling_phases`` (the same float32
+    operations as :func:`resize_bilinear`), and their cross entropy, top-1 hits and gradient are computed while the
+    block is in cache; the gradient with respect to the low-resolution logits (the transposed upsampling) is made in the
     forward pass, so the backward pass only scales it. Memory: the blocks' gradients (~(1 + 2/rows) x the logits)
     instead of N*s*h*t*w*K floats twice. A hit is ``picked >= max`` (a label tied with another class for the
     maximum counts as a hit; the unblocked path takes the first maximum).

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 ARGMAX_GROUPS = 6  # see argmax_classes
 ARGMAX_MIN_CLASSES = 48
@@ -221,6 +222,67 @@ def _linear_resize_vjp(resize):
 
 _linear_resize_vjp(_resize_separable)
 _linear_resize_vjp(_resize_flat)
+
+
+@functools.lru_cache(maxsize=64)
+def upsampling_phases(n_in: int, n_out: int) -> tuple[tuple[int, np.float32], ...] | None:
+    """The bilinear upsampling from ``n_in`` to ``n_out = s * n_in`` entries as ``s`` phases, when exact.
+
+    Output ``s * i + r`` is ``a + (b - a) * f`` with ``a, b = p[i + o], p[i + o + 1]`` of the input edge-padded by
+    one entry and ``(o, f)`` the r-th pair returned (:func:`upsample_phases` applies it, with the phases on an axis
+    of their own: the blocked loss of ``cffm_jax.losses`` permutes its labels to match instead of interleaving).
+    Returns None unless ``s`` is an integer >= 2 for which this gives bitwise the values of
+    :func:`resize_bilinear` (checked here on random values; it holds for powers of two, where PyTorch's float32
+    source coordinates are exact).
+    """
+    if n_out % n_in or n_out // n_in < 2:
+        return None
+    s = n_out // n_in
+    plan = []
+    for r in range(s):
+        f = (r + 0.5) / s - 0.5
+        plan.append((0, np.float32(f + 1.0)) if f < 0 else (1, np.float32(f)))
+    lo, hi, frac = _bilinear_taps(n_in, n_out)
+    x = np.random.default_rng(0).standard_normal(n_in).astype(np.float32)
+    padded = np.pad(x, 1, mode="edge")
+    got = np.empty(n_out, np.float32)
+    for r, (o, f) in enumerate(plan):
+        a, b = padded[o : o + n_in], padded[o + 1 : o + 1 + n_in]
+        got[r::s] = a + (b - a) * f
+    return tuple(plan) if np.array_equal(got, x[lo] + (x[hi] - x[lo]) * frac) else None
+
+
+def upsample_phases(x: jax.Array, axis: int, plan: tuple, n: int) -> jax.Array:
+    """x with ``n + 2`` (edge-padded) entries along ``axis`` -> the phases stacked on a new axis at ``axis``."""
+    terms = []
+    for o, f in plan:
+        a = lax.slice_in_dim(x, o, o + n, axis=axis)
+        terms.append(a + (lax.slice_in_dim(x, o + 1, o + 1 + n, axis=axis) - a) * f)
+    return jnp.stack(terms, axis=axis)
+
+
+def upsample_phases_adjoint(g: jax.Array, axis: int, plan: tuple, n: int) -> jax.Array:
+    """The transpose of :func:`upsample_phases`: phases at ``axis`` -> ``n + 2`` entries along ``axis``."""
+    out = None
+    for r, (o, f) in enumerate(plan):
+        q = lax.index_in_dim(g, r, axis, keepdims=False)
+        for start, weight in ((o, np.float32(1.0) - f), (o + 1, f)):
+            pad = [(0, 0)] * q.ndim
+            pad[axis] = (start, 2 - start)
+            term = jnp.pad(q * weight, pad)
+            out = term if out is None else out + term
+    return out
+
+
+def fold_edge_padding(g: jax.Array, axis: int, n: int) -> jax.Array:
+    """The transpose of edge padding by one: ``n + 2`` entries -> ``n``, the pads added to the first and last."""
+
+    def part(start: int, stop: int) -> jax.Array:
+        return lax.slice_in_dim(g, start, stop, axis=axis)
+
+    if n == 1:
+        return part(0, 1) + part(1, 2) + part(2, 3)
+    return jnp.concatenate([part(0, 1) + part(1, 2), part(2, n), part(n, n + 1) + part(n + 1, n + 2)], axis=axis)
 
 
 @jax.custom_vjp
