@@ -15,16 +15,18 @@ Memory and speed. At 480x480, K = 124 and B*T = 32 the upsampled per-frame logit
 
 * Default path (``frames_per_chunk=None``, when the label size is the logits' size times a power of two on each
   axis, as in training: 1/4 resolution): :func:`_blocked_ce` never materialises them. A ``lax.scan`` over blocks
-  of low-resolution rows makes each block's label-resolution logits (a few MB, ``BLOCK_BYTES``) with the same
-  float32 operations as :func:`resize_bilinear`, takes their cross entropy, top-1 hits and gradient
-  ``softmax(x) - onehot(label)`` while the block is in cache, and applies the transposed upsampling; the gradient
-  with respect to the low-resolution logits is computed in the forward pass and only scaled in the backward pass.
-  Each step of the loop takes the block's rows of all N frames, so that a batch sharded over devices stays
-  sharded (a loop over frames made XLA replicate the logits on every device). Extra memory: a few times the size
-  of the low-resolution logits. Measured (CPU, jax 0.10.2) for logits (1, 5, 120, 120, 124) and labels
-  (1, 4, 480, 480), the loss and its gradient: 0.80 -> 0.61 s, temporary buffers 1104 -> 200 MiB against the
-  unblocked path; for (8, 5, 120, 120, 124) logits 1.57 GiB of temporary buffers (4.30 GiB unblocked, see below).
-  (One frame per step was faster on one device, 0.50 s.)
+  of low-resolution pixels (whole rows, or on CPU a row cut into blocks of columns: ``BLOCK_BYTES``, about the L2
+  cache) makes each block's label-resolution logits with the same float32 operations as :func:`resize_bilinear`,
+  takes their cross entropy, top-1 hits and gradient ``softmax(x) - onehot(label)`` while the block is in cache,
+  applies the transposed upsampling and adds the result into the gradient carried by the loop; the gradient with
+  respect to the low-resolution logits is computed in the forward pass and only scaled in the backward pass.
+  Each step of the loop takes the block of all N frames, so that a batch sharded over devices stays sharded (a
+  loop over frames made XLA replicate the logits on every device). Extra memory: about twice the low-resolution
+  logits. Measured (CPU, jax 0.10.2, interleaved runs) for logits (1, 5, 120, 120, 124) and labels
+  (1, 4, 480, 480), the loss and its gradient: 0.80 s and 1104 MiB of temporary buffers unblocked; 0.61 s and
+  200 MiB in blocks of whole rows with the blocks' gradients stacked (the previous version); 0.51 s and 70 MiB
+  now (0.54 s for the previous version in the same runs). For (8, 5, 120, 120, 124) logits: 6.0 -> 4.4 s and
+  1.54 -> 0.56 GiB against the previous version (4.30 GiB unblocked, see below).
 * Otherwise, and whenever ``frames_per_chunk`` is given: the logits are resized (:func:`resize_bilinear`) and the
   cross entropy is ``logsumexp(x) - x[label]`` with the label logit picked by an iota comparison; no one-hot or
   log-softmax tensor of size K is materialised, and the gradient ``(softmax(x) - onehot(label)) * valid /
@@ -62,8 +64,10 @@ from cffm_jax.models.layers import (
 )
 
 # Label-resolution logits of one block of the blocked loss (all N frames, see _blocked_ce), at most (but at least
-# one low-resolution row): about the two cores' 2 x 1 MiB of L2 on the development machine.
-BLOCK_BYTES = 2 * 2**20
+# one low-resolution pixel; one row on accelerators): the L2 of the development machine's two cores. Interleaved
+# runs of the loss + gradient of (1, 5, 120, 120, 124) logits: 0.5-1.5 MiB fastest, 256 KiB (more loop steps)
+# and 4 MiB slower.
+BLOCK_BYTES = 2**20
 
 
 def _ce_and_correct(logits: jax.Array, labels: jax.Array, ignore_index: int) -> tuple[jax.Array, jax.Array]:
@@ -112,29 +116,47 @@ def _resized_ce_and_correct(
     return jnp.sum(sums), jnp.sum(correct)
 
 
-def _blocked_ce_parts(logits: jax.Array, labels: jax.Array, ignore_index: int, with_grad: bool) -> tuple:
-    """Summed CE, #correct and (if ``with_grad``) d(summed CE)/d(logits), block by block of low-resolution rows.
+def _block_shape(n: int, h: int, w: int, k: int, sh: int, sw: int) -> tuple[int, int]:
+    """(rows, columns) of low-resolution pixels per block of :func:`_blocked_ce_parts`.
 
-    The loop runs over blocks of rows with all N frames in each step, so that a batch sharded over devices stays
-    sharded (each device runs the loop on its frames).
+    Whole rows (as many as divide ``h``) when one row of all N frames' label-resolution logits fits in
+    ``BLOCK_BYTES``. Otherwise one row, which on CPU is cut into the widest blocks of columns (dividing ``w``) that
+    fit; on accelerators a row stays whole, keeping the loop short (each step launches its own kernels there).
+    """
+    pixel_bytes = n * sh * sw * k * 4
+    for rows in range(h, 0, -1):
+        if h % rows == 0 and rows * w * pixel_bytes <= BLOCK_BYTES:
+            return rows, w
+    if jax.default_backend() != "cpu":
+        return 1, w
+    return 1, max(c for c in range(1, w + 1) if w % c == 0 and (c == 1 or c * pixel_bytes <= BLOCK_BYTES))
+
+
+def _blocked_ce_parts(logits: jax.Array, labels: jax.Array, ignore_index: int, with_grad: bool) -> tuple:
+    """Summed CE, #correct and (if ``with_grad``) d(summed CE)/d(logits), block by block of low-resolution pixels.
+
+    The loop runs over blocks of rows (and columns) with all N frames in each step, so that a batch sharded over
+    devices stays sharded (each device runs the loop on its frames).
     """
     n, h, w, k = logits.shape
     big_h, big_w = labels.shape[1:]
     row_plan, col_plan = upsampling_phases(h, big_h), upsampling_phases(w, big_w)
     sh, sw = big_h // h, big_w // w
-    rows = max([r for r in range(1, h + 1) if h % r == 0 and n * sh * r * big_w * k * 4 <= BLOCK_BYTES] or [1])
-    blocks = h // rows
-    # Each block's rows with one row of context above and below, all edge-padded by one (the clamped border);
-    # (blocks, rows + 2, N, w + 2, K).
+    rows, cols = _block_shape(n, h, w, k, sh, sw)
+    row_blocks, col_blocks = h // rows, w // cols
     padded = jnp.pad(logits, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
-    index = (np.arange(blocks)[:, None] * rows + np.arange(rows + 2)[None, :]).reshape(-1)
-    slabs = jnp.moveaxis(jnp.take(padded, index, axis=1), 1, 0).reshape(blocks, rows + 2, n, w + 2, k)
-    # Labels in the pixel order of the blocks: (block, row phase, row, frame, column phase, column).
-    labels = labels.reshape(n, blocks, rows, sh, w, sw).transpose(1, 3, 2, 0, 5, 4)
+    # Labels in the pixel order of the blocks: (block, frame, row phase, row, column phase, column).
+    labels = labels.reshape(n, row_blocks, rows, sh, col_blocks, cols, sw).transpose(1, 4, 0, 3, 2, 6, 5)
+    labels = labels.reshape(row_blocks * col_blocks, n, sh, rows, sw, cols)
+    starts = np.stack(np.meshgrid(np.arange(row_blocks) * rows, np.arange(col_blocks) * cols, indexing="ij"), -1)
+    starts = jnp.asarray(starts.reshape(-1, 2), jnp.int32)
 
-    def block(carry: None, xs: tuple[jax.Array, jax.Array]) -> tuple[None, tuple]:
-        slab, label = xs
-        x = upsample_phases(upsample_phases(slab, 0, row_plan, rows), 3, col_plan, w)  # (sh, rows, N, sw, w, K)
+    def block(acc: jax.Array | None, xs: tuple[jax.Array, jax.Array]) -> tuple:
+        start, label = xs
+        zero = jnp.zeros((), jnp.int32)
+        at = (zero, start[0], start[1], zero)
+        slab = lax.dynamic_slice(padded, at, (n, rows + 2, cols + 2, k))
+        x = upsample_phases(upsample_phases(slab, 1, row_plan, rows), 3, col_plan, cols)  # (N, sh, rows, sw, cols, K)
         top = jnp.max(x, axis=-1, keepdims=True)
         top_finite = jnp.where(jnp.isfinite(top), top, 0.0)  # as jax.nn.logsumexp
         exp = jnp.exp(x - top_finite)
@@ -146,40 +168,33 @@ def _blocked_ce_parts(logits: jax.Array, labels: jax.Array, ignore_index: int, w
         hit = valid & (label >= 0) & (label < k) & (picked >= top[..., 0])
         correct = jnp.sum(hit.astype(jnp.int32))
         if not with_grad:
-            return carry, (nll, correct)
+            return acc, (nll, correct)
         grad = jnp.where(valid[..., None], exp / total - onehot.astype(exp.dtype), 0.0)
-        grad = fold_edge_padding(upsample_phases_adjoint(grad, 3, col_plan, w), 3, w)  # (sh, rows, N, w, K)
-        return carry, (nll, correct, upsample_phases_adjoint(grad, 0, row_plan, rows))  # (rows + 2, N, w, K)
+        grad = upsample_phases_adjoint(upsample_phases_adjoint(grad, 3, col_plan, cols), 1, row_plan, rows)
+        acc = lax.dynamic_update_slice(acc, lax.dynamic_slice(acc, at, grad.shape) + grad, at)
+        return acc, (nll, correct)
 
-    _, out = lax.scan(block, None, (slabs, labels))
-    nll, correct = jnp.sum(out[0]), jnp.sum(out[1])
+    # The gradient of the edge-padded logits: each block adds its part, neighbouring blocks share their borders.
+    init = jnp.zeros_like(padded) if with_grad else None
+    acc, (nll, correct) = lax.scan(block, init, (starts, labels))
+    nll, correct = jnp.sum(nll), jnp.sum(correct)
     if not with_grad:
         return nll, correct
-    # Each block's gradient covers its rows and one row above and below: add the overlaps (and the edge pads).
-    parts = jnp.moveaxis(out[2], 2, 0)  # (N, blocks, rows + 2, w, K)
-    above, below = parts[:, :, 0], parts[:, :, rows + 1]
-    to_first = jnp.concatenate([above[:, :1], below[:, :-1]], axis=1)[:, :, None]
-    to_last = jnp.concatenate([above[:, 1:], below[:, -1:]], axis=1)[:, :, None]
-    if rows == 1:
-        grad = parts[:, :, 1:2] + to_first + to_last
-    else:
-        grad = jnp.concatenate(
-            [parts[:, :, 1:2] + to_first, parts[:, :, 2:rows], parts[:, :, rows : rows + 1] + to_last], axis=2
-        )
-    return nll, correct, grad.reshape(n, h, w, k)
+    return nll, correct, fold_edge_padding(fold_edge_padding(acc, 1, h), 2, w)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _blocked_ce(logits: jax.Array, labels: jax.Array, ignore_index: int) -> tuple[jax.Array, jax.Array]:
-    """:func:`_resized_ce_and_correct` for integer (power-of-two) upsampling factors, in blocks of rows.
+    """:func:`_resized_ce_and_correct` for integer (power-of-two) upsampling factors, in blocks of pixels.
 
-    logits (N, h, w, K) float32, labels (N, s*h, t*w) int32. The label-resolution logits of a block of rows (a few
-    MB) are made from the low-resolution rows by the phases of ``layers.upsampling_phases`` (the same float32
-    operations as :func:`resize_bilinear`), and their cross entropy, top-1 hits and gradient are computed while the
-    block is in cache; the gradient with respect to the low-resolution logits (the transposed upsampling) is made in the
-    forward pass, so the backward pass only scales it. Memory: the blocks' gradients (~(1 + 2/rows) x the logits)
-    instead of N*s*h*t*w*K floats twice. A hit is ``picked >= max`` (a label tied with another class for the
-    maximum counts as a hit; the unblocked path takes the first maximum).
+    logits (N, h, w, K) float32, labels (N, s*h, t*w) int32. The label-resolution logits of a block (at most
+    ``BLOCK_BYTES``) are made from the low-resolution block and its one-pixel border by the phases of
+    ``layers.upsampling_phases`` (the same float32 operations as :func:`resize_bilinear`), and their cross entropy,
+    top-1 hits and gradient are computed while the block is in cache; the gradient with respect to the
+    low-resolution logits (the transposed upsampling) is made in the forward pass, so the backward pass only scales
+    it. Memory: the edge-padded logits and their gradient instead of N*s*h*t*w*K floats twice. A hit is
+    ``picked >= max`` (a label tied with another class for the maximum counts as a hit; the unblocked path takes
+    the first maximum).
     """
     return _blocked_ce_parts(logits, labels, ignore_index, with_grad=False)
 

@@ -106,17 +106,26 @@ def test_shape_errors(loss_tiny):
 
 
 @pytest.mark.parametrize(
-    "shape,size,block_rows", [((2, 6, 5, 9), (24, 20), 1), ((1, 6, 4, 9), (24, 16), 3), ((2, 4, 6, 5), (8, 24), 4)]
+    "shape,size,block",
+    [
+        ((2, 6, 5, 9), (24, 20), (1, 5)),
+        ((1, 6, 4, 9), (24, 16), (3, 4)),
+        ((2, 4, 6, 5), (8, 24), (1, 2)),
+        ((1, 6, 6, 5), (12, 24), (1, 3)),
+    ],
 )
-def test_blocked_loss_equals_the_resized_one(monkeypatch, shape, size, block_rows):
+def test_blocked_loss_equals_the_resized_one(monkeypatch, shape, size, block):
     """The default (blocked, written-out gradient) path against resize-then-cross-entropy with autodiff.
 
-    Several blocks of rows per frame (the block size forced through BLOCK_BYTES), so that the rows shared by
-    neighbouring blocks and the clamped borders are exercised; power-of-two upsampling, different per axis.
+    Several blocks per frame (the block size forced through BLOCK_BYTES): blocks of whole rows and, as on CPU when
+    a row does not fit, rows cut into blocks of columns, so that the borders shared by neighbouring blocks and the
+    clamped edges are exercised; power-of-two upsampling, different per axis.
     """
     n, h, w, k = shape
-    monkeypatch.setattr(losses, "BLOCK_BYTES", n * (size[0] // h) * block_rows * size[1] * k * 4)
-    rng = np.random.default_rng(block_rows)
+    sh, sw = size[0] // h, size[1] // w
+    monkeypatch.setattr(losses, "BLOCK_BYTES", n * sh * sw * k * 4 * block[0] * block[1])
+    assert losses._block_shape(n, h, w, k, sh, sw) == block
+    rng = np.random.default_rng(block[0] * 10 + block[1])
     logits = 3.0 * rng.standard_normal(shape).astype(np.float32)
     labels = rng.integers(0, k, (n, *size)).astype(np.int32)
     labels[:, : size[0] // 3, : size[1] // 2] = 255
