@@ -306,9 +306,7 @@ def timed(fn: Callable[[], Any]) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def time_runs(
-    fn: Callable[[], Any], repeats: int, warmup: int
-) -> tuple[float | None, list[tuple[float, float]]]:
+def time_runs(fn: Callable[[], Any], repeats: int, warmup: int) -> tuple[float | None, list[tuple[float, float]]]:
     """(first warm-up run's wall s or None, ``repeats`` timed runs as (wall s, CPU s)).
 
     ``fn`` must block until its work is done.
@@ -321,9 +319,7 @@ def time_runs(
     return first, [timed(fn) for _ in range(repeats)]
 
 
-def aot_compile(
-    fn: Callable, *args, compiler_options: dict[str, Any] | None = None, **jit_kwargs
-) -> tuple[Any, float]:
+def aot_compile(fn: Callable, *args, compiler_options: dict[str, Any] | None = None, **jit_kwargs) -> tuple[Any, float]:
     """(compiled executable, trace + lower + compile seconds) of ``jax.jit(fn, **jit_kwargs)`` at ``args``."""
     start = time.perf_counter()
     compiled = jax.jit(fn, **jit_kwargs).lower(*args).compile(compiler_options)
@@ -642,9 +638,7 @@ class Suite:
                         "encode_cache_growth": cache_after[0] - cache_before[0],
                         "decode_step_cache_growth": cache_after[1] - cache_before[1],
                         "host_rss_delta_mb": count_mem.delta_mb,
-                        "method": "jax.monitoring "
-                        + BACKEND_COMPILE_EVENT
-                        + " events; jitted _cache_size() growth",
+                        "method": "jax.monitoring " + BACKEND_COMPILE_EVENT + " events; jitted _cache_size() growth",
                     }
                 )
                 for hw in sizes:
@@ -709,9 +703,7 @@ class Suite:
                 tx, schedule = make_optimizer(OPTIM, variables["params"], 160_000, mask)
                 labels = rng.integers(0, config.num_classes, (1, 4, *hw), dtype=np.int32)
                 labels[:, :, : hw[0] // 8] = 255  # some ignored pixels
-                batch = jax.device_put(
-                    {"clips": rng.standard_normal((1, 4, *hw, 3), np.float32), "labels": labels}
-                )
+                batch = jax.device_put({"clips": rng.standard_normal((1, 4, *hw, 3), np.float32), "labels": labels})
                 step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, loss_config=LOSS)
                 r = Result("train", self.label(f"CFFM-{size.upper()} train step 1x4"), config.name, hw, dtype)
                 r.items_per_run, r.item = 1, "step"
@@ -795,9 +787,7 @@ class Suite:
         try:
             import torch
             from transformers import SegformerConfig, SegformerModel
-        except (
-            ImportError
-        ) as e:  # optional (the 'test' extra): say so in the row instead of failing the suite
+        except ImportError as e:  # optional (the 'test' extra): say so in the row instead of failing the suite
             log.warning("peer case skipped: %s", e)
             self.results.append(Result("peer", self.label("MiT vs HF SegFormer"), extra={"skipped": str(e)}))
             return
@@ -815,9 +805,7 @@ class Suite:
                 )
             ).eval()
             for hw in self.s.sizes:
-                r = Result(
-                    "peer", self.label(f"MiT-{size.upper()} 4 frames: ours / HF SegFormer"), config.name, hw
-                )
+                r = Result("peer", self.label(f"MiT-{size.upper()} 4 frames: ours / HF SegFormer"), config.name, hw)
                 r.dtype, r.items_per_run, r.item = "float32", 4, "frame"
                 with HostMemory() as mem:
                     compiled, args, _ = self.mit_executable(size, hw, "float32")
@@ -849,8 +837,7 @@ class Suite:
                     peer_cpu_times_s=[cpu for _, cpu in times["theirs"]],
                     peer_median_s=theirs_median,
                     ours_over_theirs=r.median_s / theirs_median,
-                    ours_over_theirs_cpu=r.cpu_median_s
-                    / statistics.median(cpu for _, cpu in times["theirs"]),
+                    ours_over_theirs_cpu=r.cpu_median_s / statistics.median(cpu for _, cpu in times["theirs"]),
                     torch_threads=threads,
                 )
                 self._finish(r, compiled, mem, 4)
@@ -975,9 +962,7 @@ def format_table(suite: Suite, machine: dict[str, Any]) -> str:
 
 
 def _peak(p: dict[str, Any]) -> str:
-    return (
-        f"{p['gflops_per_s']:.1f} GFLOP/s on {p['effective_cores']:.2f} cores (load {p['loadavg_1min']:.1f})"
-    )
+    return f"{p['gflops_per_s']:.1f} GFLOP/s on {p['effective_cores']:.2f} cores (load {p['loadavg_1min']:.1f})"
 
 
 def _loads(loads: Sequence[float] | None) -> str:
@@ -1038,9 +1023,7 @@ def _sizes(value: str) -> tuple[tuple[int, int], ...]:
     except ValueError:
         sizes = ()
     if not sizes or any(len(s) != 2 or min(s) < 32 or s[0] % 32 or s[1] % 32 for s in sizes):
-        raise argparse.ArgumentTypeError(
-            f"sizes must be HxW multiples of 32 separated by commas, got {value!r}"
-        )
+        raise argparse.ArgumentTypeError(f"sizes must be HxW multiples of 32 separated by commas, got {value!r}")
     return sizes
 
 
@@ -1052,18 +1035,12 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, str | None, str | None]:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--cases", type=lambda v: _list(v, CASES, "case"), default=CASES)
-    parser.add_argument(
-        "--models", type=lambda v: _list(v, tuple(f"b{i}" for i in range(6)), "model"), default=("b0",)
-    )
-    parser.add_argument(
-        "--sizes", type=_sizes, default=None, help="HxW network inputs (default 480x480,480x864)"
-    )
+    parser.add_argument("--models", type=lambda v: _list(v, tuple(f"b{i}" for i in range(6)), "model"), default=("b0",))
+    parser.add_argument("--sizes", type=_sizes, default=None, help="HxW network inputs (default 480x480,480x864)")
     parser.add_argument("--dtype", type=lambda v: _list(v, DTYPES, "dtype"), default=("float32",))
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 3; tiny 2)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs after compilation")
-    parser.add_argument(
-        "--frames", type=int, default=None, help="frames of the streaming video (30; tiny 12)"
-    )
+    parser.add_argument("--frames", type=int, default=None, help="frames of the streaming video (30; tiny 12)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--tiny", action="store_true", help="tiny model and sizes (seconds; for tests)")
     parser.add_argument("--report", help="print the table of a saved --json file instead of running")

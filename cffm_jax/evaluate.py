@@ -98,9 +98,7 @@ class PredictionWriter:
 
     _max_pending = 32
 
-    def __init__(
-        self, out_dir: str | os.PathLike, *, overwrite: bool = False, workers: int = 2, join: bool = False
-    ):
+    def __init__(self, out_dir: str | os.PathLike, *, overwrite: bool = False, workers: int = 2, join: bool = False):
         self.out = Path(out_dir)
         self.tmp = self.out.with_name(f".{self.out.name}.partial")
         if join:
@@ -320,7 +318,11 @@ def evaluate_videos(
     if jax.process_count() > 1:
         log.info(
             "process %d of %d evaluates %d of %d videos (%d frames)",
-            jax.process_index(), jax.process_count(), len(videos), len(all_videos), total,
+            jax.process_index(),
+            jax.process_count(),
+            len(videos),
+            len(all_videos),
+            total,
         )
     start = time.perf_counter()
     predicted = 0
@@ -346,9 +348,7 @@ def evaluate_videos(
     accumulator, predicted = _pool_processes(accumulator, predicted)
     seconds = time.perf_counter() - start
     if accumulator.num_frames == 0:
-        log.warning(
-            "split %r of %s has no labelled frames: the metrics are undefined (NaN)", split, data_root
-        )
+        log.warning("split %r of %s has no labelled frames: the metrics are undefined (NaN)", split, data_root)
     scores = accumulator.compute()
     scores["num_predicted_frames"] = predicted
     scores["seconds"] = seconds
@@ -510,19 +510,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     model = parser.add_argument_group("evaluation of a model")
     model.add_argument("--config", help="experiment config file, configs/X.py[:arg]")
-    model.add_argument(
-        "--checkpoint", help="weights dir, training workdir or raw .pth (default: config.workdir)"
-    )
+    model.add_argument("--checkpoint", help="weights dir, training workdir or raw .pth (default: config.workdir)")
     model.add_argument("--model", help="model name (e.g. cffm_b1) for a raw checkpoint without --config")
     model.add_argument("--predictions-out", help="also save predictions in the VSPW submission layout here")
     model.add_argument("--overwrite", action="store_true", help="replace a non-empty --predictions-out")
-    model.add_argument(
-        "--prototypes", help="CFFM++: prototype store dir, or 'auto' to compute them on the fly"
-    )
+    model.add_argument("--prototypes", help="CFFM++: prototype store dir, or 'auto' to compute them on the fly")
     model.add_argument("--img-scale", nargs=2, type=int, metavar=("W", "H"), help="test rescale bound")
-    model.add_argument(
-        "--no-streaming", action="store_true", help="clip-by-clip reference instead of streaming"
-    )
+    model.add_argument("--no-streaming", action="store_true", help="clip-by-clip reference instead of streaming")
     model.add_argument("--batch-size", type=int, help="frames per batch (multiple of the device count)")
     score = parser.add_argument_group("scoring saved predictions")
     score.add_argument("--predictions", help="folder <video>/<frame>.png to score (no model)")

@@ -265,9 +265,7 @@ def segmentation_loss(
         raise ValueError(f"logits {logits.shape} must start with (B, T+1) = {(b, t + 1)} ({labels.shape=})")
     frame_logits = logits[:, :t].reshape(b * t, *logits.shape[2:])
     frame_labels = labels.reshape(b * t, *labels.shape[2:])
-    frames_sum, frames_correct = _resized_ce_and_correct(
-        frame_logits, frame_labels, ignore_index, frames_per_chunk
-    )
+    frames_sum, frames_correct = _resized_ce_and_correct(frame_logits, frame_labels, ignore_index, frames_per_chunk)
     target_sum, _ = _resized_ce_and_correct(logits[:, t], labels[:, t - 1], ignore_index, frames_per_chunk)
     ce_frames = frames_sum / frame_labels.size
     ce_target = target_sum / (b * labels.shape[2] * labels.shape[3])

@@ -69,9 +69,7 @@ _INT32_MAX = 2**31 - 1
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "ignore_index"))
-def confusion_matrix(
-    pred: jax.Array, label: jax.Array, num_classes: int, ignore_index: int = 255
-) -> jax.Array:
+def confusion_matrix(pred: jax.Array, label: jax.Array, num_classes: int, ignore_index: int = 255) -> jax.Array:
     """Confusion matrix of one batch of label maps, on device.
 
     Args:
@@ -208,9 +206,7 @@ def vc_window_accuracies(preds: np.ndarray, gts: np.ndarray, window: int) -> np.
     """
     preds, gts = np.asarray(preds), np.asarray(gts)
     if preds.shape != gts.shape or preds.ndim != 3:
-        raise ValueError(
-            f"expected preds and gts of equal shape (F, H, W), got {preds.shape} and {gts.shape}"
-        )
+        raise ValueError(f"expected preds and gts of equal shape (F, H, W), got {preds.shape} and {gts.shape}")
     accs = []
     for i in range(preds.shape[0] - window):
         gt_common = np.ones(gts.shape[1:], bool)
@@ -282,9 +278,7 @@ class VideoConsistency:
         self._start_video()
 
     def _start_video(self) -> None:
-        self._buffer: collections.deque[tuple[jax.Array, jax.Array]] = collections.deque(
-            maxlen=max(self.windows)
-        )
+        self._buffer: collections.deque[tuple[jax.Array, jax.Array]] = collections.deque(maxlen=max(self.windows))
         self._num_frames = 0
         self._frame_shape: tuple[int, ...] | None = None
         self._video = {n: _Pooled() for n in self.windows}
@@ -306,9 +300,7 @@ class VideoConsistency:
           gt: (H, W) integer ground truth, already mapped (255 is compared like a label).
         """
         if np.shape(pred) != np.shape(gt) or len(np.shape(pred)) != 2:
-            raise ValueError(
-                f"prediction shape {np.shape(pred)} != GT shape {np.shape(gt)} (want equal (H, W))"
-            )
+            raise ValueError(f"prediction shape {np.shape(pred)} != GT shape {np.shape(gt)} (want equal (H, W))")
         if self._frame_shape is not None and np.shape(pred) != self._frame_shape:
             raise ValueError(
                 f"frame {self._num_frames} has shape {np.shape(pred)} but earlier frames of this video have "
@@ -343,9 +335,7 @@ class VideoConsistency:
         """Add one whole video: ``preds``, ``gts`` (F, H, W); ends any video in progress first."""
         self.end_video()
         if np.shape(preds) != np.shape(gts) or len(np.shape(preds)) != 3:
-            raise ValueError(
-                f"expected preds and gts of equal shape (F, H, W), got {np.shape(preds)}, {np.shape(gts)}"
-            )
+            raise ValueError(f"expected preds and gts of equal shape (F, H, W), got {np.shape(preds)}, {np.shape(gts)}")
         for pred, gt in zip(preds, gts, strict=True):
             self.add_frame(pred, gt)
         self.end_video()
@@ -446,9 +436,7 @@ class MetricsAccumulator:
             )
         if video != self._video:
             if video in self._finished:
-                raise ValueError(
-                    f"video {video!r} was already finished; frames of a video must be contiguous"
-                )
+                raise ValueError(f"video {video!r} was already finished; frames of a video must be contiguous")
             if self._video is not None:
                 self._finished.add(self._video)
             self._vc.end_video()
@@ -456,8 +444,7 @@ class MetricsAccumulator:
             self._last_frame = frame_idx - 1
         if frame_idx != self._last_frame + 1:
             raise ValueError(
-                f"video {video!r}: frame {frame_idx} follows frame {self._last_frame}; frames must be "
-                "consecutive"
+                f"video {video!r}: frame {frame_idx} follows frame {self._last_frame}; frames must be consecutive"
             )
         self._last_frame = frame_idx
 

@@ -163,7 +163,5 @@ def make_optimizer(
             eps=c["eps"],
             weight_decay=c["weight_decay"] * group.decay_mult,
         )
-    labels = traverse_util.unflatten_dict(
-        {key: groups[_path(key)].label for key in traverse_util.flatten_dict(params)}
-    )
+    labels = traverse_util.unflatten_dict({key: groups[_path(key)].label for key in traverse_util.flatten_dict(params)})
     return optax.multi_transform(transforms, labels), schedule

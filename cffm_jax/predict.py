@@ -229,9 +229,7 @@ def load_model(checkpoint: str, model: str | None = None, num_classes: int | Non
         expected = model_config(model, **({} if num_classes is None else {"num_classes": num_classes}))
     variables, config = load_for_inference(checkpoint, model=expected)
     if config.arch not in ("cffm", "cffmpp"):
-        raise CheckpointError(
-            f"{checkpoint} holds a {config.name} model; video segmentation needs CFFM or CFFM++"
-        )
+        raise CheckpointError(f"{checkpoint} holds a {config.name} model; video segmentation needs CFFM or CFFM++")
     if num_classes is not None and config.num_classes != num_classes:
         raise CheckpointError(
             f"{checkpoint} predicts {config.num_classes} classes, but --num-classes {num_classes} was given"
@@ -291,9 +289,7 @@ def predict_video(
     try:
         frames = _frames(reader, tuple(img_scale))
         results = segmenter.segment(frames, prototypes, streaming=streaming)
-        for result in tqdm(
-            results, total=reader.num_frames, unit="frame", disable=not progress, desc="predict"
-        ):
+        for result in tqdm(results, total=reader.num_frames, unit="frame", disable=not progress, desc="predict"):
             frame: _UserFrame = result.frame
             ids = np.asarray(result.pred)
             colors = colorize(ids)
@@ -344,13 +340,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--img-scale", nargs=2, type=int, default=IMG_SCALE, metavar=("W", "H"))
     parser.add_argument("--prototypes", help="CFFM++: prototype store dir (default: computed on the fly)")
-    parser.add_argument(
-        "--prototype-seed", type=int, default=0, help="k-means seed for on-the-fly prototypes"
-    )
+    parser.add_argument("--prototype-seed", type=int, default=0, help="k-means seed for on-the-fly prototypes")
     parser.add_argument("--batch-size", type=int, help="frames per batch (multiple of the device count)")
-    parser.add_argument(
-        "--no-streaming", action="store_true", help="clip-by-clip reference instead of streaming"
-    )
+    parser.add_argument("--no-streaming", action="store_true", help="clip-by-clip reference instead of streaming")
     parser.add_argument("--alpha", type=float, default=0.5, help="mask opacity in the overlays")
     parser.add_argument("--fps", type=float, default=10.0, help="frame rate of preview.gif")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")

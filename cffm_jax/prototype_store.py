@@ -122,8 +122,7 @@ class PrototypeStore:
             ):
                 if value is not None and value != self.manifest[name]:
                     raise ValueError(
-                        f"prototype store {self.root} has {name}={self.manifest[name]!r}, "
-                        f"but {value!r} was requested"
+                        f"prototype store {self.root} has {name}={self.manifest[name]!r}, but {value!r} was requested"
                     )
             return
         if embed_dim is None or num_prototypes is None or source is None:
@@ -134,9 +133,7 @@ class PrototypeStore:
         if source not in SOURCES:
             raise ValueError(f"unknown source {source!r}; valid: {', '.join(SOURCES)}")
         if embed_dim < 1 or num_prototypes < 1:
-            raise ValueError(
-                f"embed_dim and num_prototypes must be positive, got {embed_dim}, {num_prototypes}"
-            )
+            raise ValueError(f"embed_dim and num_prototypes must be positive, got {embed_dim}, {num_prototypes}")
         self.manifest = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -212,9 +209,7 @@ class PrototypeStore:
     def _validated(self, array: np.ndarray, what: str) -> np.ndarray:
         expected = (self.num_prototypes, self.embed_dim)
         if array.shape != expected:
-            raise ValueError(
-                f"{what}: shape {array.shape}, but prototype store {self.root} holds (Kp, E) = {expected}"
-            )
+            raise ValueError(f"{what}: shape {array.shape}, but prototype store {self.root} holds (Kp, E) = {expected}")
         if not np.issubdtype(array.dtype, np.floating):
             raise ValueError(f"{what}: dtype {array.dtype} is not floating point")
         array = array.astype(np.float32, copy=False)

@@ -232,9 +232,7 @@ def _split_available(root: str, split: str) -> bool:
         return any(line.strip() for line in f)
 
 
-def select_videos(
-    data_root: str, splits: Sequence[str], num_classes: int
-) -> tuple[list[EvalVideo], tuple[str, ...]]:
+def select_videos(data_root: str, splits: Sequence[str], num_classes: int) -> tuple[list[EvalVideo], tuple[str, ...]]:
     """The videos of ``splits`` in split order (a name in several splits counts once).
 
     Returns:
@@ -254,9 +252,7 @@ def select_videos(
             continue
         for video in list_eval_videos(data_root, split, num_classes=num_classes):
             if video.name in seen:
-                log.warning(
-                    "video %r is in splits %r and %r; generated once", video.name, seen[video.name], split
-                )
+                log.warning("video %r is in splits %r and %r; generated once", video.name, seen[video.name], split)
                 continue
             seen[video.name] = split
             videos.append(video)
@@ -310,9 +306,7 @@ def open_store(
     store = PrototypeStore(out_dir)
     where = f"prototype store {store.root}"
     if store.source != "generated":
-        raise ValueError(
-            f"{where} holds {store.source} prototypes; write generated ones to another directory"
-        )
+        raise ValueError(f"{where} holds {store.source} prototypes; write generated ones to another directory")
     if store.embed_dim != embed_dim:
         raise ValueError(
             f"{where} holds prototypes of dimension E={store.embed_dim}, but the model's features have "
@@ -527,9 +521,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="model name (e.g. cffm_b1) for a raw checkpoint")
     parser.add_argument("--data-root", help="VSPW folder or TFDS folder (default: config.data.root)")
     parser.add_argument("--out", help="prototype store directory (default: config.data.prototypes_dir)")
-    parser.add_argument(
-        "--splits", type=_parse_splits, help="comma-separated splits (default train,val,test)"
-    )
+    parser.add_argument("--splits", type=_parse_splits, help="comma-separated splits (default train,val,test)")
     parser.add_argument("--img-scale", nargs=2, type=int, metavar=("W", "H"), help="test rescale bound")
     parser.add_argument("--num-prototypes", type=int, help=f"prototypes per video (default {NUM_PROTOTYPES})")
     parser.add_argument("--seed", type=int, help="k-means initialisation seed (default 0)")
@@ -620,11 +612,7 @@ def main(argv: Sequence[str] | None = None) -> GenerationSummary:
         config = load_config(args.config, extra)
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    proto = (
-        config.get("prototypes", ml_collections.ConfigDict())
-        if config is not None
-        else ml_collections.ConfigDict()
-    )
+    proto = config.get("prototypes", ml_collections.ConfigDict()) if config is not None else ml_collections.ConfigDict()
     data = config.data if config is not None else ml_collections.ConfigDict()
 
     checkpoint = args.checkpoint or (_default_checkpoint(config) if config is not None else None)

@@ -38,9 +38,7 @@ def _cluster_job() -> bool:
     return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
 
 
-def initialize_distributed(
-    coordinator_address: str = "", num_processes: int = 0, process_id: int = -1
-) -> bool:
+def initialize_distributed(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1) -> bool:
     """Starts multi-process JAX when asked to (or when a cluster environment says so).
 
     Args:

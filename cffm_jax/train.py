@@ -143,9 +143,7 @@ def compute_grads(
     device keeps its own rows (no communication) when the batch is sharded over ``mesh``; micro-batch i uses
     the key ``fold_in(key, i)``; BatchNorm running statistics are threaded through the micro-batches in order.
     """
-    grad_fn = jax.value_and_grad(
-        functools.partial(loss_fn, model=model, loss_config=loss_config), has_aux=True
-    )
+    grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, loss_config=loss_config), has_aux=True)
     if grad_accum_steps == 1:
         (loss, (aux, new_stats)), grads = grad_fn(params, batch_stats, batch, key)
         return loss, aux, grads, new_stats
@@ -261,9 +259,7 @@ def write_run_files(config: ml_collections.ConfigDict, workdir: pathlib.Path) ->
 
     (workdir / CONFIG_FILE).write_text(config.to_json(indent=2) + "\n")
     meta = {"source": "cffm_jax.train", "workdir": str(workdir)}
-    (workdir / MODEL_FILE).write_text(
-        json.dumps({"model": config_to_json(config.model), "metadata": meta}, indent=2)
-    )
+    (workdir / MODEL_FILE).write_text(json.dumps({"model": config_to_json(config.model), "metadata": meta}, indent=2))
 
 
 def run_evaluation(
@@ -391,9 +387,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         log.info("resumed from %s at step %d", workdir / ts.CHECKPOINT_DIR, int(state.step))
     else:
         if config.model.arch == "cffmpp" and not config.init_from:
-            raise ValueError(
-                "CFFM++ fine-tunes a trained CFFM: set --config.init_from (e.g. runs/cffm_vspw_b1)"
-            )
+            raise ValueError("CFFM++ fine-tunes a trained CFFM: set --config.init_from (e.g. runs/cffm_vspw_b1)")
         variables = ts.initial_variables(config.model, config.init_from, fresh)
         state = jax.jit(
             functools.partial(ts.create_train_state, tx=tx, seed=config.seed), out_shardings=state_sharding
@@ -523,9 +517,7 @@ def _define_flags() -> None:
     from absl import flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file(
-        "config", None, "experiment config: configs/<file>.py[:arg]", lock_config=True
-    )
+    config_flags.DEFINE_config_file("config", None, "experiment config: configs/<file>.py[:arg]", lock_config=True)
     flags.DEFINE_string("workdir", "", "run directory (overrides config.workdir)")
     flags.DEFINE_string(
         "coordinator_address",
@@ -535,9 +527,7 @@ def _define_flags() -> None:
     flags.DEFINE_integer(
         "num_processes", int(os.environ.get("JAX_NUM_PROCESSES", "0")), "multi-host: number of processes"
     )
-    flags.DEFINE_integer(
-        "process_id", int(os.environ.get("JAX_PROCESS_ID", "-1")), "multi-host: this process"
-    )
+    flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", "-1")), "multi-host: this process")
     flags.mark_flags_as_required(["config"])
 
 

@@ -73,9 +73,7 @@ class TrainState:
         return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
 
 
-def create_train_state(
-    variables: Mapping[str, Any], tx: optax.GradientTransformation, seed: int
-) -> TrainState:
+def create_train_state(variables: Mapping[str, Any], tx: optax.GradientTransformation, seed: int) -> TrainState:
     """A step-0 state from variables (call under ``jax.jit`` with ``out_shardings`` to place it)."""
     params = variables["params"]
     return TrainState(
@@ -100,9 +98,7 @@ def merge_variables(
     leaf that the model does not have (a checkpoint of another model).
     """
     flat_fresh = traverse_util.flatten_dict({c: fresh.get(c, {}) for c in ("params", "batch_stats")}, sep="/")
-    flat_loaded = traverse_util.flatten_dict(
-        {c: loaded.get(c, {}) for c in ("params", "batch_stats")}, sep="/"
-    )
+    flat_loaded = traverse_util.flatten_dict({c: loaded.get(c, {}) for c in ("params", "batch_stats")}, sep="/")
     problems = [
         f"{path}: {source} has shape {np.shape(flat_loaded[path])}, the model {np.shape(value)}"
         for path, value in flat_fresh.items()
@@ -112,9 +108,7 @@ def merge_variables(
     if problems:
         raise ValueError(f"cannot initialise from {source}:\n  " + "\n  ".join(problems))
     kept = [path for path in flat_fresh if path not in flat_loaded]
-    merged = {
-        path: np.asarray(flat_loaded.get(path, value), np.float32) for path, value in flat_fresh.items()
-    }
+    merged = {path: np.asarray(flat_loaded.get(path, value), np.float32) for path, value in flat_fresh.items()}
     out = traverse_util.unflatten_dict(merged, sep="/")
     return {"params": out.get("params", {}), "batch_stats": out.get("batch_stats", {})}, kept
 
@@ -191,9 +185,7 @@ def save_checkpoint(manager, state: TrainState, data_iterator) -> None:
     )
 
 
-def restore_checkpoint(
-    manager, abstract_state: TrainState, data_iterator, step: int | None = None
-) -> TrainState:
+def restore_checkpoint(manager, abstract_state: TrainState, data_iterator, step: int | None = None) -> TrainState:
     """Restores the train state (placed as ``abstract_state``'s shardings) and sets the iterator's position.
 
     Args:

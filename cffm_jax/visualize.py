@@ -45,9 +45,7 @@ def ids_to_raw(ids: np.ndarray) -> np.ndarray:
     """Class ids (H, W) in 0..254 -> raw mask values id + 1 as uint8 (the VSPW file convention)."""
     ids = np.asarray(ids)
     if ids.size and (ids.min() < 0 or ids.max() > 253):
-        raise ValueError(
-            f"class ids must be in 0..253 to be stored as raw values id + 1, got {ids.min()}..{ids.max()}"
-        )
+        raise ValueError(f"class ids must be in 0..253 to be stored as raw values id + 1, got {ids.min()}..{ids.max()}")
     return (ids.astype(np.int32) + 1).astype(np.uint8)
 
 

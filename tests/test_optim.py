@@ -38,9 +38,7 @@ def test_schedule_landmarks():
     assert float(schedule(1500)) == pytest.approx(2e-4 * (1 - 1500 / 40_000), rel=1e-6)
     assert float(schedule(40_000)) == 0.0
     # warmup is continuous with the poly decay at its end
-    assert float(schedule(1499)) == pytest.approx(
-        2e-4 * (1 - 1499 / 40_000) * (1 - 1 / 1500 * (1 - 1e-6)), rel=1e-6
-    )
+    assert float(schedule(1499)) == pytest.approx(2e-4 * (1 - 1499 / 40_000) * (1 - 1 / 1500 * (1 - 1e-6)), rel=1e-6)
 
 
 def _shapes(name: str) -> dict:
@@ -122,11 +120,7 @@ def test_param_groups_cffmpp_freeze_everything_but_the_prototype_branch():
     assert trained and all(p.split("/")[1] in ("decoder_swin", "linear_pred3") for p in trained)
     assert {p.split("/")[1] for p in trained} == {"decoder_swin", "linear_pred3"}
     for path in trained:
-        assert (
-            (groups[path].lr_mult, groups[path].decay_mult)
-            == mmcv_rule(official_name(path), 1.0)
-            == (1.0, 1.0)
-        )
+        assert (groups[path].lr_mult, groups[path].decay_mult) == mmcv_rule(official_name(path), 1.0) == (1.0, 1.0)
     assert groups["backbone/block1_0/attn/q/kernel"] == groups["decode_head/linear_pred2/kernel"]
     assert groups["backbone/block1_0/attn/q/kernel"].label == FROZEN
 
@@ -182,9 +176,7 @@ def test_adamw_groups_and_schedule_match_pytorch():
         opt.step()
         np.testing.assert_allclose(float(schedule(step)), cfg["lr"] * factor, rtol=1e-6)
     for path, value in _flat(p_jax).items():
-        np.testing.assert_allclose(
-            value, torch_params[path].detach().numpy(), rtol=2e-5, atol=1e-6, err_msg=path
-        )
+        np.testing.assert_allclose(value, torch_params[path].detach().numpy(), rtol=2e-5, atol=1e-6, err_msg=path)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:

@@ -146,9 +146,7 @@ def _batch(rng, b, size=32, with_prototypes=False, kp=5, e=32):
 
 def _grads_fn(config, accum, *example):
     model = build_model(config.model)
-    fn = functools.partial(
-        train.compute_grads, model=model, loss_config=config.loss.to_dict(), grad_accum_steps=accum
-    )
+    fn = functools.partial(train.compute_grads, model=model, loss_config=config.loss.to_dict(), grad_accum_steps=accum)
     return jax.jit(fn).lower(*example).compile(compiler_options=FAST_COMPILE)
 
 

@@ -48,8 +48,7 @@ def env(tmp_path_factory) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         XLA_FLAGS=(
-            env.get("XLA_FLAGS", "")
-            + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+            env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
         ).strip(),
         JAX_COMPILATION_CACHE_DIR=str(cache),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -137,9 +136,7 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path, reference_
             metrics = workdir / "metrics.jsonl"
             done = max(rows_by_step(workdir), default=0) if metrics.exists() else 0
             entries = (
-                [p.name for p in (workdir / "checkpoints").iterdir()]
-                if (workdir / "checkpoints").exists()
-                else []
+                [p.name for p in (workdir / "checkpoints").iterdir()] if (workdir / "checkpoints").exists() else []
             )
             saving = any("tmp" in name for name in entries)
             # kill once a checkpoint is complete: preferably while the next one is being written
@@ -218,9 +215,7 @@ def _eight_devices_script() -> None:
     other = random_batch()
     big = {k: np.stack([batch[k], other[k]], axis=1).reshape(16, *batch[k].shape[1:]) for k in batch}
     acc_fn = jax.jit(
-        functools.partial(
-            train.compute_grads, model=model, loss_config=loss_config, grad_accum_steps=2, mesh=mesh
-        ),
+        functools.partial(train.compute_grads, model=model, loss_config=loss_config, grad_accum_steps=2, mesh=mesh),
         in_shardings=(repl, repl, data, repl),
         out_shardings=repl,
     )
@@ -336,8 +331,13 @@ def test_two_processes_train_identically(tmp_path, env, data_root, reference_run
     assert e0 == e1
     config = smoke.get_config()
     single = evaluate_videos(
-        config.model, saved, data_root, split=config.data.train_split,
-        img_scale=tuple(config.data.img_scale), progress=False, predictions_dir=tmp_path / "single",
+        config.model,
+        saved,
+        data_root,
+        split=config.data.train_split,
+        img_scale=tuple(config.data.img_scale),
+        progress=False,
+        predictions_dir=tmp_path / "single",
     )
     assert e0["num_videos"] == single["num_videos"] == 3 and e0["num_frames"] == single["num_frames"] == 36
     for key, value in e0.items():

@@ -258,9 +258,7 @@ class MixVisionTransformer(nn.Module):
         block_index = 0
         for s in range(4):
             kernel, stride = (7, 4) if s == 0 else (3, 2)
-            x = OverlapPatchEmbed(self.embed_dims[s], kernel, stride, self.dtype, name=f"patch_embed{s + 1}")(
-                x
-            )
+            x = OverlapPatchEmbed(self.embed_dims[s], kernel, stride, self.dtype, name=f"patch_embed{s + 1}")(x)
             for i in range(self.depths[s]):
                 x = Block(
                     self.embed_dims[s],

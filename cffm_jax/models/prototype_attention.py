@@ -101,9 +101,7 @@ class PrototypeBlock(nn.Module):
     def __call__(self, x: jax.Array, prototypes: jax.Array) -> jax.Array:
         """x (B, N, E) target-frame tokens, prototypes (B, Kp, E) -> (B, N, E)."""
         norm1 = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm1")
-        x = x + PrototypeAttention(self.dim, self.num_heads, dtype=self.dtype, name="attn")(
-            norm1(x), norm1(prototypes)
-        )
+        x = x + PrototypeAttention(self.dim, self.num_heads, dtype=self.dtype, name="attn")(norm1(x), norm1(prototypes))
         y = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm2")(x)
         return x + FeedForward(self.dim, int(self.dim * self.mlp_ratio), self.dtype, name="mlp")(y)
 
@@ -122,7 +120,5 @@ class PrototypeTransformer(nn.Module):
     def __call__(self, x: jax.Array, prototypes: jax.Array) -> jax.Array:
         b, h, w, e = x.shape
         tokens = x.reshape(b, h * w, e)
-        tokens = PrototypeBlock(self.dim, self.num_heads, dtype=self.dtype, name="blocks_0")(
-            tokens, prototypes
-        )
+        tokens = PrototypeBlock(self.dim, self.num_heads, dtype=self.dtype, name="blocks_0")(tokens, prototypes)
         return tokens.reshape(b, h, w, e)
