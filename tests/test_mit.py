@@ -1,5 +1,9 @@
 """MiT backbone: parameter counts, parity with the official outputs and with Hugging Face SegFormer."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +12,7 @@ import pytest
 from cffm_jax.convert import convert_state_dict, load_state_dict
 from cffm_jax.models import build_model, model_config
 from cffm_jax.models.layers import attention
-from cffm_jax.models.mit import depthwise_conv3x3
+from cffm_jax.models.mit import _param_grads_by_rows, _param_grads_by_taps, depthwise_conv3x3
 
 TINY = dict(embed_dims=(8, 16, 40, 64), depths=(2, 1, 1, 2))
 
@@ -116,6 +120,49 @@ def test_depthwise_conv_and_its_gradients_equal_the_grouped_convolution(shape):
         return out + bias
 
     _assert_same_vjp(depthwise_conv3x3, reference, (x, kernel, bias), g, out_atol=1e-5, grad_atol=1e-4)
+    # Both ways of summing the parameter gradients (by rows on CPU, by taps on accelerators).
+    _, grad_kernel, grad_bias = jax.vjp(reference, x, kernel, bias)[1](g)
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    for param_grads in (_param_grads_by_rows, _param_grads_by_taps):
+        got_kernel, got_bias = jax.jit(param_grads)(padded, g)
+        np.testing.assert_allclose(got_kernel, grad_kernel, atol=1e-4, rtol=1e-5)
+        np.testing.assert_allclose(got_bias, grad_bias, atol=1e-4, rtol=1e-5)
+
+
+_DEPTHWISE_SHARDED = r"""
+import re, jax, jax.numpy as jnp, numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from cffm_jax.models.mit import depthwise_conv3x3
+mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,))
+data = NamedSharding(mesh, P("data"))
+rng = np.random.default_rng(0)
+x = jax.device_put(rng.standard_normal((4, 6, 5, 8)).astype(np.float32), data)
+g = jax.device_put(rng.standard_normal((4, 6, 5, 8)).astype(np.float32), data)
+kernel, bias = rng.standard_normal((3, 3, 1, 8)).astype(np.float32), rng.standard_normal(8).astype(np.float32)
+vjp = jax.jit(lambda x, k, b, g: jax.vjp(depthwise_conv3x3, x, k, b)[1](g))
+hlo = vjp.lower(x, kernel, bias, g).compile().as_text()
+bodies = set(re.findall(r"body=%?([\w.\-]+)", hlo))
+blocks = re.split(r"\n(?=\S)", hlo)
+in_loops = sum(b.count("all-reduce") for b in blocks if b.split(" ")[0].lstrip("%") in bodies)
+got = vjp(x, kernel, bias, g)
+local = (np.asarray(a) for a in (x, kernel, bias, g))
+ref = jax.jit(lambda x, k, b, g: jax.vjp(depthwise_conv3x3, x, k, b)[1](g))(*local)
+for a, b in zip(got, ref):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+print("LOOPS", len(bodies), "ALL-REDUCES-IN-LOOPS", in_loops, "X-GRAD-SHARDED", got[0].sharding.spec == P("data"))
+"""
+
+
+def test_depthwise_gradient_of_a_sharded_batch_sums_frames_after_the_row_loop():
+    """On a batch sharded over devices (4 fake CPU devices, fresh process) the row loop of the parameter
+    gradients keeps per-frame sums: no all-reduce inside the loop (one per row if the frames were summed there),
+    the input gradient stays sharded, and the values equal the single-device ones."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-c", _DEPTHWISE_SHARDED], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "LOOPS 1 ALL-REDUCES-IN-LOOPS 0" in proc.stdout and "X-GRAD-SHARDED True" in proc.stdout, proc.stdout
 
 
 @pytest.mark.parametrize("shape", [(3, 37, 11, 8), (2, 64, 64, 4), (1, 5, 1, 3)])
