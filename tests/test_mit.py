@@ -12,7 +12,12 @@ import pytest
 from cffm_jax.convert import convert_state_dict, load_state_dict
 from cffm_jax.models import build_model, model_config
 from cffm_jax.models.layers import attention
-from cffm_jax.models.mit import _param_grads_by_rows, _param_grads_by_taps, depthwise_conv3x3
+from cffm_jax.models.mit import (
+    _param_grads_by_rows,
+    _param_grads_by_taps,
+    conv_with_row_weight_grad,
+    depthwise_conv3x3,
+)
 
 TINY = dict(embed_dims=(8, 16, 40, 64), depths=(2, 1, 1, 2))
 
@@ -127,6 +132,26 @@ def test_depthwise_conv_and_its_gradients_equal_the_grouped_convolution(shape):
         got_kernel, got_bias = jax.jit(param_grads)(padded, g)
         np.testing.assert_allclose(got_kernel, grad_kernel, atol=1e-4, rtol=1e-5)
         np.testing.assert_allclose(got_bias, grad_bias, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape,k,s", [((2, 20, 17, 3), 7, 4), ((1, 12, 10, 5), 3, 2), ((2, 9, 8, 2), 3, 1)])
+def test_conv_with_row_weight_grad_equals_the_convolution(shape, k, s):
+    """The patch embedding's convolution (as nn.Conv calls it): same outputs as lax.conv_general_dilated, and its
+    row-wise kernel gradient (blocks of 1 or 3 output rows here) and input gradient equal autodiff's."""
+    keys = jax.random.split(jax.random.key(2), 3)
+    x = jax.random.normal(keys[0], shape)
+    kernel = jax.random.normal(keys[1], (k, k, shape[-1], 6))
+    padding = ((k // 2, k // 2), (k // 2, k // 2))
+    dims = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+
+    def reference(x, kernel):
+        return jax.lax.conv_general_dilated(x, kernel, (s, s), padding, dimension_numbers=dims)
+
+    def conv(x, kernel):
+        return conv_with_row_weight_grad(x, kernel, (s, s), padding, None, None, dims, 1, None)
+
+    g = jax.random.normal(keys[2], reference(x, kernel).shape)
+    _assert_same_vjp(conv, reference, (x, kernel), g, out_atol=0.0, grad_atol=1e-4)
 
 
 _DEPTHWISE_SHARDED = r"""

@@ -10,6 +10,8 @@ JAX's RNG, so individual dropped samples differ from PyTorch's (the distribution
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from typing import Any
 
 import einops
@@ -42,6 +44,97 @@ def _dense(features: int, name: str, dtype: Any) -> nn.Dense:
     return nn.Dense(features, name=name, dtype=dtype, **_dense_init)
 
 
+# Patch embeddings whose patches (kernel^2 x input channels) are at most this long get the row-wise weight gradient
+# of conv_with_row_weight_grad on CPU (MiT-B0: the first two; longer patches were faster with XLA's).
+ROW_WEIGHT_GRAD_MAX_PATCH = 512
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7, 8))
+def conv_with_row_weight_grad(
+    x: jax.Array,
+    kernel: jax.Array,
+    window_strides: Sequence[int],
+    padding: Sequence[tuple[int, int]],
+    lhs_dilation: Any = None,
+    rhs_dilation: Any = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    precision: Any = None,
+) -> jax.Array:
+    """``lax.conv_general_dilated`` (as ``nn.Conv`` calls it: NHWC, HWIO) whose kernel gradient is summed by rows.
+
+    Same forward values. The kernel gradient is a loop over blocks of output rows: each step gathers the block's
+    patches (kernel^2 x input channels, from the input rows it covers) while they are in cache and multiplies them
+    with the block's output gradient, per frame (a sharded batch stays sharded); the frames' sums are added after
+    the loop. XLA:CPU's own weight gradient of a strided convolution with few input channels is slow: MiT-B0's
+    7x7 / 4 patch embedding of 4 x 480 x 480 x 3 frames 69 -> 18-30 ms, the 3x3 / 2 one of 4 x 120 x 120 x 32
+    28 -> 14 ms; with longer patches (64 or more input channels) XLA's was faster. The input gradient is XLA's.
+    """
+    return _conv_forward(
+        x,
+        kernel,
+        window_strides,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        dimension_numbers,
+        feature_group_count,
+        precision,
+    )
+
+
+def _conv_forward(x: jax.Array, kernel: jax.Array, *static: Any) -> jax.Array:
+    strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, groups, precision = static
+    return jax.lax.conv_general_dilated(
+        x, kernel, strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, groups, precision=precision
+    )
+
+
+def _conv_fwd(x: jax.Array, kernel: jax.Array, *static: Any) -> tuple[jax.Array, tuple]:
+    return _conv_forward(x, kernel, *static), (x, kernel)
+
+
+def _conv_bwd(*args: Any) -> tuple[jax.Array, jax.Array]:
+    *static, (x, kernel), g = args
+    strides, padding, lhs_dilation, rhs_dilation, _, groups, _ = static
+    grad_x = jax.vjp(lambda a: _conv_forward(a, kernel, *static), x)[1](g)[0]
+    square = strides[0] == strides[1] and kernel.shape[0] == kernel.shape[1] and len(set(map(tuple, padding))) == 1
+    plain = groups == 1 and all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+    if square and plain and padding[0][0] == padding[0][1]:
+        grad_kernel = _conv_kernel_grad_by_rows(x, g, kernel.shape[0], strides[0], padding[0][0])
+    else:
+        grad_kernel = jax.vjp(lambda b: _conv_forward(x, b, *static), kernel)[1](g)[0]
+    return grad_x, grad_kernel.astype(kernel.dtype)
+
+
+conv_with_row_weight_grad.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _conv_kernel_grad_by_rows(x: jax.Array, g: jax.Array, k: int, s: int, p: int) -> jax.Array:
+    """Kernel gradient (k, k, C_in, C_out) of a k x k convolution with stride s and zero padding p, x (N, H, W,
+    C_in), g (N, H', W', C_out): a loop over blocks of output rows (see :func:`conv_with_row_weight_grad`)."""
+    n, h, w, c_in = x.shape
+    _, h_out, w_out, c_out = g.shape
+    r = max(d for d in (1, 2, 3) if h_out % d == 0)  # output rows per step
+    # Pad so that every output row's window is in range (the zero rows below/right of the padding are never used).
+    span_h, span_w = s * (h_out - 1) + k, s * (w_out - 1) + k
+    padded = jnp.pad(x, ((0, 0), (p, max(0, span_h - h - p)), (p, max(0, span_w - w - p)), (0, 0)))
+
+    def step(acc: jax.Array, i: jax.Array) -> tuple[jax.Array, None]:
+        band = jax.lax.dynamic_slice_in_dim(padded, i * s * r, s * (r - 1) + k, axis=1)
+        g_rows = jax.lax.dynamic_slice_in_dim(g, i * r, r, axis=1).reshape(n, r * w_out, c_out)
+        taps = [
+            band[:, dy : dy + s * (r - 1) + 1 : s, dx : dx + s * (w_out - 1) + 1 : s]
+            for dy in range(k)
+            for dx in range(k)
+        ]
+        patches = jnp.concatenate(taps, axis=-1).reshape(n, r * w_out, k * k * c_in)
+        return acc + jnp.einsum("npi,npo->nio", patches, g_rows, preferred_element_type=jnp.float32), None
+
+    acc, _ = jax.lax.scan(step, jnp.zeros((n, k * k * c_in, c_out), jnp.float32), jnp.arange(h_out // r))
+    return jnp.sum(acc, axis=0).reshape(k, k, c_in, c_out)
+
+
 class OverlapPatchEmbed(nn.Module):
     """Strided conv (kernel k, stride s, padding k//2) + LayerNorm(eps 1e-5): (N, H, W, C) -> (N, H', W', dim)."""
 
@@ -53,6 +146,7 @@ class OverlapPatchEmbed(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         p = self.kernel // 2
+        rows = jax.default_backend() == "cpu" and self.kernel**2 * x.shape[-1] <= ROW_WEIGHT_GRAD_MAX_PATCH
         x = nn.Conv(
             self.dim,
             (self.kernel, self.kernel),
@@ -61,6 +155,7 @@ class OverlapPatchEmbed(nn.Module):
             kernel_init=conv_fan_out_init(),
             bias_init=nn.initializers.zeros,
             dtype=self.dtype,
+            conv_general_dilated=conv_with_row_weight_grad if rows else None,
             name="proj",
         )(x)
         return nn.LayerNorm(epsilon=PATCH_NORM_EPS, dtype=self.dtype, name="norm")(x)
