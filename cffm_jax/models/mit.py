@@ -96,11 +96,12 @@ def _conv_fwd(x: jax.Array, kernel: jax.Array, *static: Any) -> tuple[jax.Array,
 
 def _conv_bwd(*args: Any) -> tuple[jax.Array, jax.Array]:
     *static, (x, kernel), g = args
-    strides, padding, lhs_dilation, rhs_dilation, _, groups, _ = static
+    strides, padding, lhs_dilation, rhs_dilation, dims, groups, _ = static
     grad_x = jax.vjp(lambda a: _conv_forward(a, kernel, *static), x)[1](g)[0]
+    nhwc = dims == jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
     square = strides[0] == strides[1] and kernel.shape[0] == kernel.shape[1] and len(set(map(tuple, padding))) == 1
     plain = groups == 1 and all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-    if square and plain and padding[0][0] == padding[0][1]:
+    if nhwc and square and plain and padding[0][0] == padding[0][1]:
         grad_kernel = _conv_kernel_grad_by_rows(x, g, kernel.shape[0], strides[0], padding[0][0])
     else:
         grad_kernel = jax.vjp(lambda b: _conv_forward(x, b, *static), kernel)[1](g)[0]
@@ -116,7 +117,7 @@ def _conv_kernel_grad_by_rows(x: jax.Array, g: jax.Array, k: int, s: int, p: int
     n, h, w, c_in = x.shape
     _, h_out, w_out, c_out = g.shape
     r = max(d for d in (1, 2, 3) if h_out % d == 0)  # output rows per step
-    # Pad so that every output row's window is in range (the zero rows below/right of the padding are never used).
+    # Pad so that every output row's window is in range (rows/columns beyond the windows are left out).
     span_h, span_w = s * (h_out - 1) + k, s * (w_out - 1) + k
     padded = jnp.pad(x, ((0, 0), (p, max(0, span_h - h - p)), (p, max(0, span_w - w - p)), (0, 0)))
 
