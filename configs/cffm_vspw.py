@@ -6,7 +6,7 @@ r"""CFFM on VSPW, the official setting (SPEC.md sections 1, 9, 10): 160k iterati
 Argument: the MiT size, b0 | b1 | b2 | b5 (official; b3 | b4 also work, with b2's decoder depth). On fewer
 than 8 accelerators keep the global batch with ``--config.grad_accum_steps`` (e.g. 4 on 2 GPUs; BatchNorm
 statistics are then per micro-batch, see cffm_jax/train.py). The loss needs no memory option: at 480x480 crops
-it works in blocks of rows (cffm_jax/losses.py, ~1.6 GiB of temporaries for 8 clips).
+it works in blocks of pixels (cffm_jax/losses.py, ~0.6 GiB of temporaries for 8 clips on one device).
 """
 
 from configs import common

@@ -3,6 +3,8 @@
 import json
 import os
 import pathlib
+import subprocess
+import sys
 
 # Tiny models in tests are dominated by XLA compile time; backend optimisations off halves it. The parity CLI test
 # runs the user's path (default flags) in a subprocess.
@@ -15,6 +17,17 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+
+
+def run_on_fake_devices(script: str, devices: int, *args: str, timeout: int = 600) -> str:
+    """Run ``python -c script *args`` in a fresh process with ``devices`` fake CPU devices; its stdout (it must
+    exit 0)."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
 
 
 def load_fixture(name: str) -> tuple[dict[str, np.ndarray], dict]:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_on_fake_devices
 
 from cffm_jax import losses
 from cffm_jax.losses import cross_entropy_mean_all, segmentation_loss
@@ -168,7 +166,5 @@ def test_blocked_loss_keeps_a_sharded_batch_sharded():
     """On a batch sharded over devices (4 fake CPU devices, fresh process) the blocked loss loops over rows with
     every device's frames in each step: no all-gather of the logits (a loop over frames would replicate them on
     every device), the gradient stays sharded, and the values equal the single-device ones."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", _SHARDED], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ALL-GATHERS 0 GRAD-SHARDED True" in proc.stdout, proc.stdout
+    stdout = run_on_fake_devices(_SHARDED, 4)
+    assert "ALL-GATHERS 0 GRAD-SHARDED True" in stdout, stdout

@@ -1,13 +1,10 @@
 """MiT backbone: parameter counts, parity with the official outputs and with Hugging Face SegFormer."""
 
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_on_fake_devices
 
 from cffm_jax.convert import convert_state_dict, load_state_dict
 from cffm_jax.models import build_model, model_config
@@ -182,12 +179,8 @@ def test_depthwise_gradient_of_a_sharded_batch_sums_frames_after_the_row_loop():
     """On a batch sharded over devices (4 fake CPU devices, fresh process) the row loop of the parameter
     gradients keeps per-frame sums: no all-reduce inside the loop (one per row if the frames were summed there),
     the input gradient stays sharded, and the values equal the single-device ones."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, "-c", _DEPTHWISE_SHARDED], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "LOOPS 1 ALL-REDUCES-IN-LOOPS 0" in proc.stdout and "X-GRAD-SHARDED True" in proc.stdout, proc.stdout
+    stdout = run_on_fake_devices(_DEPTHWISE_SHARDED, 4)
+    assert "LOOPS 1 ALL-REDUCES-IN-LOOPS 0" in stdout and "X-GRAD-SHARDED True" in stdout, stdout
 
 
 @pytest.mark.parametrize("shape", [(3, 37, 11, 8), (2, 64, 64, 4), (1, 5, 1, 3)])

@@ -8,14 +8,12 @@ test_evaluate.py and test_predict.py, so in one pytest process every jitted func
 
 import functools
 import os
-import subprocess
-import sys
 import textwrap
 
 import jax
 import numpy as np
 import pytest
-from conftest import load_fixture
+from conftest import load_fixture, run_on_fake_devices
 
 from cffm_jax import xla_options
 from cffm_jax.convert import convert_state_dict
@@ -209,17 +207,8 @@ _MULTI_DEVICE = textwrap.dedent(
 @pytest.mark.heavy
 def test_two_devices_match_one(tmp_path):
     """Sharding over a 2-device ('data',) mesh (fake CPU devices, fresh process): same predictions."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    tests_dir = os.path.dirname(__file__)
-    proc = subprocess.run(
-        [sys.executable, "-c", _MULTI_DEVICE, tests_dir, str(tmp_path / "syn")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "OK 14" in proc.stdout
+    stdout = run_on_fake_devices(_MULTI_DEVICE, 2, os.path.dirname(__file__), str(tmp_path / "syn"), timeout=900)
+    assert "OK 14" in stdout
 
 
 def test_frame_encoder_compiles_without_ynnpack_fusions():
