@@ -41,11 +41,12 @@ initialisation compile.
 
 Figures per case: FLOPs per call from XLA's cost analysis of the compiled executable
 (``cost_analysis()['flops']``) and per input frame, achieved GFLOP/s (FLOPs / median time) and its fraction
-of this machine's measured matrix-multiply peak (best of N jitted float32 2048^3 matmuls, measured at the
-start and at the end; the better one); host memory: the peak resident set size sampled every 20 ms during
-the case (compile included) minus the RSS before it, and the process's ``ru_maxrss``; XLA's compiled memory
-analysis (arguments + outputs + temporaries); device memory from ``jax.local_devices()[0].memory_stats()``
-where the backend has it (GPU/TPU: ``peak_bytes_in_use``, a process lifetime peak; None on CPU).
+of this machine's measured matrix-multiply peak in the row's dtype (best of N jitted n^3 matmuls, n = 2048 on
+CPU and 8192 on accelerators, measured at the start and at the end; the better one); host memory: the peak
+resident set size sampled every 20 ms during the case (compile included) minus the RSS before it, and the
+process's ``ru_maxrss``; XLA's compiled memory analysis (arguments + outputs + temporaries); device memory from
+``jax.local_devices()[0].memory_stats()`` where the backend has it (GPU/TPU: ``peak_bytes_in_use``, a process
+lifetime peak; None on CPU).
 
 Compile counts: a ``jax.monitoring`` listener on ``/jax/core/compile/backend_compile_duration`` counts
 every XLA backend compilation (by function name, with its duration) while the 3 videos are segmented; in
@@ -57,17 +58,19 @@ Reference figures: the official PyTorch code (torch 2.13 CPU, 2 threads, 1 x 4 x
 on a 2-core machine like this one; project issue 8). Ratios and targets use the low (fastest) end of each
 official range. Targets: clip forward <= 0.8x official; streaming >= 3x the official per-target-frame rate
 (official = its clip forward time, one target per clip); training step <= official; >= 50% of the measured
-matmul peak on the heavy parts (mit, clip, train). The suite reports whether each target is met; it asserts
-nothing.
+matmul peak on the heavy parts (mit, clip, train; on CPU judged per CPU second, elsewhere on wall time). The
+suite reports whether each target is met; it asserts nothing.
 
 Compiler options: the MiT and clip-mode cases are compiled with ``cffm_jax.xla_options``' options for
 'encoder' programs (what streaming evaluation, clip-mode evaluation and prediction use; on CPU: without the
 YNNPACK fusions), the others with XLA's defaults.
 
 ``--tiny`` runs every case with a tiny model and tiny sizes, compiled at XLA's cheapest settings (the test
-uses it). The JSON (``--json``) holds ``machine`` (CPU, cores, versions, backend, date, load average
-before/after, command line), ``settings``, ``matmul_peak``, ``references``, ``targets``, ``results`` (one
-dict per table row, the same keys for every row) and ``compile_counts``.
+uses it). The JSON (``--json``) holds ``machine`` (CPU, cores, versions, backend, float32 matmul precision,
+date, load average before/after, command line), ``settings``, ``matmul_peak``, ``references``, ``targets``,
+``results`` (one dict per table row, the same keys for every row), ``compile_counts`` and ``complete``: the
+file is rewritten after every row, so a run that is stopped (a time limit) keeps what it finished, with
+``complete`` false.
 """
 
 from __future__ import annotations
@@ -407,8 +410,18 @@ def machine_info(argv: Sequence[str]) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "loadavg_start": list(os.getloadavg()),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "matmul_precision": jax.config.jax_default_matmul_precision,  # None: XLA's default (TF32 on some GPUs)
         "command": "python -m cffm_jax.benchmark " + " ".join(argv),
     }
+
+
+def _best_of_measurements(peak: dict[str, Any]) -> None:
+    """``peak['gflops_per_s']`` / ``['gflops_per_cpu_s']``: the better of its 'start' and 'end' measurements."""
+    measured = [peak[w] for w in ("start", "end") if w in peak]
+    peak["gflops_per_s"] = max(m["gflops_per_s"] for m in measured)
+    peak["gflops_per_cpu_s"] = max(
+        m.get("gflops_per_cpu_s") or m["gflops_per_s"] / m["effective_cores"] for m in measured
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -418,8 +431,10 @@ def machine_info(argv: Sequence[str]) -> dict[str, Any]:
 class Suite:
     """Runs the cases of ``settings`` and collects :class:`Result` rows."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, backend: str | None = None, on_row: Callable[[], None] | None = None):
         self.s = settings
+        self.backend = backend or jax.default_backend()
+        self.on_row = on_row  # called after each row (the command line saves the JSON so far)
         self.results: list[Result] = []
         self.compile_counts: list[dict[str, Any]] = []
         self.matmul_peak: dict[str, Any] = {}
@@ -475,55 +490,66 @@ class Suite:
             if ref is not None:
                 r.reference_s = ref
                 r.ratio_vs_reference = r.median_s / ref[0]
-        self.results.append(r)
+        self.add(r)
         log.info("%s: median %.4f s", r.name, r.median_s or float("nan"))
+
+    def add(self, r: Result) -> None:
+        self.results.append(r)
+        if self.on_row is not None:
+            self.on_row()
 
     # --- matmul peak ---------------------------------------------------------------------------------------
 
     def measure_matmul_peak(self, when: str) -> None:
-        """Best of N jitted float32 n^3 matmuls -> GFLOP/s, measured at the start and at the end of the suite.
+        """Best of N jitted n^3 matmuls -> GFLOP/s, measured at the start and at the end of the suite.
 
-        The better of the two is the peak (the denominator of every peak fraction): on a shared machine the
-        load changes during the suite. ``effective_cores`` = CPU s / wall s of the best run.
+        Float32 always (``matmul_peak``'s top level), and bfloat16 too when a case runs in it
+        (``matmul_peak['by_dtype']['bfloat16']``: on GPUs its matrix units are several times faster, so bfloat16
+        rows are compared with it). Float32 products run at ``jax_default_matmul_precision`` (recorded in the
+        machine info; on GPUs XLA's default may use TF32). The better of the two measurements is the peak (the
+        denominator of every peak fraction): on a shared machine the load changes during the suite.
+        ``effective_cores`` = CPU s / wall s of the best run.
         """
         n = self.s.matmul_n
-        a = jax.device_put(np.random.default_rng(0).standard_normal((n, n), np.float32))
-        compiled, compile_s = aot_compile(lambda x, y: x @ y, a, a)
-        _, runs = time_runs(lambda: compiled(a, a).block_until_ready(), max(5, self.s.repeats), 1)
-        best_wall, best_cpu = min(runs)
         self.matmul_peak.update({"n": n, "dtype": "float32"})
-        self.matmul_peak[when] = {
-            "best_s": best_wall,
-            "median_s": statistics.median(wall for wall, _ in runs),
-            "effective_cores": best_cpu / best_wall,
-            "compile_s": compile_s,
-            "gflops_per_s": 2 * n**3 / best_wall / 1e9,
-            "gflops_per_cpu_s": 2 * n**3 / best_cpu / 1e9,
-            "loadavg_1min": os.getloadavg()[0],
-        }
-        self.matmul_peak["gflops_per_s"] = max(
-            self.matmul_peak[w]["gflops_per_s"] for w in ("start", "end") if w in self.matmul_peak
-        )
+        for dtype in ("float32", *(d for d in self.s.dtypes if d != "float32")):
+            a = jax.device_put(np.random.default_rng(0).standard_normal((n, n), np.float32).astype(dtype))
+            compiled, compile_s = aot_compile(lambda x, y: x @ y, a, a)
+            _, runs = time_runs(lambda c=compiled, a=a: c(a, a).block_until_ready(), max(5, self.s.repeats), 1)
+            best_wall, best_cpu = min(runs)
+            peak = self.matmul_peak if dtype == "float32" else self.matmul_peak.setdefault("by_dtype", {})
+            if dtype != "float32":
+                peak = peak.setdefault(dtype, {"n": n, "dtype": dtype})
+            peak[when] = {
+                "best_s": best_wall,
+                "median_s": statistics.median(wall for wall, _ in runs),
+                "effective_cores": best_cpu / best_wall,
+                "compile_s": compile_s,
+                "gflops_per_s": 2 * n**3 / best_wall / 1e9,
+                "gflops_per_cpu_s": 2 * n**3 / best_cpu / 1e9,
+                "loadavg_1min": os.getloadavg()[0],
+            }
+            _best_of_measurements(peak)
 
     def apply_peak(self) -> None:
         """Fractions of the matmul peak per row, and the >= 50% target on the heavy cases.
 
-        Two fractions: of the wall-clock peak (GFLOP/s over the best matmul GFLOP/s), and per CPU second
-        (GFLOP per CPU s of this process over the matmul's GFLOP per CPU s). On a shared machine a row may run
-        on fewer cores than the peak measurement did; the per-CPU-second fraction does not depend on that, so
-        the target is judged on it (busy-waiting threads count as CPU time, which only lowers it).
+        Two fractions: of the wall-clock peak (GFLOP/s over the best matmul GFLOP/s of the row's dtype), and per
+        CPU second (GFLOP per CPU s of this process over the matmul's GFLOP per CPU s). On a shared CPU machine
+        a row may run on fewer cores than the peak measurement did; the per-CPU-second fraction does not depend
+        on that, so on CPU the target is judged on it (busy-waiting threads count as CPU time, which only lowers
+        it). On GPU/TPU the host's CPU time says nothing about the device: the target is judged on wall time.
         """
-        peak = self.matmul_peak["gflops_per_s"]
-        per_cpu = [m.get("gflops_per_cpu_s") for w, m in self.matmul_peak.items() if w in ("start", "end")]
-        self.matmul_peak["gflops_per_cpu_s"] = peak_cpu = max(x for x in per_cpu if x)
         for r in self.results:
+            peak = self.matmul_peak.get("by_dtype", {}).get(r.dtype or "float32", self.matmul_peak)
             if r.gflops_per_s:
-                r.peak_fraction = r.gflops_per_s / peak
+                r.peak_fraction = r.gflops_per_s / peak["gflops_per_s"]
             if r.flops and r.cpu_median_s:
                 r.gflops_per_cpu_s = r.flops / r.cpu_median_s / 1e9
-                r.cpu_peak_fraction = r.gflops_per_cpu_s / peak_cpu
-                if r.case in HEAVY_CASES:
-                    r.peak_target_met = r.cpu_peak_fraction >= PEAK_TARGET
+                r.cpu_peak_fraction = r.gflops_per_cpu_s / peak["gflops_per_cpu_s"]
+            judged = r.cpu_peak_fraction if self.backend == "cpu" else r.peak_fraction
+            if r.case in HEAVY_CASES and judged is not None:
+                r.peak_target_met = judged >= PEAK_TARGET
 
     # --- cases ---------------------------------------------------------------------------------------------
 
@@ -789,7 +815,7 @@ class Suite:
             from transformers import SegformerConfig, SegformerModel
         except ImportError as e:  # optional (the 'test' extra): say so in the row instead of failing the suite
             log.warning("peer case skipped: %s", e)
-            self.results.append(Result("peer", self.label("MiT vs HF SegFormer"), extra={"skipped": str(e)}))
+            self.add(Result("peer", self.label("MiT vs HF SegFormer"), extra={"skipped": str(e)}))
             return
         threads = len(os.sched_getaffinity(0))
         torch.set_num_threads(threads)
@@ -914,12 +940,16 @@ def format_table(suite: Suite, machine: dict[str, Any]) -> str:
         f"{machine['date']}",
         f"load average (1/5/15 min) at start {_loads(machine['loadavg_start'])}, at end "
         f"{_loads(machine.get('loadavg_end'))}",
-        f"matmul peak (float32 {peak['n']}^3, best of N, the better of start and end): "
-        f"{peak['gflops_per_s']:.1f} GFLOP/s, {peak['gflops_per_cpu_s']:.1f} GFLOP per CPU s; "
-        f"start {_peak(peak['start'])}, end {_peak(peak['end'])}",
+        *(
+            f"matmul peak ({p['dtype']} {p['n']}^3, best of N, the better of start and end): "
+            f"{p['gflops_per_s']:.1f} GFLOP/s, {p['gflops_per_cpu_s']:.1f} GFLOP per CPU s; "
+            f"start {_peak(p.get('start'))}, end {_peak(p.get('end'))}"
+            for p in (peak, *peak.get("by_dtype", {}).values())
+        ),
+        f"float32 matmul precision: {machine.get('matmul_precision') or 'XLA default'}",
         "",
         "| case | input | dtype | compile s | median s (min-max) | CPU s | rate | GFLOP/frame | GFLOP/s | "
-        "% peak wall/CPU | RSS +MB | dev MB | load | vs | target | CPU peak >= 50% |",
+        "% peak wall/CPU | RSS +MB | dev MB | load | vs | target | peak >= 50% |",
         "|" + "---|" * 16,
     ]
     for r in suite.results:
@@ -946,8 +976,9 @@ def format_table(suite: Suite, machine: dict[str, Any]) -> str:
     lines.append(
         "\nCPU s: median CPU seconds of this process per run (all threads); load: 1-min load average when "
         "the row finished; official figures: PyTorch, 2 threads, 1x4x480x480 (project issue 8), ratios and "
-        "targets against the low end of each range; % peak: achieved GFLOP/s over the measured matmul peak "
-        "(wall), and GFLOP per CPU s over the matmul's (CPU; the 50% target is judged on it)."
+        "targets against the low end of each range; % peak: achieved GFLOP/s over the measured matmul peak of "
+        "the row's dtype (wall), and GFLOP per CPU s over the matmul's (CPU); the 50% target is judged on the "
+        + ("CPU fraction." if suite.backend == "cpu" else "wall fraction (the host's CPU time says nothing here).")
     )
     for c in suite.compile_counts:
         sizes = ", ".join(f"{h}x{w}" for h, w in c["videos"])
@@ -961,7 +992,9 @@ def format_table(suite: Suite, machine: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _peak(p: dict[str, Any]) -> str:
+def _peak(p: dict[str, Any] | None) -> str:
+    if p is None:
+        return "-"
     return f"{p['gflops_per_s']:.1f} GFLOP/s on {p['effective_cores']:.2f} cores (load {p['loadavg_1min']:.1f})"
 
 
@@ -989,17 +1022,16 @@ def _tuples(value: Any) -> Any:
 def load_suite(saved: dict[str, Any]) -> Suite:
     """A :class:`Suite` holding the results of a saved JSON (derived peak fractions recomputed), to print."""
     fields = {f.name for f in dataclasses.fields(Settings)}
-    suite = Suite(Settings(**{k: _tuples(v) for k, v in saved["settings"].items() if k in fields}))
+    settings = Settings(**{k: _tuples(v) for k, v in saved["settings"].items() if k in fields})
+    suite = Suite(settings, backend=saved["machine"]["backend"])
     result_fields = {f.name for f in dataclasses.fields(Result)}
     for row in saved["results"]:
         kept = {k: v for k, v in row.items() if k in result_fields}
         kept.update({k: _tuples(kept[k]) for k in ("size", "reference_s") if kept.get(k) is not None})
         suite.results.append(Result(**kept))
     suite.matmul_peak = saved["matmul_peak"]
-    for when in ("start", "end"):  # files written before the per-CPU-second peak was recorded
-        m = suite.matmul_peak.get(when)
-        if m and "gflops_per_cpu_s" not in m:
-            m["gflops_per_cpu_s"] = m["gflops_per_s"] / m["effective_cores"]
+    for peak in (suite.matmul_peak, *suite.matmul_peak.get("by_dtype", {}).values()):
+        _best_of_measurements(peak)  # also fills in files written before the per-CPU-second peak was recorded
     suite.compile_counts = saved["compile_counts"]
     suite.apply_peak()
     return suite
@@ -1041,7 +1073,13 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, str | None, str | None]:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 3; tiny 2)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs after compilation")
     parser.add_argument("--frames", type=int, default=None, help="frames of the streaming video (30; tiny 12)")
-    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--json", help="write the results here (after every row: 'complete' is false until the end)")
+    parser.add_argument(
+        "--matmul-n",
+        type=int,
+        default=None,
+        help="size of the peak-measuring matmul (2048 on CPU, else 8192; tiny 256)",
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny model and sizes (seconds; for tests)")
     parser.add_argument("--report", help="print the table of a saved --json file instead of running")
     parser.add_argument(
@@ -1065,7 +1103,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, str | None, str | None]:
         warmup=args.warmup,
         tiny=tiny,
         stream_frames=frames,
-        matmul_n=256 if tiny else 2048,
+        matmul_n=args.matmul_n or (256 if tiny else 2048 if jax.default_backend() == "cpu" else 8192),
         kmeans_shape=(2000, 32, 10) if tiny else (64_800, 256, 100),
         kmeans_iters=10,
         data_frame_size=(60, 100) if tiny else (480, 853),
@@ -1088,14 +1126,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if settings.xla_defaults:
         xla_options.use_xla_defaults()
     machine = machine_info(argv)
-    suite = Suite(settings)
+    suite = Suite(settings, backend=machine["backend"])
+
+    def save(complete: bool) -> dict[str, Any]:
+        if complete:
+            machine["loadavg_end"] = list(os.getloadavg())
+        suite.apply_peak()
+        report = {**to_json(suite, machine), "complete": complete}
+        if json_path:  # written whole, then renamed: a run stopped midway leaves the rows it finished
+            with open(f"{json_path}.tmp", "w") as f:
+                json.dump(report, f, indent=2)
+            os.replace(f"{json_path}.tmp", json_path)
+        return report
+
+    suite.on_row = lambda: save(complete=False)
     suite.run()
-    machine["loadavg_end"] = list(os.getloadavg())
+    report = save(complete=True)
     print(format_table(suite, machine))  # noqa: T201
-    report = to_json(suite, machine)
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(report, f, indent=2)
     return report
 
 
