@@ -61,6 +61,10 @@ official range. Targets: clip forward <= 0.8x official; streaming >= 3x the offi
 matmul peak on the heavy parts (mit, clip, train; on CPU judged per CPU second, elsewhere on wall time). The
 suite reports whether each target is met; it asserts nothing.
 
+Float32 precision: the models' ``matmul_precision`` (``--matmul-precision``, default 'highest', the official
+float32 numbers; not applied on XLA:CPU, see ``cffm_jax.models.layers.matmul_precision_scope``); 'default' lets
+XLA choose (TF32 on GPUs). The peak-measuring matmul runs at jax's global default.
+
 Compiler options: the MiT and clip-mode cases are compiled with ``cffm_jax.xla_options``' options for
 'encoder' programs (what streaming evaluation, clip-mode evaluation and prediction use; on CPU: without the
 YNNPACK fusions), the others with XLA's defaults.
@@ -97,6 +101,7 @@ import numpy as np
 
 from cffm_jax import xla_options
 from cffm_jax.models import build_model, example_inputs, model_config, trainable_mask
+from cffm_jax.models.layers import MATMUL_PRECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +160,7 @@ class Settings:
     data_frame_size: tuple[int, int]
     data_batch: int
     xla_defaults: bool = False
+    matmul_precision: str = "highest"  # the models' float32 matmul precision (model config; applied off CPU)
 
     def model_overrides(self, arch: str) -> dict[str, Any]:
         """Config overrides of the tiny model (empty for the real ones)."""
@@ -410,7 +416,7 @@ def machine_info(argv: Sequence[str]) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "loadavg_start": list(os.getloadavg()),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "matmul_precision": jax.config.jax_default_matmul_precision,  # None: XLA's default (TF32 on some GPUs)
+        "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,  # None: XLA's (TF32 on GPUs)
         "command": "python -m cffm_jax.benchmark " + " ".join(argv),
     }
 
@@ -444,7 +450,8 @@ class Suite:
     # --- shared pieces -------------------------------------------------------------------------------------
 
     def config(self, arch: str, size: str, dtype: str = "float32"):
-        return model_config(f"{arch}_{size}", dtype=dtype, **self.s.model_overrides(arch))
+        overrides = self.s.model_overrides(arch)
+        return model_config(f"{arch}_{size}", dtype=dtype, matmul_precision=self.s.matmul_precision, **overrides)
 
     def variables(self, config) -> dict:
         key = config.name  # parameters are float32 whatever the compute dtype
@@ -946,7 +953,8 @@ def format_table(suite: Suite, machine: dict[str, Any]) -> str:
             f"start {_peak(p.get('start'))}, end {_peak(p.get('end'))}"
             for p in (peak, *peak.get("by_dtype", {}).values())
         ),
-        f"float32 matmul precision: {machine.get('matmul_precision') or 'XLA default'}",
+        f"float32 matmul precision of the models: {_precision(suite)}; of the peak matmul: "
+        f"{machine.get('jax_default_matmul_precision') or 'XLA default'}",
         "",
         "| case | input | dtype | compile s | median s (min-max) | CPU s | rate | GFLOP/frame | GFLOP/s | "
         "% peak wall/CPU | RSS +MB | dev MB | load | vs | target | peak >= 50% |",
@@ -992,6 +1000,14 @@ def format_table(suite: Suite, machine: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _precision(suite: Suite) -> str:
+    if suite.s.matmul_precision == "default":
+        return "XLA default"
+    if suite.backend == "cpu":
+        return f"{suite.s.matmul_precision!r} (not applied on XLA:CPU: float32 there at any setting)"
+    return repr(suite.s.matmul_precision)
+
+
 def _peak(p: dict[str, Any] | None) -> str:
     if p is None:
         return "-"
@@ -1022,7 +1038,9 @@ def _tuples(value: Any) -> Any:
 def load_suite(saved: dict[str, Any]) -> Suite:
     """A :class:`Suite` holding the results of a saved JSON (derived peak fractions recomputed), to print."""
     fields = {f.name for f in dataclasses.fields(Settings)}
-    settings = Settings(**{k: _tuples(v) for k, v in saved["settings"].items() if k in fields})
+    kept = {k: _tuples(v) for k, v in saved["settings"].items() if k in fields}
+    kept.setdefault("matmul_precision", "default")  # files written before the option: XLA's default precision
+    settings = Settings(**kept)
     suite = Suite(settings, backend=saved["machine"]["backend"])
     result_fields = {f.name for f in dataclasses.fields(Result)}
     for row in saved["results"]:
@@ -1080,6 +1098,12 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, str | None, str | None]:
         default=None,
         help="size of the peak-measuring matmul (2048 on CPU, else 8192; tiny 256)",
     )
+    parser.add_argument(
+        "--matmul-precision",
+        choices=MATMUL_PRECISIONS,
+        default="highest",
+        help="the float32 models' matmul precision (model config; 'default' = XLA's: TF32 on GPUs)",
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny model and sizes (seconds; for tests)")
     parser.add_argument("--report", help="print the table of a saved --json file instead of running")
     parser.add_argument(
@@ -1109,6 +1133,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, str | None, str | None]:
         data_frame_size=(60, 100) if tiny else (480, 853),
         data_batch=1 if tiny else 2,
         xla_defaults=args.xla_defaults,
+        matmul_precision=args.matmul_precision,
     )
     return settings, args.json, args.report
 

@@ -51,6 +51,7 @@ from cffm_jax import train_state as ts
 from cffm_jax.evaluate import evaluate_videos
 from cffm_jax.losses import segmentation_loss
 from cffm_jax.models import build_model, init_variables, trainable_mask
+from cffm_jax.models.layers import matmul_precision_scope
 from cffm_jax.optim import make_optimizer
 
 log = logging.getLogger(__name__)
@@ -142,40 +143,44 @@ def compute_grads(
     Micro-batch i holds the clips ``i, i + n, i + 2n, ...`` of the batch (n = ``grad_accum_steps``), so each
     device keeps its own rows (no communication) when the batch is sharded over ``mesh``; micro-batch i uses
     the key ``fold_in(key, i)``; BatchNorm running statistics are threaded through the micro-batches in order.
+    The whole computation runs in the model's ``matmul_precision`` scope (``cffm_jax.models.layers``): the model
+    sets it around its forward pass, and this extends it to the backward pass (custom gradients are traced after
+    the forward's scope has closed).
     """
-    grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, loss_config=loss_config), has_aux=True)
-    if grad_accum_steps == 1:
-        (loss, (aux, new_stats)), grads = grad_fn(params, batch_stats, batch, key)
-        return loss, aux, grads, new_stats
-    n = grad_accum_steps
+    with matmul_precision_scope(getattr(model, "matmul_precision", None)):
+        grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, loss_config=loss_config), has_aux=True)
+        if grad_accum_steps == 1:
+            (loss, (aux, new_stats)), grads = grad_fn(params, batch_stats, batch, key)
+            return loss, aux, grads, new_stats
+        n = grad_accum_steps
 
-    def split(x):
-        x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
-        if mesh is not None:
-            x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(None, shd.DATA_AXIS)))
-        return x
+        def split(x):
+            x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+            if mesh is not None:
+                x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(None, shd.DATA_AXIS)))
+            return x
 
-    micro = jax.tree.map(split, dict(batch))
+        micro = jax.tree.map(split, dict(batch))
 
-    def body(carry, inputs):
-        stats, grad_sum, loss_sum, aux_sum = carry
-        i, mb = inputs
-        (loss, (aux, stats)), grads = grad_fn(params, stats, mb, jax.random.fold_in(key, i))
-        grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-        aux_sum = jax.tree.map(jnp.add, aux_sum, aux)
-        return (stats, grad_sum, loss_sum + loss, aux_sum), None
+        def body(carry, inputs):
+            stats, grad_sum, loss_sum, aux_sum = carry
+            i, mb = inputs
+            (loss, (aux, stats)), grads = grad_fn(params, stats, mb, jax.random.fold_in(key, i))
+            grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+            aux_sum = jax.tree.map(jnp.add, aux_sum, aux)
+            return (stats, grad_sum, loss_sum + loss, aux_sum), None
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    aux0 = {k: jnp.zeros((), jnp.float32) for k in ("ce_frames", "ce_target", "acc_seg")}
-    init = (batch_stats, zeros, jnp.zeros((), jnp.float32), aux0)
-    (stats, grad_sum, loss_sum, aux_sum), _ = jax.lax.scan(body, init, (jnp.arange(n), micro))
-    scale = 1.0 / n
-    return (
-        loss_sum * scale,
-        jax.tree.map(lambda a: a * scale, aux_sum),
-        jax.tree.map(lambda g: g * scale, grad_sum),
-        stats,
-    )
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        aux0 = {k: jnp.zeros((), jnp.float32) for k in ("ce_frames", "ce_target", "acc_seg")}
+        init = (batch_stats, zeros, jnp.zeros((), jnp.float32), aux0)
+        (stats, grad_sum, loss_sum, aux_sum), _ = jax.lax.scan(body, init, (jnp.arange(n), micro))
+        scale = 1.0 / n
+        return (
+            loss_sum * scale,
+            jax.tree.map(lambda a: a * scale, aux_sum),
+            jax.tree.map(lambda g: g * scale, grad_sum),
+            stats,
+        )
 
 
 def train_step(

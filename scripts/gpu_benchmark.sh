@@ -2,15 +2,18 @@
 # The GPU run of project issue 8 (item 5) in one prepared script: parity on the GPU, then the benchmark suite's
 # GPU cases, each step under its own time limit so that one slow or failing step leaves the others' results.
 #
-#     OUT=gpu_out bash scripts/gpu_benchmark.sh
+#     OUT=gpu_out bash scripts/gpu_benchmark.sh [inference|train|all]      (default: all)
 #
-# Writes into $OUT: all.log (every step's output), gpu_b1_stream.json and gpu_b1_clip.json (CFFM-B1 streaming, and
-# CFFM/CFFM++-B1 clip mode, at 480x864 in float32 and bfloat16), gpu_train.json (training step, B0 and B1 at
-# 480x480, float32 and bfloat16), gpu_b0.json (MiT, clip mode and streaming of B0 at 480x480, float32: the CPU table's shapes), gpu_highest.json
-# (CFFM-B1 clip mode at 480x864 with float32 matmuls at full precision). A JSON is rewritten after every row, so a
-# step stopped by its limit keeps the rows it finished. Wheels in .whl/ (packages missing on the machine) are
-# installed into /tmp/site first.
+# inference: parity (the official fixtures at float32 'highest' and at XLA's default precision), CFFM-B1 streaming
+#   and CFFM/CFFM++-B1 clip mode at 480x864 in float32 and bfloat16, the clip mode also at XLA's default float32
+#   precision (TF32), and MiT/clip/streaming of B0 at 480x480 (the CPU table's shapes). ~6 minutes on an H100.
+# train: the training step of B0 and B1 at 480x480 in float32 and bfloat16 (each compiles in ~50-65 s there).
+#
+# Writes into $OUT: all.log (every step's output) and one JSON per benchmark step (gpu_*.json); a JSON is rewritten
+# after every row, so a step stopped by its limit keeps the rows it finished. Wheels in .whl/ (packages missing on
+# the machine: flax, optax, ml-collections, grain and its needs) are installed into /tmp/site first.
 set -u
+PART=${1:-all}
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 LOG="$OUT/all.log"
@@ -34,26 +37,26 @@ step env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clo
     $PY -c 'import jax, flax, optax, cffm_jax.train, cffm_jax.streaming; print(jax.__version__, flax.__version__, \
     optax.__version__, jax.devices(), jax.config.jax_default_matmul_precision)'"
 
-# Parity on this backend: the CLI (float32 matmuls at full precision), then the same fixtures at XLA's default
-# matmul precision (what a user's float32 run gets unless they ask for 'highest').
-step parity 50 $PY -m cffm_jax.parity tests/fixtures/cffm_tiny.npz tests/fixtures/cffmpp_tiny.npz
-step parity_default_precision 40 $PY -c "
-from cffm_jax import parity
-for f in ('tests/fixtures/cffm_tiny.npz', 'tests/fixtures/cffmpp_tiny.npz'):
-    for r in parity.check_fixture(f):
-        print(f'{f} {r.output:<28} max abs err {r.max_abs_err:.3e} (tolerance {r.tolerance:.2e})')
-"
-
 BENCH="$PY -m cffm_jax.benchmark --repeats 5 --warmup 2"
 B1="--models b1 --sizes 480x864 --dtype float32,bfloat16"
-step b1_stream 130 $BENCH --cases stream $B1 --json "$OUT/gpu_b1_stream.json"
-step b1_clip 120 $BENCH --cases clip $B1 --json "$OUT/gpu_b1_clip.json"
-step train 120 $BENCH --cases train --models b0,b1 --sizes 480x480 --dtype float32,bfloat16 \
-    --json "$OUT/gpu_train.json"
-step b0 50 $BENCH --cases mit,clip,stream --models b0 --sizes 480x480 --json "$OUT/gpu_b0.json"
-step b1_highest 35 env JAX_DEFAULT_MATMUL_PRECISION=highest $BENCH --cases clip --models b1 --sizes 480x864 \
-    --json "$OUT/gpu_highest.json"
+if [ "$PART" = inference ] || [ "$PART" = all ]; then
+    # Parity on this backend: the CLI (float32 products at full precision), then the fixtures at XLA's default
+    # precision (the model config's matmul_precision='default'; the parity CLI forces 'highest').
+    step parity 50 $PY -m cffm_jax.parity tests/fixtures/cffm_tiny.npz tests/fixtures/cffmpp_tiny.npz
+    step parity_xla_default 40 $PY -m cffm_jax.parity --matmul-precision default tests/fixtures/cffm_tiny.npz \
+        tests/fixtures/cffmpp_tiny.npz
+    step b1_stream 150 $BENCH --cases stream $B1 --json "$OUT/gpu_b1_stream.json"
+    step b1_clip 100 $BENCH --cases clip $B1 --json "$OUT/gpu_b1_clip.json"
+    step b1_clip_xla_default 70 $BENCH --cases clip --models b1 --sizes 480x864 --matmul-precision default \
+        --json "$OUT/gpu_b1_clip_xla_default.json"
+    step b0 90 $BENCH --cases mit,clip,stream --models b0 --sizes 480x480 --json "$OUT/gpu_b0.json"
+fi
+if [ "$PART" = train ] || [ "$PART" = all ]; then
+    step train 300 $BENCH --cases train --models b0,b1 --sizes 480x480 --dtype float32,bfloat16 \
+        --json "$OUT/gpu_train.json"
+fi
 for f in "$OUT"/gpu_*.json; do
+    [ -e "$f" ] || continue
     echo "== table of $f" | tee -a "$LOG"
     $PY -m cffm_jax.benchmark --report "$f" 2>&1 | tee -a "$LOG" | grep -v "^$"
 done

@@ -13,7 +13,7 @@ import pytest
 from conftest import FIXTURES
 
 from cffm_jax.convert import convert_state_dict
-from cffm_jax.models import build_model, model_config, trainable_mask
+from cffm_jax.models import build_model, effective_matmul_precision, model_config, trainable_mask
 from cffm_jax.models.cffm import quarter_size
 from cffm_jax.models.cffm_attention import index_buffers
 from cffm_jax.models.layers import _bilinear_taps, resize_bilinear, resize_bilinear_flat
@@ -293,6 +293,73 @@ def test_training_mode_output_and_batch_statistics(tiny_model):
     assert not np.allclose(old, new)
     with pytest.raises(ValueError, match="num_clips=4"):
         model.apply(variables, clip[:, :3], train=True, rngs={"dropout": jax.random.key(0)}, mutable=["batch_stats"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Float32 matmul precision: the model's 'highest' reaches every product it traces (on GPUs XLA's default would run
+# them on the TF32 units, ~3e-3 off the official logits). Checked on the lowered programs, which name each
+# product's precision on any backend; the global default is set to something else around them.
+
+
+def _product_precisions(fn, *args) -> list[bool]:
+    """For every matrix product / convolution in ``jit(fn)``'s lowering: whether it is at HIGHEST precision."""
+    with jax.default_matmul_precision("bfloat16"):
+        text = jax.jit(fn).lower(*args).as_text()
+    products = [
+        line for line in text.splitlines() if "stablehlo.dot_general" in line or "stablehlo.convolution" in line
+    ]
+    assert products
+    return ["HIGHEST" in line for line in products]
+
+
+def test_matmul_precision_reaches_every_product(tiny_model):
+    model, variables, _, clip = tiny_model
+    assert model.matmul_precision is None  # build_model on XLA:CPU (float32 products whatever the setting)
+    highest = model.clone(matmul_precision="highest")
+    frames = clip[0]
+    feats = jax.eval_shape(lambda v, f: model.apply(v, f, method="encode_frames"), variables, frames)[1]
+    feats = jnp.zeros((1, *feats.shape), feats.dtype)
+    calls = {
+        "clip": lambda m: (lambda v, c: m.apply(v, c), variables, clip),
+        "encode_frames": lambda m: (lambda v, f: m.apply(v, f, method="encode_frames"), variables, frames),
+        "decode_clip": lambda m: (lambda v, x: m.apply(v, x, size=(16, 32), method="decode_clip"), variables, feats),
+    }
+    for name, call in calls.items():
+        assert all(_product_precisions(*call(highest))), name
+        assert not any(_product_precisions(*call(model))), name  # without the scope: the surrounding default
+
+    backbone = build_model(model_config("mit_b0", embed_dims=(8, 16, 40, 64), depths=(1, 1, 1, 1)))
+    backbone_vars = jax.eval_shape(backbone.init, jax.random.key(0), frames)
+    assert all(_product_precisions(backbone.clone(matmul_precision="highest").apply, backbone_vars, frames))
+
+
+def test_matmul_precision_reaches_the_training_gradient(tiny_model):
+    """The backward pass too, custom gradients included (they are traced after the forward's scope closed)."""
+    from cffm_jax.train import compute_grads
+
+    model, variables, cfg, clip = tiny_model
+    batch = {"clips": clip, "labels": jnp.zeros((*clip.shape[:2], *clip.shape[2:4]), jnp.int32)}
+
+    def grads(m):
+        return lambda p, s, b: compute_grads(p, s, b, jax.random.key(0), model=m, loss_config={})[2]
+
+    args = (variables["params"], variables["batch_stats"], batch)
+    assert all(_product_precisions(grads(model.clone(matmul_precision="highest")), *args))
+    assert not all(_product_precisions(grads(model), *args))
+
+
+def test_effective_matmul_precision():
+    f32, bf16 = model_config("cffm_b0"), model_config("cffm_b0", dtype="bfloat16")
+    assert f32.matmul_precision == "highest"
+    assert effective_matmul_precision(f32, "gpu") == "highest" and effective_matmul_precision(f32, "tpu") == "highest"
+    assert effective_matmul_precision(f32, "cpu") is None  # float32 products at any setting there
+    assert effective_matmul_precision(bf16, "gpu") is None  # bfloat16 operands
+    assert effective_matmul_precision(model_config("cffm_b0", matmul_precision="default"), "gpu") is None
+    assert (
+        effective_matmul_precision(model_config("cffm_b0", matmul_precision="tensorfloat32"), "gpu") == "tensorfloat32"
+    )
+    with pytest.raises(ValueError, match="matmul_precision='fast'"):
+        build_model(model_config("cffm_b0", matmul_precision="fast"))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,11 @@ Config fields (flat, so ``--config.model.num_classes=...`` works from the comman
   backbone: embed_dims, depths, num_heads, sr_ratios, mlp_ratios, drop_path_rate,
   head (cffm/cffmpp only): decoder_embed_dim (E), decoder_depth, decoder_num_heads, num_classes, num_clips,
   dropout_ratio, prototype_num_heads (cffmpp only),
-  dtype: computation dtype ('float32' or 'bfloat16'; parameters stay float32).
+  dtype: computation dtype ('float32' or 'bfloat16'; parameters stay float32),
+  matmul_precision: of the float32 matrix products and convolutions (``jax.default_matmul_precision`` names):
+    'highest' (default: the official float32 numbers on every backend) or 'default' (XLA's own: TF32 on GPUs,
+    bfloat16 passes on TPUs; faster, logits ~3e-3 off). Not applied to bfloat16 models (their operands are
+    bfloat16 already) nor on XLA:CPU, whose products are float32 at any setting.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
     cfg.mlp_ratios = COMMON["mlp_ratios"]
     cfg.drop_path_rate = 0.1
     cfg.dtype = "float32"
+    cfg.matmul_precision = "highest"
     if arch != "mit":
         cfg.decoder_embed_dim = 256
         cfg.decoder_depth = DECODER_DEPTHS[size]
@@ -66,11 +71,30 @@ def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
     return cfg
 
 
+def effective_matmul_precision(config: ml_collections.ConfigDict, backend: str) -> str | None:
+    """The ``matmul_precision`` the modules get on ``backend`` (None: XLA's default, no scope).
+
+    The config's value for float32 models off CPU; None for bfloat16 models (their operands are bfloat16 already)
+    and on XLA:CPU, whose float32 products are float32 at any setting (and whose YNNPACK fusions compile 'highest'
+    products differently: leaving it off keeps CPU programs as they were measured).
+    """
+    from cffm_jax.models.layers import MATMUL_PRECISIONS
+
+    precision = config.get("matmul_precision", "highest")
+    if precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"model config matmul_precision={precision!r}; valid: {', '.join(MATMUL_PRECISIONS)}")
+    if config.dtype != "float32" or backend == "cpu" or precision == "default":
+        return None
+    return precision
+
+
 def build_model(config: ml_collections.ConfigDict):
     """The linen module for a config made by ``model_config``."""
+    import jax
     import jax.numpy as jnp
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
+    precision = effective_matmul_precision(config, jax.default_backend())
     backbone_kwargs = dict(
         embed_dims=tuple(config.embed_dims),
         depths=tuple(config.depths),
@@ -79,6 +103,7 @@ def build_model(config: ml_collections.ConfigDict):
         mlp_ratios=tuple(config.mlp_ratios),
         drop_path_rate=config.drop_path_rate,
         dtype=dtype,
+        matmul_precision=precision,
     )
     if config.arch == "mit":
         return MixVisionTransformer(**backbone_kwargs)
@@ -96,7 +121,7 @@ def build_model(config: ml_collections.ConfigDict):
             prototype_num_heads=config.get("prototype_num_heads", 8),
             dtype=dtype,
         )
-        return CFFM(backbone=MixVisionTransformer(**backbone_kwargs), decode_head=head)
+        return CFFM(backbone=MixVisionTransformer(**backbone_kwargs), decode_head=head, matmul_precision=precision)
     raise ValueError(f"Unknown arch {config.arch!r}; valid: {', '.join(ARCHS)}")
 
 

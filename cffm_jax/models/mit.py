@@ -20,7 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cffm_jax.models.layers import DropPath, attention, conv_fan_out_init, gelu, trunc_normal_init
+from cffm_jax.models.layers import (
+    DropPath,
+    attention,
+    conv_fan_out_init,
+    gelu,
+    matmul_precision_scope,
+    trunc_normal_init,
+)
 
 # SPEC.md section 3. All variants: num_heads (1, 2, 5, 8), sr_ratios (8, 4, 2, 1), mlp_ratios (4, 4, 4, 4).
 VARIANTS: dict[str, dict[str, tuple[int, ...]]] = {
@@ -384,27 +391,29 @@ class MixVisionTransformer(nn.Module):
     mlp_ratios: tuple[int, ...] = COMMON["mlp_ratios"]
     drop_path_rate: float = 0.1
     dtype: Any = jnp.float32
+    matmul_precision: str | None = "highest"  # see layers.matmul_precision_scope (None: XLA's default)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
-        rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths))
-        outputs = []
-        block_index = 0
-        for s in range(4):
-            kernel, stride = (7, 4) if s == 0 else (3, 2)
-            x = OverlapPatchEmbed(self.embed_dims[s], kernel, stride, self.dtype, name=f"patch_embed{s + 1}")(x)
-            for i in range(self.depths[s]):
-                x = Block(
-                    self.embed_dims[s],
-                    self.num_heads[s],
-                    self.mlp_ratios[s],
-                    self.sr_ratios[s],
-                    float(rates[block_index]),
-                    self.dtype,
-                    name=f"block{s + 1}_{i}",
-                )(x, train)
-                block_index += 1
-            x = nn.LayerNorm(epsilon=BLOCK_NORM_EPS, dtype=self.dtype, name=f"norm{s + 1}")(x)
-            self.sow("intermediates", f"stage{s + 1}", x)
-            outputs.append(x)
-        return tuple(outputs)
+        with matmul_precision_scope(self.matmul_precision):
+            rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths))
+            outputs = []
+            block_index = 0
+            for s in range(4):
+                kernel, stride = (7, 4) if s == 0 else (3, 2)
+                x = OverlapPatchEmbed(self.embed_dims[s], kernel, stride, self.dtype, name=f"patch_embed{s + 1}")(x)
+                for i in range(self.depths[s]):
+                    x = Block(
+                        self.embed_dims[s],
+                        self.num_heads[s],
+                        self.mlp_ratios[s],
+                        self.sr_ratios[s],
+                        float(rates[block_index]),
+                        self.dtype,
+                        name=f"block{s + 1}_{i}",
+                    )(x, train)
+                    block_index += 1
+                x = nn.LayerNorm(epsilon=BLOCK_NORM_EPS, dtype=self.dtype, name=f"norm{s + 1}")(x)
+                self.sow("intermediates", f"stage{s + 1}", x)
+                outputs.append(x)
+            return tuple(outputs)
