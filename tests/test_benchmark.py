@@ -115,3 +115,25 @@ def test_bad_arguments_are_rejected():
     ):
         with pytest.raises(SystemExit):
             benchmark.parse_args(argv)
+
+
+def test_rows_are_saved_as_they_finish_and_bfloat16_has_its_own_peak(tmp_path):
+    """Each row calls ``on_row`` (the command line rewrites the JSON there, 'complete' false until the end); a
+    bfloat16 row's peak fraction is against the bfloat16 matmul peak."""
+    argv = ["--tiny", "--cases", "mit", "--sizes", "64x64", "--dtype", "float32,bfloat16", "--repeats", "1"]
+    settings, _, _ = benchmark.parse_args(argv)
+    saved = []
+    suite = benchmark.Suite(settings)
+    suite.on_row = lambda: saved.append(json.loads(json.dumps(benchmark.to_json(suite, {}))))
+    suite.run()
+    assert [len(s["results"]) for s in saved] == [1, 2]
+    assert "end" not in saved[0]["matmul_peak"]  # saved before the suite's end
+    bf16_peak = suite.matmul_peak["by_dtype"]["bfloat16"]
+    assert bf16_peak["gflops_per_s"] == max(bf16_peak["start"]["gflops_per_s"], bf16_peak["end"]["gflops_per_s"]) > 0
+    f32_row, bf16_row = suite.results
+    assert f32_row.peak_fraction == pytest.approx(f32_row.gflops_per_s / suite.matmul_peak["gflops_per_s"])
+    assert bf16_row.peak_fraction == pytest.approx(bf16_row.gflops_per_s / bf16_peak["gflops_per_s"])
+
+    path = tmp_path / "mit.json"
+    written = benchmark.main(["--tiny", "--cases", "mit", "--sizes", "64x64", "--repeats", "1", "--json", str(path)])
+    assert written["complete"] is True and json.loads(path.read_text())["complete"] is True
