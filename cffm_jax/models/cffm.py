@@ -167,7 +167,7 @@ class CFFM(nn.Module):
 
     backbone: MixVisionTransformer
     decode_head: CFFMHead
-    matmul_precision: str | None = "highest"  # see layers.matmul_precision_scope (None: XLA's default)
+    matmul_precision: str | None = None  # layers.matmul_precision_scope; build_model sets it from the config
 
     def __call__(self, clip: jax.Array, train: bool = False, prototypes: jax.Array | None = None) -> jax.Array:
         """clip (B, T, H, W, 3) float32, normalised; prototypes (B, Kp, E) for CFFM++."""

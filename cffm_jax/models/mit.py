@@ -391,7 +391,7 @@ class MixVisionTransformer(nn.Module):
     mlp_ratios: tuple[int, ...] = COMMON["mlp_ratios"]
     drop_path_rate: float = 0.1
     dtype: Any = jnp.float32
-    matmul_precision: str | None = "highest"  # see layers.matmul_precision_scope (None: XLA's default)
+    matmul_precision: str | None = None  # layers.matmul_precision_scope; build_model sets it from the config
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
