@@ -6,12 +6,19 @@
 #
 # inference: parity (the official fixtures at float32 'highest' and at XLA's default precision), CFFM-B1 streaming
 #   and CFFM/CFFM++-B1 clip mode at 480x864 in float32 and bfloat16, the clip mode also at XLA's default float32
-#   precision (TF32), and MiT/clip/streaming of B0 at 480x480 (the CPU table's shapes). ~6 minutes on an H100.
+#   precision (TF32), and MiT/clip/streaming of B0 at 480x480 (the CPU table's shapes). ~6 minutes on an H100 when
+#   float32 ran at TF32; at 'highest' (the default since) not timed: one such clip run did not finish in 70 s.
 # train: the training step of B0 and B1 at 480x480 in float32 and bfloat16 (each compiles in ~50-65 s there).
 #
 # Writes into $OUT: all.log (every step's output) and one JSON per benchmark step (gpu_*.json); a JSON is rewritten
 # after every row, so a step stopped by its limit keeps the rows it finished. Wheels in .whl/ (packages missing on
-# the machine: flax, optax, ml-collections, grain and its needs) are installed into /tmp/site first.
+# the machine: flax, optax, ml-collections, grain and its needs) are installed into /tmp/site first; on a machine
+# with pip access, for a Python 3.12 target (the lent H100's, whose jax is 0.11.2 with its CUDA 13 plugin):
+#
+#     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+#         --platform manylinux2014_x86_64 -d .whl flax==0.12.8 optax==0.2.8 ml-collections==1.1.0 grain==0.2.18 \
+#         "array-record>=0.8.1" portpicker importlib_resources
 set -u
 PART=${1:-all}
 OUT=${OUT:-gpu_out}
