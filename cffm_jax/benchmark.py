@@ -2,7 +2,7 @@ r"""Benchmark suite: speed, FLOPs, memory and compile counts of the model, infer
 
     python -m cffm_jax.benchmark [--cases mit,clip,stream,train,data,kmeans,peer] [--models b0,b1]
         [--sizes 480x480,480x864] [--dtype float32,bfloat16] [--repeats N] [--warmup N]
-        [--frames N] [--json OUT.json] [--tiny]
+        [--frames N] [--stream-batch N] [--matmul-precision P] [--matmul-n N] [--json OUT.json] [--tiny]
 
 Project issue 8 (performance); the protocols timed are those of SPEC.md sections 3-7 (model), 6 (k-means),
 8-9 (training step) and 10 (data, test protocol). Cases (``--cases``):
@@ -12,7 +12,8 @@ Project issue 8 (performance); the protocols timed are those of SPEC.md sections
   100 random prototypes), eval mode, as clip-mode evaluation runs it (:func:`cffm_jax.streaming.clip_forward`:
   a per-frame and a temporal program, each with its XLA options; compile time, FLOPs and XLA memory are the sums
   over both); the output is the target frame's 1/4-resolution logits. One call = one target frame.
-* ``stream``: :class:`cffm_jax.streaming.VideoSegmenter` (streaming mode, default chunk size) over a
+* ``stream``: :class:`cffm_jax.streaming.VideoSegmenter` (streaming mode; chunks of ``--stream-batch`` frames,
+  by default :func:`cffm_jax.streaming.default_batch_size`: 1 per CPU, 4 per GPU/TPU) over a
   synthetic video of ``--frames`` frames (30; 12 with ``--tiny``) at each size, from normalised frames to
   class ids at the frame size: frames/s, s per target frame, and the speed-up over clip mode (the ``clip``
   case's s per target). Before the timed runs it segments 3 videos of 2 distinct sizes (sizes 1, 2, 1; with
@@ -162,6 +163,7 @@ class Settings:
     data_batch: int
     xla_defaults: bool = False
     matmul_precision: str = "highest"  # the models' float32 matmul precision (model config; applied off CPU)
+    stream_batch: int | None = None  # frames per streaming chunk (None: streaming.default_batch_size)
 
     def model_overrides(self, arch: str) -> dict[str, Any]:
         """Config overrides of the tiny model (empty for the real ones)."""
@@ -644,7 +646,7 @@ class Suite:
         for size in self.s.models:
             for dtype in self.s.dtypes:
                 config = self.config("cffm", size, dtype)
-                segmenter = streaming.VideoSegmenter(config, self.variables(config))
+                segmenter = streaming.VideoSegmenter(config, self.variables(config), batch_size=self.s.stream_batch)
                 videos = {hw: self._video(hw) for hw in {*sizes, *count_sizes}}
 
                 def run(hw, seg=segmenter, videos=videos):
@@ -1102,6 +1104,9 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, str | None, str | None]:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 3; tiny 2)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs after compilation")
     parser.add_argument("--frames", type=int, default=None, help="frames of the streaming video (30; tiny 12)")
+    parser.add_argument(
+        "--stream-batch", type=int, default=None, help="frames per streaming chunk (default: 1 per CPU, 4 per GPU/TPU)"
+    )
     parser.add_argument("--json", help="write the results here (after every row: 'complete' is false until the end)")
     parser.add_argument(
         "--matmul-n",
@@ -1145,6 +1150,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, str | None, str | None]:
         data_batch=1 if tiny else 2,
         xla_defaults=args.xla_defaults,
         matmul_precision=args.matmul_precision,
+        stream_batch=args.stream_batch,
     )
     return settings, args.json, args.report
 

@@ -6,7 +6,8 @@
 #
 # inference: parity (the official fixtures at float32 'highest' and at XLA's default precision), CFFM-B1 streaming
 #   and CFFM/CFFM++-B1 clip mode at 480x864 in float32 and bfloat16, the clip mode also at XLA's default float32
-#   precision (TF32), and MiT/clip/streaming of B0 at 480x480 (the CPU table's shapes). ~6 minutes on an H100 when
+#   precision (TF32), MiT/clip/streaming of B0 at 480x480 (the CPU table's shapes), and B1 streaming in chunks of 16
+#   frames instead of 4 (throughput; the 4-frame rows are latency-bound there). ~6 minutes on an H100 when
 #   float32 ran at TF32; at 'highest' (the default since) not timed: one such clip run did not finish in 70 s.
 # train: the training step of B0 and B1 at 480x480 in float32 and bfloat16 (each compiles in ~50-65 s there).
 #
@@ -57,6 +58,8 @@ if [ "$PART" = inference ] || [ "$PART" = all ]; then
     step b1_clip_xla_default 70 $BENCH --cases clip --models b1 --sizes 480x864 --matmul-precision default \
         --json "$OUT/gpu_b1_clip_xla_default.json"
     step b0 90 $BENCH --cases mit,clip,stream --models b0 --sizes 480x480 --json "$OUT/gpu_b0.json"
+    step b1_stream_batch16 100 $BENCH --cases stream $B1 --stream-batch 16 --frames 64 \
+        --json "$OUT/gpu_b1_stream_batch16.json"
 fi
 if [ "$PART" = train ] || [ "$PART" = all ]; then
     step train 300 $BENCH --cases train --models b0,b1 --sizes 480x480 --dtype float32,bfloat16 \

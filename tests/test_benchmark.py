@@ -20,7 +20,7 @@ TIMED = ("median_s", "min_s", "max_s", "per_item_s", "items_per_s")
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "bench.json"
-    argv = ["--tiny", "--sizes", "64x64", "--repeats", "2", "--warmup", "1", "--json", str(path)]
+    argv = ["--tiny", "--sizes", "64x64", "--repeats", "2", "--warmup", "1", "--stream-batch", "2", "--json", str(path)]
     returned = benchmark.main(argv)
     with open(path) as f:
         written = json.load(f)
@@ -75,6 +75,7 @@ def test_json_has_machine_info_and_every_case(report):
         assert r["peak_target_met"] in (True, False)
     (stream,) = by_case["stream"]
     assert stream["items_per_run"] == 12 and stream["extra"]["speedup_vs_clip_mode"] > 0
+    assert stream["extra"]["batch_size"] == 2  # --stream-batch
     (train,) = by_case["train"]
     assert math.isfinite(train["extra"]["loss"])
     (peer,) = by_case["peer"]
