@@ -523,15 +523,16 @@ class Suite:
         ``effective_cores`` = CPU s / wall s of the best run.
         """
         n = self.s.matmul_n
-        self.matmul_peak.update({"n": n, "dtype": "float32"})
         for dtype in ("float32", *(d for d in self.s.dtypes if d != "float32")):
+            if dtype == "float32":
+                peak = self.matmul_peak
+            else:
+                peak = self.matmul_peak.setdefault("by_dtype", {}).setdefault(dtype, {})
+            peak.update(n=n, dtype=dtype)
             a = jax.device_put(np.random.default_rng(0).standard_normal((n, n), np.float32).astype(dtype))
             compiled, compile_s = aot_compile(lambda x, y: x @ y, a, a)
             _, runs = time_runs(lambda c=compiled, a=a: c(a, a).block_until_ready(), max(5, self.s.repeats), 1)
             best_wall, best_cpu = min(runs)
-            peak = self.matmul_peak if dtype == "float32" else self.matmul_peak.setdefault("by_dtype", {})
-            if dtype != "float32":
-                peak = peak.setdefault(dtype, {"n": n, "dtype": dtype})
             peak[when] = {
                 "best_s": best_wall,
                 "median_s": statistics.median(wall for wall, _ in runs),
@@ -556,7 +557,9 @@ class Suite:
         if "gflops_per_s" not in self.matmul_peak:
             return
         for r in self.results:
-            peak = self.matmul_peak.get("by_dtype", {}).get(r.dtype or "float32", self.matmul_peak)
+            peak = self.matmul_peak.get("by_dtype", {}).get(r.dtype, {})
+            if "gflops_per_s" not in peak:  # float32, or a dtype without its own measurement (older files)
+                peak = self.matmul_peak
             if r.gflops_per_s:
                 r.peak_fraction = r.gflops_per_s / peak["gflops_per_s"]
             if r.flops and r.cpu_median_s:

@@ -143,44 +143,48 @@ def compute_grads(
     Micro-batch i holds the clips ``i, i + n, i + 2n, ...`` of the batch (n = ``grad_accum_steps``), so each
     device keeps its own rows (no communication) when the batch is sharded over ``mesh``; micro-batch i uses
     the key ``fold_in(key, i)``; BatchNorm running statistics are threaded through the micro-batches in order.
-    The whole computation runs in the model's ``matmul_precision`` scope (``cffm_jax.models.layers``): the model
-    sets it around its forward pass, and this extends it to the backward pass (custom gradients are traced after
-    the forward's scope has closed).
+    The gradient is taken in the model's ``matmul_precision`` scope (``cffm_jax.models.layers``): the model sets it
+    around its forward pass, and this extends it to the backward pass (custom gradients are traced after the
+    forward's scope has closed).
     """
-    with matmul_precision_scope(getattr(model, "matmul_precision", None)):
-        grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, loss_config=loss_config), has_aux=True)
-        if grad_accum_steps == 1:
-            (loss, (aux, new_stats)), grads = grad_fn(params, batch_stats, batch, key)
-            return loss, aux, grads, new_stats
-        n = grad_accum_steps
+    value_and_grad = jax.value_and_grad(functools.partial(loss_fn, model=model, loss_config=loss_config), has_aux=True)
 
-        def split(x):
-            x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
-            if mesh is not None:
-                x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(None, shd.DATA_AXIS)))
-            return x
+    def grad_fn(*args):  # the backward pass in the model's precision scope too
+        with matmul_precision_scope(model.matmul_precision):
+            return value_and_grad(*args)
 
-        micro = jax.tree.map(split, dict(batch))
+    if grad_accum_steps == 1:
+        (loss, (aux, new_stats)), grads = grad_fn(params, batch_stats, batch, key)
+        return loss, aux, grads, new_stats
+    n = grad_accum_steps
 
-        def body(carry, inputs):
-            stats, grad_sum, loss_sum, aux_sum = carry
-            i, mb = inputs
-            (loss, (aux, stats)), grads = grad_fn(params, stats, mb, jax.random.fold_in(key, i))
-            grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-            aux_sum = jax.tree.map(jnp.add, aux_sum, aux)
-            return (stats, grad_sum, loss_sum + loss, aux_sum), None
+    def split(x):
+        x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+        if mesh is not None:
+            x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(None, shd.DATA_AXIS)))
+        return x
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        aux0 = {k: jnp.zeros((), jnp.float32) for k in ("ce_frames", "ce_target", "acc_seg")}
-        init = (batch_stats, zeros, jnp.zeros((), jnp.float32), aux0)
-        (stats, grad_sum, loss_sum, aux_sum), _ = jax.lax.scan(body, init, (jnp.arange(n), micro))
-        scale = 1.0 / n
-        return (
-            loss_sum * scale,
-            jax.tree.map(lambda a: a * scale, aux_sum),
-            jax.tree.map(lambda g: g * scale, grad_sum),
-            stats,
-        )
+    micro = jax.tree.map(split, dict(batch))
+
+    def body(carry, inputs):
+        stats, grad_sum, loss_sum, aux_sum = carry
+        i, mb = inputs
+        (loss, (aux, stats)), grads = grad_fn(params, stats, mb, jax.random.fold_in(key, i))
+        grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+        aux_sum = jax.tree.map(jnp.add, aux_sum, aux)
+        return (stats, grad_sum, loss_sum + loss, aux_sum), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    aux0 = {k: jnp.zeros((), jnp.float32) for k in ("ce_frames", "ce_target", "acc_seg")}
+    init = (batch_stats, zeros, jnp.zeros((), jnp.float32), aux0)
+    (stats, grad_sum, loss_sum, aux_sum), _ = jax.lax.scan(body, init, (jnp.arange(n), micro))
+    scale = 1.0 / n
+    return (
+        loss_sum * scale,
+        jax.tree.map(lambda a: a * scale, aux_sum),
+        jax.tree.map(lambda g: g * scale, grad_sum),
+        stats,
+    )
 
 
 def train_step(

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from cffm_jax.models.cffm_attention import CFFMTransformer
 from cffm_jax.models.decoder import MLP, LinearFuse, fused_decoder, torch_dense
-from cffm_jax.models.layers import matmul_precision_scope, resize_bilinear, resize_bilinear_flat
+from cffm_jax.models.layers import in_matmul_precision_scope, resize_bilinear, resize_bilinear_flat
 from cffm_jax.models.mit import MixVisionTransformer
 from cffm_jax.models.prototype_attention import PrototypeTransformer
 
@@ -169,25 +169,24 @@ class CFFM(nn.Module):
     decode_head: CFFMHead
     matmul_precision: str | None = None  # layers.matmul_precision_scope; build_model sets it from the config
 
+    @in_matmul_precision_scope
     def __call__(self, clip: jax.Array, train: bool = False, prototypes: jax.Array | None = None) -> jax.Array:
         """clip (B, T, H, W, 3) float32, normalised; prototypes (B, Kp, E) for CFFM++."""
         b, t = clip.shape[:2]
         self.decode_head.check_clip(t, train, prototypes)  # before the backbone runs (eager calls fail fast)
         frames = einops.rearrange(clip, "b t h w c -> (b t) h w c")
-        with matmul_precision_scope(self.matmul_precision):
-            stages = self.backbone(frames, train=train)
-            return self.decode_head(stages, b, train=train, prototypes=prototypes)
+        stages = self.backbone(frames, train=train)
+        return self.decode_head(stages, b, train=train, prototypes=prototypes)
 
+    @in_matmul_precision_scope
     def encode_frames(self, frames: jax.Array, with_logits: bool = True) -> tuple[jax.Array | None, jax.Array]:
         """Evaluation, per frame: frames (N, H, W, 3) -> (per-frame logits (N, h, w, K), 1/8 features
         (N, h // 2, w // 2, E)). The per-frame logits are what the model predicts for a frame without temporal
         context (the first frames of a video); ``with_logits=False`` skips them (None)."""
-        with matmul_precision_scope(self.matmul_precision):
-            stages = self.backbone(frames, train=False)
-            return self.decode_head.encode_frames(stages, train=False, with_logits=with_logits)
+        return self.decode_head.encode_frames(self.backbone(frames, train=False), train=False, with_logits=with_logits)
 
+    @in_matmul_precision_scope
     def decode_clip(self, feats: jax.Array, size: tuple[int, int], prototypes: jax.Array | None = None) -> jax.Array:
         """Evaluation, temporal part: 1/8 features of a clip (B, T, h8, w8, E) (from ``encode_frames``) ->
         target logits (B, h, w, K) with (h, w) = ``size`` = the 1/4 size of the frames."""
-        with matmul_precision_scope(self.matmul_precision):
-            return self.decode_head.decode_clip(feats, size, train=False, prototypes=prototypes)
+        return self.decode_head.decode_clip(feats, size, train=False, prototypes=prototypes)

@@ -39,6 +39,17 @@ def matmul_precision_scope(precision: str | None) -> contextlib.AbstractContextM
     return jax.default_matmul_precision(precision)
 
 
+def in_matmul_precision_scope(method):
+    """Decorator of a module method: runs it in ``matmul_precision_scope(self.matmul_precision)``."""
+
+    @functools.wraps(method)
+    def scoped(self, *args, **kwargs):
+        with matmul_precision_scope(self.matmul_precision):
+            return method(self, *args, **kwargs)
+
+    return scoped
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Initialisers matching the official code (SPEC.md section 4.1, "Init").
 

@@ -25,7 +25,7 @@ from cffm_jax.models.layers import (
     attention,
     conv_fan_out_init,
     gelu,
-    matmul_precision_scope,
+    in_matmul_precision_scope,
     trunc_normal_init,
 )
 
@@ -394,26 +394,26 @@ class MixVisionTransformer(nn.Module):
     matmul_precision: str | None = None  # layers.matmul_precision_scope; build_model sets it from the config
 
     @nn.compact
+    @in_matmul_precision_scope
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
-        with matmul_precision_scope(self.matmul_precision):
-            rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths))
-            outputs = []
-            block_index = 0
-            for s in range(4):
-                kernel, stride = (7, 4) if s == 0 else (3, 2)
-                x = OverlapPatchEmbed(self.embed_dims[s], kernel, stride, self.dtype, name=f"patch_embed{s + 1}")(x)
-                for i in range(self.depths[s]):
-                    x = Block(
-                        self.embed_dims[s],
-                        self.num_heads[s],
-                        self.mlp_ratios[s],
-                        self.sr_ratios[s],
-                        float(rates[block_index]),
-                        self.dtype,
-                        name=f"block{s + 1}_{i}",
-                    )(x, train)
-                    block_index += 1
-                x = nn.LayerNorm(epsilon=BLOCK_NORM_EPS, dtype=self.dtype, name=f"norm{s + 1}")(x)
-                self.sow("intermediates", f"stage{s + 1}", x)
-                outputs.append(x)
-            return tuple(outputs)
+        rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths))
+        outputs = []
+        block_index = 0
+        for s in range(4):
+            kernel, stride = (7, 4) if s == 0 else (3, 2)
+            x = OverlapPatchEmbed(self.embed_dims[s], kernel, stride, self.dtype, name=f"patch_embed{s + 1}")(x)
+            for i in range(self.depths[s]):
+                x = Block(
+                    self.embed_dims[s],
+                    self.num_heads[s],
+                    self.mlp_ratios[s],
+                    self.sr_ratios[s],
+                    float(rates[block_index]),
+                    self.dtype,
+                    name=f"block{s + 1}_{i}",
+                )(x, train)
+                block_index += 1
+            x = nn.LayerNorm(epsilon=BLOCK_NORM_EPS, dtype=self.dtype, name=f"norm{s + 1}")(x)
+            self.sow("intermediates", f"stage{s + 1}", x)
+            outputs.append(x)
+        return tuple(outputs)
