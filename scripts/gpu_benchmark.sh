@@ -9,7 +9,8 @@
 #   precision (TF32), MiT/clip/streaming of B0 at 480x480 (the CPU table's shapes), and B1 streaming in chunks of 16
 #   frames instead of 4 (throughput; the 4-frame rows are latency-bound there). ~6 minutes on an H100 when
 #   float32 ran at TF32; at 'highest' (the default since) not timed: one such clip run did not finish in 70 s.
-# train: the training step of B0 and B1 at 480x480 in float32 and bfloat16 (each compiles in ~50-65 s there).
+# train: the training step of B0 and B1 at 480x480 in float32 and bfloat16 (each compiles in ~50-65 s there), then
+#   B1's on a batch of 8 clips (--train-batch 8: clips/s; one clip per step leaves most of an H100 idle).
 #
 # Writes into $OUT: all.log (every step's output) and one JSON per benchmark step (gpu_*.json); a JSON is rewritten
 # after every row, so a step stopped by its limit keeps the rows it finished. Wheels in .whl/ (packages missing on
@@ -64,6 +65,8 @@ fi
 if [ "$PART" = train ] || [ "$PART" = all ]; then
     step train 300 $BENCH --cases train --models b0,b1 --sizes 480x480 --dtype float32,bfloat16 \
         --json "$OUT/gpu_train.json"
+    step train_batch8 240 $BENCH --cases train --models b1 --sizes 480x480 --dtype float32,bfloat16 --train-batch 8 \
+        --json "$OUT/gpu_train_batch8.json"
 fi
 for f in "$OUT"/gpu_*.json; do
     [ -e "$f" ] || continue

@@ -107,12 +107,33 @@ def test_streaming_compiles_once_per_size(report):
     assert counts["backend_compiles"] == sum(by_function.values()) == first + second
 
 
+def test_training_step_on_a_batch_of_clips(report, tmp_path, capsys):
+    """--train-batch B times one step on B clips: B x 4 frames, clips/s, no comparison with the 1-clip reference."""
+    _, _, one = report
+    (single,) = [r for r in one["results"] if r["case"] == "train"]
+    path = tmp_path / "train2.json"
+    benchmark.main(["--tiny", "--cases", "train", "--sizes", "64x64", "--repeats", "1", "--train-batch", "2",
+                    "--json", str(path)])  # fmt: skip
+    with open(path) as f:
+        (r,) = json.load(f)["results"]
+    assert r["name"].startswith("CFFM-B0 train step 2x4") and single["name"].startswith("CFFM-B0 train step 1x4")
+    assert r["items_per_run"] == 2 and r["item"] == "clip" and r["frames_per_run"] == 8
+    assert r["items_per_s"] == pytest.approx(2 / r["median_s"])
+    assert r["flops_per_frame"] == pytest.approx(r["flops"] / 8)
+    assert r["flops"] > 1.8 * single["flops"]  # the program really runs on two clips
+    assert r["reference_s"] is None and r["target_met"] is None
+    out = capsys.readouterr().out
+    assert "| 2x4x64x64 |" in out and f"{r['items_per_s']:.2f} clips/s" in out
+
+
 def test_bad_arguments_are_rejected():
     for argv in (
         ["--cases", "mit,bogus"],
         ["--sizes", "480x470"],
         ["--models", "b9"],
         ["--dtype", "float16"],
+        ["--train-batch", "0"],
+        ["--stream-batch", "0"],
     ):
         with pytest.raises(SystemExit):
             benchmark.parse_args(argv)
