@@ -920,7 +920,7 @@ def _rate(r: Result) -> str:
     if r.case == "stream":
         return f"{_fmt(r.items_per_s, '.2f')} frames/s = {_fmt(r.per_item_s)} s/target"
     if r.case == "train":
-        per_clip = f" = {_fmt(r.items_per_s, '.2f')} clips/s" if (r.items_per_run or 1) > 1 else ""
+        per_clip = f" = {_fmt(r.items_per_s, '.2f')} clips/s" if r.items_per_run > 1 else ""
         return f"{_fmt(r.median_s)} s/step{per_clip}"
     if r.case == "data":
         return f"{_fmt(r.items_per_s, '.2f')} clips/s"
@@ -989,7 +989,7 @@ def format_table(suite: Suite, machine: dict[str, Any]) -> str:
         elif r.case == "clip":
             size = f"1x4x{size}"
         elif r.case == "train":
-            size = f"{r.items_per_run or 1}x4x{size}"
+            size = f"{r.items_per_run}x4x{size}"
         elif r.case == "stream":
             size = f"{r.items_per_run}x{size}"
         elif r.case == "data":
