@@ -104,7 +104,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from cffm_jax import xla_options
+from cffm_jax import host_memory, xla_options
 from cffm_jax.models import build_model, example_inputs, model_config, trainable_mask
 from cffm_jax.models.layers import MATMUL_PRECISIONS
 
@@ -247,7 +247,12 @@ def rss_bytes() -> int:
 
 
 class HostMemory:
-    """Samples this process's RSS every ``interval`` s: ``delta_mb`` = peak - RSS at entry."""
+    """Samples this process's RSS every ``interval`` s: ``delta_mb`` = peak - RSS at entry.
+
+    Entry first hands the heap's free pages back to the kernel (:func:`cffm_jax.host_memory.release_free_memory`):
+    the entry points keep freed memory for reuse, so without it a case would reuse what an earlier one freed and
+    report ~0.
+    """
 
     def __init__(self, interval: float = 0.02):
         self._interval = interval
@@ -259,6 +264,7 @@ class HostMemory:
             self.peak_rss = max(self.peak_rss, rss_bytes())
 
     def __enter__(self) -> HostMemory:
+        host_memory.release_free_memory()
         self.start_rss = self.peak_rss = rss_bytes()
         self._thread = threading.Thread(target=self._sample, name="rss-sampler", daemon=True)
         self._thread.start()
@@ -977,6 +983,7 @@ def format_table(suite: Suite, machine: dict[str, Any]) -> str:
         ),
         f"float32 matmul precision of the models: {_precision(suite)}; of the peak matmul: "
         f"{machine.get('jax_default_matmul_precision') or 'XLA default'}",
+        f"host memory: {machine.get('host_memory', 'malloc defaults (before the setting existed)')}",
         "",
         "| case | input | dtype | compile s | median s (min-max) | CPU s | rate | GFLOP/frame | GFLOP/s | "
         "% peak wall/CPU | RSS +MB | dev MB | load | vs | target | peak >= 50% |",
@@ -1180,9 +1187,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(format_table(load_suite(saved), saved["machine"]))  # noqa: T201
         return saved
     logging.basicConfig(level=logging.WARNING)
+    retained = host_memory.retain_freed_memory()  # before jax starts its threads
     if settings.xla_defaults:
         xla_options.use_xla_defaults()
     machine = machine_info(argv)
+    machine["host_memory"] = "freed memory kept (glibc: one arena, no mmap, no trim)" if retained else "malloc defaults"
     suite = Suite(settings, backend=machine["backend"])
 
     def save(complete: bool) -> dict[str, Any]:

@@ -71,7 +71,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from cffm_jax import xla_options
+from cffm_jax import host_memory, xla_options
 from cffm_jax.data.pipeline import EvalVideo, list_eval_videos, load_eval_frame, video_names
 from cffm_jax.data.transforms import IMG_SCALE
 from cffm_jax.data.vspw import DatasetError, is_tfds_dir, split_file
@@ -607,6 +607,7 @@ def main(argv: Sequence[str] | None = None) -> GenerationSummary:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
+    host_memory.retain_freed_memory()  # before jax starts its threads
     config = None
     if args.config:
         config = load_config(args.config, extra)

@@ -46,6 +46,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from cffm_jax import host_memory
 from cffm_jax import sharding as shd
 from cffm_jax import train_state as ts
 from cffm_jax.evaluate import evaluate_videos
@@ -495,6 +496,7 @@ def main(argv: list[str]) -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax and grain log every file they write at INFO
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments: {argv[1:]}")
+    host_memory.retain_freed_memory()  # before jax starts its threads
     shd.initialize_distributed(flags_.coordinator_address, flags_.num_processes, flags_.process_id)
     config = flags_.config
     workdir = flags_.workdir or config.workdir
