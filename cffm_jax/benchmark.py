@@ -1180,6 +1180,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, str | None, str | None]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the suite, prints the table, writes the JSON if asked; returns the JSON dict."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    retained = host_memory.retain_freed_memory()  # before jax starts its threads (parse_args asks the backend)
     settings, json_path, report_path = parse_args(argv)
     if report_path:
         with open(report_path) as f:
@@ -1187,7 +1188,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(format_table(load_suite(saved), saved["machine"]))  # noqa: T201
         return saved
     logging.basicConfig(level=logging.WARNING)
-    retained = host_memory.retain_freed_memory()  # before jax starts its threads
     if settings.xla_defaults:
         xla_options.use_xla_defaults()
     machine = machine_info(argv)

@@ -6,7 +6,7 @@ per-thread arena whose own heaps are capped at 64 MiB, and gives the pages back 
 run touches its buffers' pages for the first time again, and each first touch is a page fault that zeroes a 4 KiB
 page: ~507,000 faults (~2 GB) per CFFM-B0 training step at 1 x 4 x 480 x 480, ~350,000 per MiT-B0 forward and
 backward. :func:`retain_freed_memory` makes glibc keep freed memory for reuse (one malloc arena, no ``mmap``, no
-trimming: the ``mallopt`` equivalents of ``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=-1``), and
+trimming: what ``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0`` and a huge ``MALLOC_TRIM_THRESHOLD_`` would set), and
 marks the heap it grows into for transparent huge pages (2 MiB pages: fewer TLB misses on the large buffers):
 zero faults per step, and a CPU training step ~10% faster (BENCHMARKS.md).
 
@@ -19,7 +19,8 @@ The price: the process keeps the memory of its peak (RSS does not shrink after a
 :func:`release_free_memory` hands free pages back on demand). The command-line entry points call it first thing;
 ``CFFM_JAX_RETAIN_FREED_MEMORY=0`` keeps glibc's defaults. Programs that import the library call it themselves if
 they want it, before jax starts its threads (the first computation or ``jax.devices()``): a thread that has
-allocated before keeps its own arena. Only glibc (Linux) has these settings; elsewhere both functions do nothing.
+allocated before keeps its own arena (a warning says so). Only glibc (Linux) has these settings; elsewhere the
+functions do nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import functools
 import logging
 import os
 import platform
+import tempfile
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,21 @@ def _glibc() -> ctypes.CDLL | None:
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.fdopen.argtypes = [ctypes.c_int, ctypes.c_char_p]
+    libc.fdopen.restype = ctypes.c_void_p
+    libc.fclose.argtypes = [ctypes.c_void_p]
+    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
     return libc
+
+
+def _arena_count(libc: ctypes.CDLL) -> int:
+    """How many malloc arenas exist (``malloc_info``'s XML has one ``<heap>`` per arena)."""
+    with tempfile.TemporaryFile() as f:
+        stream = libc.fdopen(os.dup(f.fileno()), b"w")
+        libc.malloc_info(0, stream)
+        libc.fclose(stream)
+        f.seek(0)
+        return f.read().count(b"<heap nr=")
 
 
 def retain_freed_memory() -> bool:
@@ -83,6 +99,13 @@ def retain_freed_memory() -> bool:
         if libc.mallopt(param, value) != 1:
             raise RuntimeError(f"glibc mallopt({name}, {value}) failed; set {ENV_VAR}=0 to skip these settings")
     _state["retained"] = True
+    arenas = _arena_count(libc)
+    if arenas > 1:
+        log.warning(
+            "retain_freed_memory() came after threads with their own malloc arenas (%d arenas): their large "
+            "buffers are still mmapped and page-faulted in on every use; call it before the first jax computation",
+            arenas,
+        )
     _state["huge_pages"] = _reserve_huge_pages(libc)
     log.info(
         "host memory: freed memory kept for reuse (glibc: one arena, no mmap, no trim), %.1f GiB of heap on huge "

@@ -90,3 +90,19 @@ def test_environment_variable_keeps_glibc_defaults():
     assert r["retained"] is False
     assert r["reserved"] == 0
     assert r["mmapped"] >= 64 * 2**20, r  # glibc's default: a block this large is mmapped
+
+
+def test_a_late_call_warns_that_earlier_threads_keep_their_arenas():
+    script = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp
+        jax.block_until_ready(jnp.ones(4) + 1)  # jax's threads start and allocate
+        from cffm_jax import host_memory
+        print(host_memory.retain_freed_memory())
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "CFFM_JAX_"))}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "True"
+    assert "came after threads with their own malloc arenas" in out.stderr
