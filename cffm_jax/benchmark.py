@@ -1191,7 +1191,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if settings.xla_defaults:
         xla_options.use_xla_defaults()
     machine = machine_info(argv)
-    machine["host_memory"] = "freed memory kept (glibc: one arena, no mmap, no trim)" if retained else "malloc defaults"
+    machine["host_memory"] = (
+        f"freed memory kept (glibc: one arena, no mmap, no trim; {host_memory.huge_page_bytes() / 2**30:.1f} GiB "
+        "of heap on huge pages)"
+        if retained
+        else "malloc defaults"
+    )
     suite = Suite(settings, backend=machine["backend"])
 
     def save(complete: bool) -> dict[str, Any]:

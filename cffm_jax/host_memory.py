@@ -8,7 +8,7 @@ page: ~507,000 faults (~2 GB) per CFFM-B0 training step at 1 x 4 x 480 x 480, ~3
 backward. :func:`retain_freed_memory` makes glibc keep freed memory for reuse (one malloc arena, no ``mmap``, no
 trimming: what ``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0`` and a huge ``MALLOC_TRIM_THRESHOLD_`` would set), and
 marks the heap it grows into for transparent huge pages (2 MiB pages: fewer TLB misses on the large buffers):
-zero faults per step, and a CPU training step ~10% faster (BENCHMARKS.md).
+zero faults per step, and a CPU training step ~8% faster (BENCHMARKS.md).
 
 The huge-page part: the heap is grown once by half of the machine's memory, address space only (no page is
 touched, RSS does not change), that range is ``madvise``-d ``MADV_HUGEPAGE`` and freed again; with trimming off it

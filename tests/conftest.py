@@ -9,6 +9,9 @@ import sys
 # Tiny models in tests are dominated by XLA compile time; backend optimisations off halves it. The parity CLI test
 # runs the user's path (default flags) in a subprocess.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+# Tests call the entry points in this process, after jax has started: glibc's malloc settings stay as they are here
+# (cffm_jax.host_memory is tested in fresh interpreters, tests/test_host_memory.py).
+os.environ.setdefault("CFFM_JAX_RETAIN_FREED_MEMORY", "0")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
