@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-from cffm_jax.host_memory import THP_MODE_FILE
+from cffm_jax.host_memory import ENV_VAR, THP_MODE_FILE
 
 pytestmark = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc settings"
@@ -60,15 +60,20 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-def _run(env_value: str | None) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    env.pop("CFFM_JAX_RETAIN_FREED_MEMORY", None)
+def _python(script: str, env_value: str | None = None) -> subprocess.CompletedProcess:
+    """Runs ``script`` in a fresh interpreter without glibc's MALLOC_* variables, with ``ENV_VAR`` set to
+    ``env_value`` (unset: None); it must exit 0."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != ENV_VAR}
     if env_value is not None:
-        env["CFFM_JAX_RETAIN_FREED_MEMORY"] = env_value
+        env[ENV_VAR] = env_value
     env["JAX_PLATFORMS"] = "cpu"
-    out = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return out
+
+
+def _run(env_value: str | None) -> dict:
+    return json.loads(_python(_SCRIPT, env_value).stdout.strip().splitlines()[-1])
 
 
 def test_freed_memory_is_reused_without_page_faults():
@@ -101,8 +106,6 @@ def test_a_late_call_warns_that_earlier_threads_keep_their_arenas():
         print(host_memory.retain_freed_memory())
         """
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "CFFM_JAX_"))}
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = _python(script)
     assert out.stdout.strip() == "True"
     assert "came after threads with their own malloc arenas" in out.stderr
