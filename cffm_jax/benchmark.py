@@ -68,7 +68,7 @@ suite reports whether each target is met; it asserts nothing.
 
 Float32 precision: the models' ``matmul_precision`` (``--matmul-precision``, default 'highest', the official
 float32 numbers; not applied on XLA:CPU, see ``cffm_jax.models.layers.matmul_precision_scope``); 'default' lets
-XLA choose (TF32 on GPUs). The peak-measuring matmul runs at jax's global default.
+XLA choose (TF32 on GPUs). The float32 peak-measuring matmul runs at the same precision.
 
 Compiler options: the MiT and clip-mode cases are compiled with ``cffm_jax.xla_options``' options for
 'encoder' programs (what streaming evaluation, clip-mode evaluation and prediction use; on CPU: without the
@@ -106,7 +106,7 @@ import numpy as np
 
 from cffm_jax import host_memory, xla_options
 from cffm_jax.models import build_model, example_inputs, model_config, trainable_mask
-from cffm_jax.models.layers import MATMUL_PRECISIONS
+from cffm_jax.models.layers import MATMUL_PRECISIONS, matmul_precision_scope
 
 log = logging.getLogger(__name__)
 
@@ -527,8 +527,9 @@ class Suite:
 
         Float32 always (``matmul_peak``'s top level), and bfloat16 too when a case runs in it
         (``matmul_peak['by_dtype']['bfloat16']``: on GPUs its matrix units are several times faster, so bfloat16
-        rows are compared with it). Float32 products run at ``jax_default_matmul_precision`` (recorded in the
-        machine info; on GPUs XLA's default may use TF32). The better of the two measurements is the peak (the
+        rows are compared with it). Float32 products run at the models' ``--matmul-precision`` (recorded as
+        ``matmul_peak['precision']``): the float32 rows are compared with products like their own ('highest': full
+        float32; 'default': XLA's choice, TF32 on GPUs). The better of the two measurements is the peak (the
         denominator of every peak fraction): on a shared machine the load changes during the suite.
         ``effective_cores`` = CPU s / wall s of the best run.
         """
@@ -538,9 +539,10 @@ class Suite:
                 peak = self.matmul_peak
             else:
                 peak = self.matmul_peak.setdefault("by_dtype", {}).setdefault(dtype, {})
-            peak.update(n=n, dtype=dtype)
+            peak.update(n=n, dtype=dtype, precision=self.s.matmul_precision if dtype == "float32" else None)
             a = jax.device_put(np.random.default_rng(0).standard_normal((n, n), np.float32).astype(dtype))
-            compiled, compile_s = aot_compile(lambda x, y: x @ y, a, a)
+            with matmul_precision_scope(peak["precision"]):
+                compiled, compile_s = aot_compile(lambda x, y: x @ y, a, a)
             _, runs = time_runs(lambda c=compiled, a=a: c(a, a).block_until_ready(), max(5, self.s.repeats), 1)
             best_wall, best_cpu = min(runs)
             peak[when] = {
@@ -982,7 +984,7 @@ def format_table(suite: Suite, machine: dict[str, Any]) -> str:
             for p in (peak, *peak.get("by_dtype", {}).values())
         ),
         f"float32 matmul precision of the models: {_precision(suite)}; of the peak matmul: "
-        f"{machine.get('jax_default_matmul_precision') or 'XLA default'}",
+        f"{peak.get('precision') or machine.get('jax_default_matmul_precision') or 'XLA default'}",
         f"host memory: {machine.get('host_memory', 'malloc defaults (before the setting existed)')}",
         "",
         "| case | input | dtype | compile s | median s (min-max) | CPU s | rate | GFLOP/frame | GFLOP/s | "

@@ -2,7 +2,7 @@
 # The GPU run of project issue 8 (item 5) in one prepared script: parity on the GPU, then the benchmark suite's
 # GPU cases, each step under its own time limit so that one slow or failing step leaves the others' results.
 #
-#     OUT=gpu_out bash scripts/gpu_benchmark.sh [inference|train|all]      (default: all)
+#     OUT=gpu_out bash scripts/gpu_benchmark.sh [inference|train|all|highest]      (default: all)
 #
 # inference: parity (the official fixtures at float32 'highest' and at XLA's default precision), CFFM-B1 streaming
 #   and CFFM/CFFM++-B1 clip mode at 480x864 in float32 and bfloat16, the clip mode also at XLA's default float32
@@ -11,6 +11,9 @@
 #   float32 ran at TF32; at 'highest' (the default since) not timed: one such clip run did not finish in 70 s.
 # train: the training step of B0 and B1 at 480x480 in float32 and bfloat16 (each compiles in ~50-65 s there), then
 #   B1's on a batch of 8 clips (--train-batch 8: clips/s; one clip per step leaves most of an H100 idle).
+# highest: what a short lease (~9 minutes) can add to the first GPU run, which timed float32 at TF32 only: parity,
+#   then CFFM-B1 clip and streaming at 480x864 and its training step at 480x480 in float32 at 'highest' (the
+#   default), then the training step on a batch of 8 clips in float32 and bfloat16 (the fraction of the peak).
 #
 # Writes into $OUT: all.log (every step's output) and one JSON per benchmark step (gpu_*.json); a JSON is rewritten
 # after every row, so a step stopped by its limit keeps the rows it finished. Wheels in .whl/ (packages missing on
@@ -66,6 +69,14 @@ if [ "$PART" = train ] || [ "$PART" = all ]; then
     step train 300 $BENCH --cases train --models b0,b1 --sizes 480x480 --dtype float32,bfloat16 \
         --json "$OUT/gpu_train.json"
     step train_batch8 240 $BENCH --cases train --models b1 --sizes 480x480 --dtype float32,bfloat16 --train-batch 8 \
+        --json "$OUT/gpu_train_batch8.json"
+fi
+if [ "$PART" = highest ]; then
+    step parity 40 $PY -m cffm_jax.parity tests/fixtures/cffm_tiny.npz tests/fixtures/cffmpp_tiny.npz
+    step b1_clip 90 $BENCH --cases clip --models b1 --sizes 480x864 --json "$OUT/gpu_b1_clip.json"
+    step b1_stream 90 $BENCH --cases stream --models b1 --sizes 480x864 --json "$OUT/gpu_b1_stream.json"
+    step train_b1 100 $BENCH --cases train --models b1 --sizes 480x480 --json "$OUT/gpu_train_b1.json"
+    step train_batch8 200 $BENCH --cases train --models b1 --sizes 480x480 --dtype float32,bfloat16 --train-batch 8 \
         --json "$OUT/gpu_train_batch8.json"
 fi
 for f in "$OUT"/gpu_*.json; do
