@@ -1,0 +1,81 @@
+"""Where the time goes for float32 at a given matmul precision on an accelerator (one-off diagnostic).
+
+    python scripts/gpu_diag_precision.py highest|default
+
+Prints, with timestamps: an 8192^3 matmul and a 7x7/4 convolution (compile, run), then CFFM-B1 clip mode at
+480x864 (encoder and decoder: compile, first run, best of 3).
+"""
+
+import functools
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cffm_jax import streaming, xla_options
+from cffm_jax.benchmark import random_variables
+from cffm_jax.models import build_model, model_config
+from cffm_jax.models.cffm import quarter_size
+from cffm_jax.models.layers import matmul_precision_scope
+
+T0 = time.perf_counter()
+
+
+def say(msg):
+    print(f"[{time.perf_counter() - T0:7.2f} s] {msg}", flush=True)
+
+
+def timed(name, compiled, *args, n=3):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    first = time.perf_counter() - start
+    best = float("inf")
+    for _ in range(n):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        best = min(best, time.perf_counter() - start)
+    say(f"{name}: first run {first * 1e3:.1f} ms, best of {n} {best * 1e3:.2f} ms")
+
+
+def compile_(name, fn, *args, options=None):
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile(options)
+    say(f"{name}: compiled in {time.perf_counter() - start:.1f} s")
+    return compiled
+
+
+precision = sys.argv[1]
+say(f"precision {precision}, jax {jax.__version__}, {jax.devices()}")
+a = jnp.asarray(np.random.default_rng(0).standard_normal((8192, 8192), np.float32))
+with matmul_precision_scope(precision):
+    mm = compile_("matmul 8192^3", lambda x, y: x @ y, a, a)
+timed("matmul 8192^3", mm, a, a)
+x = jnp.ones((4, 480, 864, 3), jnp.float32)
+w = jnp.ones((7, 7, 3, 64), jnp.float32)
+conv_fn = functools.partial(
+    jax.lax.conv_general_dilated, window_strides=(4, 4), padding=((3, 3), (3, 3)),
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+)
+with matmul_precision_scope(precision):
+    conv = compile_("conv 7x7/4", conv_fn, x, w)
+timed("conv 7x7/4", conv, x, w)
+
+config = model_config("cffm_b1", dtype="float32", matmul_precision=precision)
+model = build_model(config)
+variables = jax.device_put(random_variables(config))
+clip = jax.device_put(np.random.default_rng(2).standard_normal((1, 4, 480, 864, 3), np.float32))
+say("model built")
+encode = compile_(
+    "encoder", functools.partial(streaming.encode_clips, model, None, False), variables, clip,
+    options=xla_options.compiler_options("encoder"),
+)
+timed("encoder", encode, variables, clip)
+feats = encode(variables, clip)[1]
+decode = compile_(
+    "decoder", functools.partial(streaming.decode_clips, model, quarter_size((480, 864)), None), variables, feats, None,
+    options=xla_options.compiler_options("default"),
+)
+timed("decoder", decode, variables, feats, None)
+say("done")
