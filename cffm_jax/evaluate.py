@@ -66,7 +66,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from cffm_jax import host_memory
+from cffm_jax import compilation_cache, host_memory
 from cffm_jax.data.pipeline import EvalVideo, list_eval_videos
 from cffm_jax.data.transforms import IMG_SCALE
 from cffm_jax.data.vspw import NUM_CLASSES, DatasetError, decode_mask, read_bytes, reduce_zero_label
@@ -599,6 +599,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     host_memory.retain_freed_memory()  # before jax starts its threads
+    compilation_cache.enable()
     config = None
     if args.config:
         config = load_config(args.config, extra)

@@ -44,7 +44,7 @@ import numpy as np
 from PIL import Image, ImageSequence, UnidentifiedImageError
 from tqdm import tqdm
 
-from cffm_jax import host_memory
+from cffm_jax import compilation_cache, host_memory
 from cffm_jax.data.pipeline import EvalFrame
 from cffm_jax.data.transforms import IMG_SCALE, test_transform
 from cffm_jax.visualize import colorize, overlay, save_gif, save_gray_png, save_rgb_png, thumbnail
@@ -358,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
     args = _parser().parse_args(argv)
     host_memory.retain_freed_memory()  # before jax starts its threads
+    compilation_cache.enable()
     img_scale = tuple(args.img_scale)
     _check_output(Path(args.output), args.overwrite)
     reader = open_input(args.input)

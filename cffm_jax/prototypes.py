@@ -71,7 +71,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from cffm_jax import host_memory, xla_options
+from cffm_jax import compilation_cache, host_memory, xla_options
 from cffm_jax.data.pipeline import EvalVideo, list_eval_videos, load_eval_frame, video_names
 from cffm_jax.data.transforms import IMG_SCALE
 from cffm_jax.data.vspw import DatasetError, is_tfds_dir, split_file
@@ -608,6 +608,7 @@ def main(argv: Sequence[str] | None = None) -> GenerationSummary:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     host_memory.retain_freed_memory()  # before jax starts its threads
+    compilation_cache.enable()
     config = None
     if args.config:
         config = load_config(args.config, extra)

@@ -46,7 +46,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from cffm_jax import host_memory
+from cffm_jax import compilation_cache, host_memory
 from cffm_jax import sharding as shd
 from cffm_jax import train_state as ts
 from cffm_jax.evaluate import evaluate_videos
@@ -417,6 +417,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     )
     pending = None  # (step, metrics) of the previous update, fetched after the next one is dispatched
     last_time, last_step = time.time(), start_step
+    if start_step < config.total_steps:
+        cache = jax.config.jax_compilation_cache_dir
+        log.info(
+            "compiling the training step (this can take minutes, e.g. on a GPU at float32 'highest'; %s)",
+            f"kept in the compilation cache {cache} for later runs" if cache else "compilation cache off",
+        )
 
     def finish(step: int, metrics: Mapping[str, jax.Array]) -> None:
         nonlocal last_time, last_step
@@ -497,6 +503,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments: {argv[1:]}")
     host_memory.retain_freed_memory()  # before jax starts its threads
+    compilation_cache.enable()
     shd.initialize_distributed(flags_.coordinator_address, flags_.num_processes, flags_.process_id)
     config = flags_.config
     workdir = flags_.workdir or config.workdir

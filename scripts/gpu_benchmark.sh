@@ -8,12 +8,15 @@
 #   and CFFM/CFFM++-B1 clip mode at 480x864 in float32 and bfloat16, the clip mode also at XLA's default float32
 #   precision (TF32), MiT/clip/streaming of B0 at 480x480 (the CPU table's shapes), and B1 streaming in chunks of 16
 #   frames instead of 4 (throughput; the 4-frame rows are latency-bound there). ~6 minutes on an H100 when
-#   float32 ran at TF32; at 'highest' (the default since) not timed: one such clip run did not finish in 70 s.
+#   float32 ran at TF32; at 'highest' (the default since) compiling takes several times longer (see 'highest'),
+#   hence limits of 5 minutes on the B1 steps: more than one lease of 15 minutes.
 # train: the training step of B0 and B1 at 480x480 in float32 and bfloat16 (each compiles in ~50-65 s there), then
 #   B1's on a batch of 8 clips (--train-batch 8: clips/s; one clip per step leaves most of an H100 idle).
 # highest: what a short lease (~9 minutes) can add to the first GPU run, which timed float32 at TF32 only: parity,
-#   then CFFM-B1 clip and streaming at 480x864 and its training step at 480x480 in float32 at 'highest' (the
-#   default), then the training step on a batch of 8 clips in float32 and bfloat16 (the fraction of the peak).
+#   then CFFM/CFFM++-B1 clip mode at 480x864 and the B1 training step at 480x480 in float32 at 'highest' (the
+#   default). At 'highest' XLA autotunes every float32 product for much longer: the B1 encoder compiles in 63 s
+#   (15 s at TF32; scripts/gpu_diag_precision.py, BENCHMARKS.md), so a lease of 2026-11-27 whose limits were
+#   90-100 s per step got no row at all; the limits below are 4 minutes.
 #
 # Writes into $OUT: all.log (every step's output) and one JSON per benchmark step (gpu_*.json); a JSON is rewritten
 # after every row, so a step stopped by its limit keeps the rows it finished. Wheels in .whl/ (packages missing on
@@ -57,8 +60,8 @@ if [ "$PART" = inference ] || [ "$PART" = all ]; then
     step parity 50 $PY -m cffm_jax.parity tests/fixtures/cffm_tiny.npz tests/fixtures/cffmpp_tiny.npz
     step parity_xla_default 40 $PY -m cffm_jax.parity --matmul-precision default tests/fixtures/cffm_tiny.npz \
         tests/fixtures/cffmpp_tiny.npz
-    step b1_stream 150 $BENCH --cases stream $B1 --json "$OUT/gpu_b1_stream.json"
-    step b1_clip 100 $BENCH --cases clip $B1 --json "$OUT/gpu_b1_clip.json"
+    step b1_stream 300 $BENCH --cases stream $B1 --json "$OUT/gpu_b1_stream.json"
+    step b1_clip 300 $BENCH --cases clip $B1 --json "$OUT/gpu_b1_clip.json"
     step b1_clip_xla_default 70 $BENCH --cases clip --models b1 --sizes 480x864 --matmul-precision default \
         --json "$OUT/gpu_b1_clip_xla_default.json"
     step b0 90 $BENCH --cases mit,clip,stream --models b0 --sizes 480x480 --json "$OUT/gpu_b0.json"
@@ -73,11 +76,8 @@ if [ "$PART" = train ] || [ "$PART" = all ]; then
 fi
 if [ "$PART" = highest ]; then
     step parity 40 $PY -m cffm_jax.parity tests/fixtures/cffm_tiny.npz tests/fixtures/cffmpp_tiny.npz
-    step b1_clip 90 $BENCH --cases clip --models b1 --sizes 480x864 --json "$OUT/gpu_b1_clip.json"
-    step b1_stream 90 $BENCH --cases stream --models b1 --sizes 480x864 --json "$OUT/gpu_b1_stream.json"
-    step train_b1 100 $BENCH --cases train --models b1 --sizes 480x480 --json "$OUT/gpu_train_b1.json"
-    step train_batch8 200 $BENCH --cases train --models b1 --sizes 480x480 --dtype float32,bfloat16 --train-batch 8 \
-        --json "$OUT/gpu_train_batch8.json"
+    step b1_clip 240 $BENCH --cases clip --models b1 --sizes 480x864 --json "$OUT/gpu_b1_clip.json"
+    step train_b1 240 $BENCH --cases train --models b1 --sizes 480x480 --json "$OUT/gpu_train_b1.json"
 fi
 for f in "$OUT"/gpu_*.json; do
     [ -e "$f" ] || continue

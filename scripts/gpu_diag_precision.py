@@ -55,7 +55,9 @@ timed("matmul 8192^3", mm, a, a)
 x = jnp.ones((4, 480, 864, 3), jnp.float32)
 w = jnp.ones((7, 7, 3, 64), jnp.float32)
 conv_fn = functools.partial(
-    jax.lax.conv_general_dilated, window_strides=(4, 4), padding=((3, 3), (3, 3)),
+    jax.lax.conv_general_dilated,
+    window_strides=(4, 4),
+    padding=((3, 3), (3, 3)),
     dimension_numbers=("NHWC", "HWIO", "NHWC"),
 )
 with matmul_precision_scope(precision):
@@ -68,13 +70,20 @@ variables = jax.device_put(random_variables(config))
 clip = jax.device_put(np.random.default_rng(2).standard_normal((1, 4, 480, 864, 3), np.float32))
 say("model built")
 encode = compile_(
-    "encoder", functools.partial(streaming.encode_clips, model, None, False), variables, clip,
+    "encoder",
+    functools.partial(streaming.encode_clips, model, None, False),
+    variables,
+    clip,
     options=xla_options.compiler_options("encoder"),
 )
 timed("encoder", encode, variables, clip)
 feats = encode(variables, clip)[1]
 decode = compile_(
-    "decoder", functools.partial(streaming.decode_clips, model, quarter_size((480, 864)), None), variables, feats, None,
+    "decoder",
+    functools.partial(streaming.decode_clips, model, quarter_size((480, 864)), None),
+    variables,
+    feats,
+    None,
     options=xla_options.compiler_options("default"),
 )
 timed("decoder", decode, variables, feats, None)

@@ -12,6 +12,8 @@ os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 # Tests call the entry points in this process, after jax has started: glibc's malloc settings stay as they are here
 # (cffm_jax.host_memory is tested in fresh interpreters, tests/test_host_memory.py).
 os.environ.setdefault("CFFM_JAX_RETAIN_FREED_MEMORY", "0")
+# Nor do they write a compilation cache into the home directory (tests/test_compilation_cache.py tests it).
+os.environ.setdefault("CFFM_JAX_COMPILATION_CACHE", "0")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

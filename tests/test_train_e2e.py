@@ -11,7 +11,8 @@
 * CFFM++ fine-tuning from a CFFM training workdir changes only ``decoder_swin`` and ``linear_pred3``;
 * a NaN/Inf loss stops the run with the step number.
 
-All subprocesses share a persistent compilation cache and compile without XLA optimisations (the comparisons
+All subprocesses share a persistent compilation cache (the one the entry points turn on, ``cffm_jax.compilation_cache``,
+in its default place under a temporary ``XDG_CACHE_HOME``) and compile without XLA optimisations (the comparisons
 are between runs with identical settings), which keeps the file at a few minutes on 2 CPU cores.
 """
 
@@ -31,6 +32,7 @@ import numpy as np
 import pytest
 
 from cffm_jax.checkpoint import load_for_inference
+from cffm_jax.compilation_cache import ENV_VAR
 from cffm_jax.evaluate import evaluate_videos
 from cffm_jax.logging_utils import read_metrics
 from cffm_jax.train_state import load_training_checkpoint_for_inference
@@ -44,13 +46,12 @@ COMPARED = ("loss", "lr", "ce_frames", "ce_target", "acc_seg", "grad_norm")
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict[str, str]:
-    cache = tmp_path_factory.mktemp("jax_cache")
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in (ENV_VAR, "JAX_COMPILATION_CACHE_DIR")}
     env.update(
         XLA_FLAGS=(
             env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
         ).strip(),
-        JAX_COMPILATION_CACHE_DIR=str(cache),
+        XDG_CACHE_HOME=str(tmp_path_factory.mktemp("cache_home")),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
         JAX_PLATFORMS="cpu",
@@ -99,7 +100,7 @@ def reference_run(tmp_path_factory, env, data_root) -> pathlib.Path:
     return workdir
 
 
-def test_reference_run_files_checkpoints_and_learning(reference_run):
+def test_reference_run_files_checkpoints_and_learning(reference_run, env):
     rows = rows_by_step(reference_run)
     assert sorted(rows) == list(range(1, STEPS + 1))
     losses = [rows[s]["loss"] for s in sorted(rows)]
@@ -121,6 +122,9 @@ def test_reference_run_files_checkpoints_and_learning(reference_run):
     np.testing.assert_array_equal(leaf(variables), leaf(same))
     assert not np.array_equal(leaf(variables), leaf(earlier))
     assert variables["batch_stats"]["decode_head"]["linear_fuse"]["bn"]["var"].shape == (32,)
+    # the run kept its compiled programs in the default cache directory (cffm_jax.compilation_cache)
+    cached = [p.name for p in (pathlib.Path(env["XDG_CACHE_HOME"]) / "cffm_jax" / "xla").iterdir()]
+    assert any(name.startswith("jit_train_step") for name in cached), cached
 
 
 def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path, reference_run, env, data_root):
