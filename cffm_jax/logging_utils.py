@@ -9,11 +9,14 @@ The event file is written by :class:`EventFileWriter`, a few lines implementing 
 masked CRC-32C of the length, payload, masked CRC-32C of the payload) of ``tensorflow.Event`` protobuf
 messages, encoded by hand: ``Event{wall_time=1 (double), step=2 (int64), file_version=3 (string),
 summary=5}``, ``Summary{value=1 (repeated)}``, ``Summary.Value{tag=1 (string), simple_value=2 (float)}``.
+
+:func:`configure_cli_logging` sets up Python logging for the command-line entry points.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import pathlib
@@ -24,6 +27,16 @@ from collections.abc import Mapping
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+
+
+def configure_cli_logging() -> None:
+    """INFO messages of this package, WARNING and above of the others (orbax and absl are chatty at INFO).
+
+    ``force``: grain installs a root handler when it is imported, which would make a plain ``basicConfig`` a
+    no-op (and this package's INFO messages invisible).
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("cffm_jax").setLevel(logging.INFO)
 
 
 def _crc32c_table() -> list[int]:

@@ -404,8 +404,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 def _cli() -> int:
     from cffm_jax.checkpoint import CheckpointError
+    from cffm_jax.logging_utils import configure_cli_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_cli_logging()
     try:
         main()
     except (InputError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:

@@ -659,11 +659,9 @@ def main(argv: Sequence[str] | None = None) -> GenerationSummary:
 
 def _cli() -> int:
     from cffm_jax.checkpoint import CheckpointError
+    from cffm_jax.logging_utils import configure_cli_logging
 
-    # force: grain installs a root handler at import, which would make basicConfig a no-op. INFO only for this
-    # package (orbax and absl are chatty at INFO).
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
-    logging.getLogger("cffm_jax").setLevel(logging.INFO)
+    configure_cli_logging()
     try:
         main()
     except (DatasetError, CheckpointError, FileNotFoundError, ValueError) as e:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import queue
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -54,6 +55,8 @@ from cffm_jax.kmeans import kmeans
 from cffm_jax.models import build_model
 from cffm_jax.models.cffm import quarter_size, upsample_logits
 from cffm_jax.models.layers import argmax_classes
+
+log = logging.getLogger(__name__)
 
 # Frames per chunk and device: on CPU one frame per chunk is fastest (the working set of the cross-frame attention
 # stays in cache; CFFM-B0 streaming at 480x480: 0.43 s per target with 1, 0.50 s with 4 frames per chunk);
@@ -274,6 +277,7 @@ class VideoSegmenter:
         self.keep_logits = keep_logits
         self.ring_size = self.batch_size + CLIP_SPAN
         self._rings: dict[tuple[int, ...], jax.Array] = {}
+        self._sizes_seen: set[tuple[tuple[int, int], tuple[int, int]]] = set()
 
     @property
     def needs_prototypes(self) -> bool:
@@ -342,6 +346,8 @@ class VideoSegmenter:
         images: dict[int, np.ndarray] = {}  # clip mode: recent frames, at most the clip span + one chunk
         pending: _Pending | None = None
         for indices, chunk in _chunks(_checked(frames), self.batch_size):
+            if indices[0] == 0:
+                self._note_size(chunk[0])
             dispatched = step(indices, chunk, protos, images)
             if pending is not None:
                 yield from self._fetch(pending)
@@ -351,6 +357,18 @@ class VideoSegmenter:
 
     def _sizes(self, frame: EvalFrame) -> tuple[tuple[int, int], tuple[int, int]]:
         return tuple(frame.image.shape[:2]), tuple(int(s) for s in frame.original_size)
+
+    def _note_size(self, frame: EvalFrame) -> None:
+        """Says when a video brings a frame size new to this segmenter: its programs compile first (minutes on
+        a GPU at float32 'highest'), unless this process or the compilation cache has them already."""
+        sizes = self._sizes(frame)
+        if sizes not in self._sizes_seen:
+            self._sizes_seen.add(sizes)
+            log.info(
+                "first video with frames of %dx%d (network input %dx%d): compiling its programs, unless cached",
+                *sizes[1],
+                *sizes[0],
+            )
 
     def _ring(self, feats: jax.Array) -> jax.Array:
         key = (*feats.shape[1:], str(feats.dtype))

@@ -7,6 +7,9 @@ tests/test_train_e2e.py, whose subprocesses use it.
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -83,3 +86,16 @@ def test_entry_points_turn_it_on(jax_settings, monkeypatch, tmp_path, entry_poin
     with pytest.raises((OSError, ValueError)):
         entry_point(argv)
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache")
+
+
+def test_evaluate_command_says_where_the_cache_is(tmp_path):
+    """The real command line (a fresh interpreter): the cache is on and its INFO line reaches the user (grain's
+    root handler would swallow it without ``logging_utils.configure_cli_logging``); a missing config then fails."""
+    env = {**os.environ, ENV_VAR: str(tmp_path / "cache")}
+    out = subprocess.run(
+        [sys.executable, "-m", "cffm_jax.evaluate", "--config", str(tmp_path / "no_such_config.py")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    assert f"INFO cffm_jax.compilation_cache: XLA compilation cache: {tmp_path / 'cache'}" in out.stderr
+    assert "no_such_config.py" in out.stderr

@@ -7,6 +7,7 @@ test_evaluate.py and test_predict.py, so in one pytest process every jitted func
 """
 
 import functools
+import logging
 import os
 import textwrap
 
@@ -83,15 +84,20 @@ def test_streaming_matches_clip_by_clip(video, fixture, batch):
     assert np.abs(streamed[5].logits - perframe[5]).max() > 1e-3
 
 
-def test_compiles_once_per_size_and_ring_is_bounded(video):
+def test_compiles_once_per_size_and_ring_is_bounded(video, caplog):
     config, variables = tiny_model("cffm_tiny.npz")
     segmenter = VideoSegmenter(config, variables, batch_size=BATCH)
     frames = _frames(video)
-    first = [r.pred for r in segmenter.segment(frames)]
-    cache_size = _encode._cache_size()
-    # A second video of the same size (here: the frames reversed) reuses the compiled functions and the ring.
-    second = [r.pred for r in segmenter.segment(frames[::-1])]
+    with caplog.at_level(logging.INFO, logger="cffm_jax.streaming"):
+        first = [r.pred for r in segmenter.segment(frames)]
+        cache_size = _encode._cache_size()
+        # A second video of the same size (here: the frames reversed) reuses the compiled functions and the ring.
+        second = [r.pred for r in segmenter.segment(frames[::-1])]
     assert _encode._cache_size() == cache_size
+    # the first video of a size says that its programs compile; the second does not
+    assert [r.getMessage() for r in caplog.records if "compiling" in r.getMessage()] == [
+        "first video with frames of 48x80 (network input 64x96): compiling its programs, unless cached"
+    ]
     assert len(second) == len(first) == FRAMES
     (ring,) = segmenter._rings.values()
     assert ring.shape[0] == BATCH + 9 < FRAMES  # the clip span plus one chunk, independent of the video length
