@@ -2,7 +2,7 @@
 # The GPU run of project issue 8 (item 5) in one prepared script: parity on the GPU, then the benchmark suite's
 # GPU cases, each step under its own time limit so that one slow or failing step leaves the others' results.
 #
-#     OUT=gpu_out bash scripts/gpu_benchmark.sh [inference|train|all|highest]      (default: all)
+#     OUT=gpu_out bash scripts/gpu_benchmark.sh [inference|train|all|highest|diag]      (default: all)
 #
 # inference: parity (the official fixtures at float32 'highest' and at XLA's default precision), CFFM-B1 streaming
 #   and CFFM/CFFM++-B1 clip mode at 480x864 in float32 and bfloat16, the clip mode also at XLA's default float32
@@ -10,13 +10,17 @@
 #   frames instead of 4 (throughput; the 4-frame rows are latency-bound there). ~6 minutes on an H100 when
 #   float32 ran at TF32; at 'highest' (the default since) compiling takes several times longer (see 'highest'),
 #   hence limits of 5 minutes on the B1 steps: more than one lease of 15 minutes.
-# train: the training step of B0 and B1 at 480x480 in float32 and bfloat16 (each compiles in ~50-65 s there), then
-#   B1's on a batch of 8 clips (--train-batch 8: clips/s; one clip per step leaves most of an H100 idle).
+# train: the training step of B0 and B1 at 480x480 in float32 and bfloat16 (each compiled in ~50-65 s there at TF32;
+#   at 'highest' float32 will take longer, not measured yet), then B1's on a batch of 8 clips (--train-batch 8:
+#   clips/s; one clip per step leaves most of an H100 idle).
 # highest: what a short lease (~9 minutes) can add to the first GPU run, which timed float32 at TF32 only: parity,
 #   then CFFM/CFFM++-B1 clip mode at 480x864 and the B1 training step at 480x480 in float32 at 'highest' (the
 #   default). At 'highest' XLA autotunes every float32 product for much longer: the B1 encoder compiles in 63 s
 #   (15 s at TF32; scripts/gpu_diag_precision.py, BENCHMARKS.md), so a lease of 2026-11-27 whose limits were
 #   90-100 s per step got no row at all; the limits below are 4 minutes.
+# diag: where compile and run time go at each float32 precision (scripts/gpu_diag_precision.py: a matmul, a
+#   convolution, the CFFM-B1 encoder and decoder at 480x864), at 'highest' also with XLA's Triton GEMMs off
+#   (cuBLAS only: fewer candidates to autotune; not tried yet), ~6 minutes.
 #
 # Writes into $OUT: all.log (every step's output) and one JSON per benchmark step (gpu_*.json); a JSON is rewritten
 # after every row, so a step stopped by its limit keeps the rows it finished. Wheels in .whl/ (packages missing on
@@ -64,7 +68,7 @@ if [ "$PART" = inference ] || [ "$PART" = all ]; then
     step b1_clip 300 $BENCH --cases clip $B1 --json "$OUT/gpu_b1_clip.json"
     step b1_clip_xla_default 70 $BENCH --cases clip --models b1 --sizes 480x864 --matmul-precision default \
         --json "$OUT/gpu_b1_clip_xla_default.json"
-    step b0 90 $BENCH --cases mit,clip,stream --models b0 --sizes 480x480 --json "$OUT/gpu_b0.json"
+    step b0 240 $BENCH --cases mit,clip,stream --models b0 --sizes 480x480 --json "$OUT/gpu_b0.json"
     step b1_stream_batch16 100 $BENCH --cases stream $B1 --stream-batch 16 --frames 64 \
         --json "$OUT/gpu_b1_stream_batch16.json"
 fi
@@ -78,6 +82,12 @@ if [ "$PART" = highest ]; then
     step parity 40 $PY -m cffm_jax.parity tests/fixtures/cffm_tiny.npz tests/fixtures/cffmpp_tiny.npz
     step b1_clip 240 $BENCH --cases clip --models b1 --sizes 480x864 --json "$OUT/gpu_b1_clip.json"
     step train_b1 240 $BENCH --cases train --models b1 --sizes 480x480 --json "$OUT/gpu_train_b1.json"
+fi
+if [ "$PART" = diag ]; then
+    step diag_highest 150 $PY scripts/gpu_diag_precision.py highest
+    step diag_highest_cublas 150 env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false $PY scripts/gpu_diag_precision.py \
+        highest
+    step diag_default 60 $PY scripts/gpu_diag_precision.py default
 fi
 for f in "$OUT"/gpu_*.json; do
     [ -e "$f" ] || continue
