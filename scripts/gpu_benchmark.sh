@@ -20,7 +20,8 @@
 #   90-100 s per step got no row at all; the limits below are 4 minutes.
 # diag: where compile and run time go at each float32 precision (scripts/gpu_diag_precision.py: a matmul, a
 #   convolution, the CFFM-B1 encoder and decoder at 480x864), at 'highest' also with XLA's Triton GEMMs off
-#   (cuBLAS only: fewer candidates to autotune; not tried yet), ~6 minutes.
+#   (cuBLAS only: fewer candidates to autotune; not tried yet); then 'high' (three bfloat16 passes per float32
+#   product: does it keep the fixtures within tolerance, and how fast is it?), ~8 minutes.
 #
 # Writes into $OUT: all.log (every step's output) and one JSON per benchmark step (gpu_*.json); a JSON is rewritten
 # after every row, so a step stopped by its limit keeps the rows it finished. Wheels in .whl/ (packages missing on
@@ -88,6 +89,9 @@ if [ "$PART" = diag ]; then
     step diag_highest_cublas 150 env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false $PY scripts/gpu_diag_precision.py \
         highest
     step diag_default 60 $PY scripts/gpu_diag_precision.py default
+    step parity_high 40 $PY -m cffm_jax.parity --matmul-precision high tests/fixtures/cffm_tiny.npz \
+        tests/fixtures/cffmpp_tiny.npz
+    step diag_high 150 $PY scripts/gpu_diag_precision.py high
 fi
 for f in "$OUT"/gpu_*.json; do
     [ -e "$f" ] || continue
