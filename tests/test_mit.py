@@ -8,7 +8,7 @@ from conftest import run_on_fake_devices
 
 from cffm_jax.convert import convert_state_dict, load_state_dict
 from cffm_jax.models import build_model, model_config
-from cffm_jax.models.layers import attention
+from cffm_jax.models.layers import attention, max_last, softmax_last
 from cffm_jax.models.mit import (
     _param_grads_by_rows,
     _param_grads_by_taps,
@@ -181,6 +181,21 @@ def test_depthwise_gradient_of_a_sharded_batch_sums_frames_after_the_row_loop():
     the input gradient stays sharded, and the values equal the single-device ones."""
     stdout = run_on_fake_devices(_DEPTHWISE_SHARDED, 4)
     assert "LOOPS 1 ALL-REDUCES-IN-LOOPS 0" in stdout and "X-GRAD-SHARDED True" in stdout, stdout
+
+
+@pytest.mark.parametrize("n", [0, 1, 32, 33, 100, 225, 289])
+def test_row_max_and_softmax_equal_jax_bit_for_bit(n):
+    """max_last (slices of <= 32 values, so that XLA:CPU keeps one short reduction instead of a reduce-window)
+    and softmax_last give exactly jnp.max / jax.nn.softmax, also with -inf entries (masked keys), in and out of jit
+    (the jitted program has no reduce-window)."""
+    x = np.array(jax.random.normal(jax.random.key(n), (3, 7, n)) * 10.0)
+    if n:
+        x[0, :, n // 2] = -np.inf
+        x[1, 2] = 1e30
+    for fn in (lambda a: a, jax.jit):
+        np.testing.assert_array_equal(fn(max_last)(x), jnp.max(x, axis=-1, keepdims=True, initial=-np.inf))
+        np.testing.assert_array_equal(fn(softmax_last)(x), jax.nn.softmax(x, axis=-1))
+    assert "reduce-window" not in jax.jit(max_last).lower(x).compile().as_text()
 
 
 @pytest.mark.parametrize("shape", [(3, 37, 11, 8), (2, 64, 64, 4), (1, 5, 1, 3)])

@@ -35,6 +35,7 @@ import numpy as np
 
 from cffm_jax.models.layers import (
     gelu,
+    max_last,
     resize_bilinear,
     torch_bias_init,
     torch_linear_kernel_init,
@@ -314,7 +315,7 @@ class CFFMAttention(nn.Module):
             scores = (jnp.einsum("bhnqd,bhnkd->bhnqk", q_c, k) + bias + mask_c).astype(jnp.float32)
             # Softmax with the normalisation after the product with the values (49 x d divisions per window
             # instead of 49 x K): the same function, one pass less over the scores (~10% of the attention on CPU).
-            weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
+            weights = jnp.exp(scores - jax.lax.stop_gradient(max_last(scores)))
             out = jnp.einsum("bhnqk,bhnkd->bhnqd", weights.astype(self.dtype), v)
             return out / weights.sum(axis=-1, keepdims=True).astype(self.dtype)
 

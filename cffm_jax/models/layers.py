@@ -327,8 +327,29 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return _attention_fwd(q, k, v)[0]
 
 
+_MAX_SLICE = 32  # XLA:CPU (TreeReductionRewriter) turns a reduction over more than 32 values into a reduce-window
+
+
+def max_last(x: jax.Array) -> jax.Array:
+    """``jnp.max(x, -1, keepdims=True, initial=-inf)``, as elementwise maxima of overlapping slices of at most 32
+    values and one short reduction: XLA:CPU rewrites a longer reduction into a reduce-window + reduce, whose
+    reduce-window runs one element at a time (MiT-B0 stage 1, 4 x 14400 rows of 225 scores: ~5 ms; the MiT-B0
+    forward ~5% faster). The same value bit for bit. Other backends get ``jnp.max``."""
+    n = x.shape[-1]
+    if n > _MAX_SLICE and jax.default_backend() == "cpu":
+        starts = list(range(0, n - _MAX_SLICE, _MAX_SLICE - 1)) + [n - _MAX_SLICE]
+        x = functools.reduce(jnp.maximum, [x[..., s : s + _MAX_SLICE] for s in starts])
+    return jnp.max(x, axis=-1, keepdims=True, initial=-jnp.inf)  # as jax.nn.softmax (-inf for no values)
+
+
+def softmax_last(x: jax.Array) -> jax.Array:
+    """``jax.nn.softmax(x, axis=-1)`` for finite ``x`` (the same operations), with :func:`max_last`."""
+    unnormalized = jnp.exp(x - lax.stop_gradient(max_last(x)))
+    return unnormalized / jnp.sum(unnormalized, axis=-1, keepdims=True)
+
+
 def _attention_fwd(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, tuple]:
-    p = jax.nn.softmax(jnp.einsum("bqd,bkd->bqk", q, k), axis=-1)
+    p = softmax_last(jnp.einsum("bqd,bkd->bqk", q, k))
     out = jnp.einsum("bqk,bkd->bqd", p, v)
     return out, (q, k, v, p, out)
 
