@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cffm_jax import streaming, xla_options
-from cffm_jax.benchmark import random_variables
+from cffm_jax.benchmark import aot_compile, random_variables, time_runs
 from cffm_jax.models import build_model, model_config
 from cffm_jax.models.cffm import quarter_size
 from cffm_jax.models.layers import matmul_precision_scope
@@ -28,21 +28,13 @@ def say(msg):
 
 
 def timed(name, compiled, *args, n=3):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    first = time.perf_counter() - start
-    best = float("inf")
-    for _ in range(n):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        best = min(best, time.perf_counter() - start)
-    say(f"{name}: first run {first * 1e3:.1f} ms, best of {n} {best * 1e3:.2f} ms")
+    first, runs = time_runs(lambda: jax.block_until_ready(compiled(*args)), n, 1)
+    say(f"{name}: first run {first * 1e3:.1f} ms, best of {n} {min(wall for wall, _ in runs) * 1e3:.2f} ms")
 
 
 def compile_(name, fn, *args, options=None):
-    start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile(options)
-    say(f"{name}: compiled in {time.perf_counter() - start:.1f} s")
+    compiled, seconds = aot_compile(fn, *args, compiler_options=options)
+    say(f"{name}: compiled in {seconds:.1f} s")
     return compiled
 
 
