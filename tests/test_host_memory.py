@@ -94,7 +94,10 @@ def test_environment_variable_keeps_glibc_defaults():
     r = _run("0")
     assert r["retained"] is False
     assert r["reserved"] == 0
-    assert r["mmapped"] >= 64 * 2**20, r  # glibc's default: a block this large is mmapped
+    # glibc's defaults: the program's 64 MiB output is mmapped afresh and faulted in again every run. (Not asserted:
+    # whether the main thread's own 64 MiB malloc is mmapped; glibc serves it from the heap's top when an earlier
+    # free left that much there, which happened in one CI run.)
+    assert r["faults"] >= 16_000, r
 
 
 def test_a_late_call_warns_that_earlier_threads_keep_their_arenas():
