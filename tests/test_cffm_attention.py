@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cffm_jax.models.cffm_attention import CFFMTransformer, index_buffers, key_layout
+from cffm_jax.models.cffm_attention import CFFMTransformer, WindowPool, index_buffers, key_layout
 
 PREFIX = "state_dict/decode_head.decoder_focal."
 
@@ -111,6 +111,39 @@ def test_window_chunking_does_not_change_the_result(tiny, window_chunk):
     model, params, _, x, target = tiny
     out = jax.jit(model.clone(window_chunk=window_chunk).apply)({"params": params}, x)
     np.testing.assert_allclose(out[:, -1], target, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [2, 3, 7])
+def test_window_pool_is_a_linear_map_of_each_window(window):
+    """WindowPool (strided slices) = PyTorch's ``nn.Linear(window**2, 1)`` applied to every window's positions in
+    row-major order, and its gradients equal those of that linear map."""
+    rng = np.random.default_rng(window)
+    x = rng.standard_normal((2, 3 * window, 2 * window, 5)).astype(np.float32)
+    kernel = rng.standard_normal((window * window, 1)).astype(np.float32)
+    bias = rng.standard_normal((1,)).astype(np.float32)
+    params = {"params": {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}}
+    pool = WindowPool(window)
+
+    linear = torch.nn.Linear(window * window, 1)
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(kernel.T))
+        linear.bias.copy_(torch.from_numpy(bias))
+    windows = torch.from_numpy(x).unflatten(1, (3, window)).unflatten(3, (2, window))  # n, i, p, j, q, c
+    expected = linear(windows.permute(0, 1, 3, 5, 2, 4).flatten(-2))[..., 0]
+    out = jax.jit(pool.apply)(params, x)
+    assert out.shape == (2, 3, 2, 5)
+    np.testing.assert_allclose(out, expected.detach().numpy(), atol=1e-5, rtol=1e-5)
+
+    def reference(p, x):
+        w = x.reshape(2, 3, window, 2, window, 5)
+        weights = p["params"]["kernel"][:, 0].reshape(1, 1, window, 1, window, 1)
+        return (w * weights).sum(axis=(2, 4)) + p["params"]["bias"][0]
+
+    cot = rng.standard_normal(out.shape).astype(np.float32)
+    grads = jax.grad(lambda p, x: jnp.sum(pool.apply(p, x) * cot), argnums=(0, 1))(params, x)
+    expected_grads = jax.grad(lambda p, x: jnp.sum(reference(p, x) * cot), argnums=(0, 1))(params, x)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("num_frames", [3, 5])
