@@ -35,6 +35,7 @@ import numpy as np
 
 from cffm_jax.models.layers import (
     gelu,
+    max_last,
     resize_bilinear,
     torch_bias_init,
     torch_linear_kernel_init,
@@ -208,18 +209,12 @@ class WindowPool(nn.Module):
         ws = self.window
         kernel = self.param("kernel", nn.initializers.constant(1.0 / ws**2), (ws * ws, 1), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (1,), jnp.float32)
-        # A weighted sum over the window positions as strided slices, channels minor: one elementwise fusion on
-        # XLA:CPU, added in row-major order of the positions (the CFFM-B0/B1 decode gave the same logits bit for
-        # bit as the reduction it replaced). An einsum over (p q) transposes the map first (2-3x slower); the
-        # reduction `(x.reshape(n, h / ws, ws, w / ws, ws, c) * weights).sum((2, 4))` ran as YNNPACK reductions
-        # that made the CFFM-B1 streaming decode step 11% slower.
-        weights = kernel[:, 0].astype(self.dtype)
-        total = None
-        for p in range(ws):
-            for q in range(ws):
-                term = x[:, p::ws, q::ws] * weights[p * ws + q]
-                total = term if total is None else total + term
-        return total + bias[0].astype(self.dtype)
+        n, h, w, c = x.shape
+        # A weighted sum over the window positions, channels stay minor (an einsum over (p q) would transpose the
+        # map first: 2-3x slower on XLA:CPU).
+        x = x.reshape(n, h // ws, ws, w // ws, ws, c)
+        weights = kernel[:, 0].astype(self.dtype).reshape(1, 1, ws, 1, ws, 1)
+        return (x * weights).sum(axis=(2, 4)) + bias[0].astype(self.dtype)
 
 
 class CFFMAttention(nn.Module):
@@ -320,10 +315,7 @@ class CFFMAttention(nn.Module):
             scores = (jnp.einsum("bhnqd,bhnkd->bhnqk", q_c, k) + bias + mask_c).astype(jnp.float32)
             # Softmax with the normalisation after the product with the values (49 x d divisions per window
             # instead of 49 x K): the same function, one pass less over the scores (~10% of the attention on CPU).
-            # A plain max here: the sliced maxima of layers.max_last (faster in the MiT's attention) made the
-            # streaming decode step 16% slower on a 2-core CPU (XLA fused each slice with the bias and mask adds).
-            row_max = jnp.max(scores, axis=-1, keepdims=True)
-            weights = jnp.exp(scores - jax.lax.stop_gradient(row_max))
+            weights = jnp.exp(scores - jax.lax.stop_gradient(max_last(scores)))
             out = jnp.einsum("bhnqk,bhnkd->bhnqd", weights.astype(self.dtype), v)
             return out / weights.sum(axis=-1, keepdims=True).astype(self.dtype)
 
