@@ -177,3 +177,44 @@ def test_on_an_accelerator_the_peak_is_measured_at_the_end(capsys):
     machine = benchmark.machine_info([])
     print(benchmark.format_table(suite, machine))
     assert "judged on the wall fraction" in capsys.readouterr().out
+
+
+def test_official_figures_are_scaled_by_the_peer(report, tmp_path, capsys):
+    """On a CPU where the PyTorch peer runs k times as long as where the official figures were measured, the
+    official figures are scaled by k and the targets judged against the scaled figures (the raw verdict kept)."""
+    _, _, saved = report
+    saved = json.loads(json.dumps(saved))
+    saved["settings"].update(tiny=False, sizes=[[480, 480]], models=["b1"])
+    row = dict(size=[480, 480], dtype="float32", reference_s=[2.4, 2.7])
+    clip = dict(row, case="clip", name="CFFM-B1 clip 1x4", model="cffm_b1", median_s=0.72, per_item_s=0.72,
+                ratio_vs_reference=0.3, target="<= 0.8x official", target_met=True)  # fmt: skip
+    stream = dict(row, case="stream", name="CFFM-B1 streaming", model="cffm_b1", median_s=9.0, per_item_s=0.3,
+                  ratio_vs_reference=0.125, target=">= 3.0x official rate", target_met=True,
+                  extra={"speedup_vs_official": 8.0})  # fmt: skip
+    peer_s = benchmark.PEER_ON_REFERENCE_MACHINE_S["mit_b1"] / 3  # the peer runs 3x faster here
+    peer_extra = {"peer_median_s": peer_s, "ours_over_theirs": 0.5 / peer_s, "ours_over_theirs_cpu": 1.0}
+    peer = dict(case="peer", name="MiT-B1 4 frames: ours / HF SegFormer", model="mit_b1", size=[480, 480],
+                dtype="float32", median_s=0.5, per_item_s=0.125, extra=peer_extra)  # fmt: skip
+    saved["results"] = [clip, stream, peer]
+    path = tmp_path / "scaled.json"
+    path.write_text(json.dumps(saved))
+    suite = benchmark.load_suite(json.loads(path.read_text()))
+    clip_r, stream_r, peer_r = suite.results
+    assert clip_r.extra["peer_scale"] == pytest.approx(1 / 3)
+    assert clip_r.extra["scaled_reference_s"] == pytest.approx(0.8)
+    assert clip_r.extra["ratio_vs_scaled_reference"] == pytest.approx(0.9)
+    assert clip_r.target_met is False and clip_r.extra["target_met_unscaled"] is True  # 0.9 > 0.8
+    assert stream_r.extra["speedup_vs_scaled_official"] == pytest.approx(0.8 / 0.3)
+    assert stream_r.target_met is False  # 2.67x < 3x
+    assert "peer_scale" not in peer_r.extra
+    benchmark.main(["--report", str(path)])
+    table = capsys.readouterr().out
+    assert "scaled official 0.8 s (peer x0.33): ours/scaled 0.90" in table
+    assert "<= 0.8x official: NO" in table and "estimate for this machine" in table
+
+    # Without a peer row nothing is scaled; a saved file that was scaled is not scaled twice.
+    saved["results"] = [clip, stream]
+    unscaled = benchmark.load_suite(json.loads(json.dumps(saved)))
+    assert all("peer_scale" not in r.extra for r in unscaled.results) and unscaled.results[0].target_met is True
+    rescaled = benchmark.load_suite(benchmark.to_json(suite, saved["machine"]))
+    assert rescaled.results[0].extra["target_met_unscaled"] is True and rescaled.results[0].target_met is False
