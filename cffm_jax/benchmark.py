@@ -1,6 +1,6 @@
 r"""Benchmark suite: speed, FLOPs, memory and compile counts of the model, inference, training and data parts.
 
-    python -m cffm_jax.benchmark [--cases mit,clip,stream,train,data,kmeans,peer] [--models b0,b1]
+    python -m cffm_jax.benchmark [--cases mit,clip,stream,peer,train,data,kmeans] [--models b0,b1]
         [--sizes 480x480,480x864] [--dtype float32,bfloat16] [--repeats N] [--warmup N]
         [--frames N] [--stream-batch N] [--train-batch N] [--matmul-precision P] [--matmul-n N]
         [--json OUT.json] [--tiny]
@@ -113,7 +113,10 @@ from cffm_jax.models.layers import MATMUL_PRECISIONS, matmul_precision_scope
 
 log = logging.getLogger(__name__)
 
-CASES = ("mit", "clip", "stream", "train", "data", "kmeans", "peer")
+# Run order. The peer comes before the training step: after the training steps our programs in the same process run
+# 1.3x slower with the host-memory setting (MiT-B0 0.19 -> 0.25 s; not with glibc's defaults; BENCHMARKS.md), which
+# read as ours/HF 1.2-1.45x in runs with the peer last.
+CASES = ("mit", "clip", "stream", "peer", "train", "data", "kmeans")
 DTYPES = ("float32", "bfloat16")
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -912,7 +915,7 @@ class Suite:
         # device's lifetime peak memory that every row reports (and no other load moves it there).
         if self.backend == "cpu":
             self.measure_matmul_peak("start")
-        for case in CASES:  # fixed order: stream compares with clip, peer reuses mit's executables
+        for case in CASES:  # fixed order: stream compares with clip, peer reuses mit's executables, see CASES
             if case in self.s.cases:
                 log.info("case %s", case)
                 getattr(self, f"case_{case}")()

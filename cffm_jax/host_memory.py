@@ -16,7 +16,11 @@ stays the heap's free top, from which later buffers are carved. Skipped where th
 pages off or the reservation fails (strict overcommit).
 
 The price: the process keeps the memory of its peak (RSS does not shrink after a large program has run;
-:func:`release_free_memory` hands free pages back on demand). The command-line entry points call it first thing;
+:func:`release_free_memory` hands free pages back on demand). And after a much larger workload in the same
+process, smaller programs run slower: MiT-B0 inference 0.19 -> 0.25 s after a CFFM-B0 training step had grown the
+heap to 3.8 GB (still on huge pages; with glibc's defaults 0.21 s before and after; handing the free pages back
+made it 0.28-0.38 s, off huge pages). Buffers carved from a large fragmented heap, presumably; not resolved. It
+concerns evaluation inside a CPU training run (BENCHMARKS.md). The command-line entry points call it first thing;
 ``CFFM_JAX_RETAIN_FREED_MEMORY=0`` keeps glibc's defaults. Programs that import the library call it themselves if
 they want it, before jax starts its threads (the first computation or ``jax.devices()``): a thread that has
 allocated before keeps its own arena (a warning says so). Only glibc (Linux) has these settings; elsewhere the
