@@ -17,9 +17,9 @@ Project issue 8 (performance); the protocols timed are those of SPEC.md sections
   by default :func:`cffm_jax.streaming.default_batch_size`: 1 per CPU, 4 per GPU/TPU) over a
   synthetic video of ``--frames`` frames (30; 12 with ``--tiny``) at each size, from normalised frames to
   class ids at the frame size: frames/s, s per target frame, and the speed-up over clip mode (the ``clip``
-  case's s per target). Before the timed runs it segments 3 videos of 2 distinct sizes (sizes 1, 2, 1; with
-  one size given, the second is 32 pixels wider) and counts the XLA compilations they trigger (see *Compile
-  counts*); these videos are also the warm-up.
+  case's s per target). It segments 4 videos of 2 distinct network input sizes and counts the XLA compilations
+  they trigger (see *Compile counts*): before the timed runs, as their warm-up, sizes 1, 2, 1 (with one size
+  given, the second is 32 pixels wider); after them, size 1 predicted at half its height and width.
 * ``train``: one update step (forward + backward + AdamW with the SPEC 9 parameter groups) of
   :func:`cffm_jax.train.train_step` on a batch of ``--train-batch`` clips (B, 4, H, W, 3; default 1: the
   official reference's setting) at the first size, per model; with B > 1 also clips/s (on a GPU a batch of one
@@ -54,10 +54,13 @@ process's ``ru_maxrss``; XLA's compiled memory analysis (arguments + outputs + t
 lifetime peak; None on CPU).
 
 Compile counts: a ``jax.monitoring`` listener on ``/jax/core/compile/backend_compile_duration`` counts
-every XLA backend compilation (by function name, with its duration) while the 3 videos are segmented; in
-addition the growth of ``_cache_size()`` of the two jitted streaming functions (``_encode`` and
-``_decode_step``) is reported. Expected: the third video (a size seen before) compiles nothing; each
-function compiles once per distinct size and static variant (plus small helper ops, e.g. the ring's zeros).
+every XLA backend compilation (by function name, with its duration) while 4 videos are segmented: a first size,
+a second size, the first size again, and (after the timed runs) frames of the first network input size at another
+original size (720p and 1080p frames both enter the network at 480x864); in addition the growth of
+``_cache_size()`` of the jitted streaming functions (``_encode``, ``_decode_step``, ``_labels_step``) is reported.
+Expected: the third video compiles nothing and the fourth only ``_labels_step`` (the resize to the original size
+and the argmax); the encoder and decoder compile once per network input size and static variant (plus small helper
+ops, e.g. the ring's zeros).
 
 Reference figures: the official PyTorch code (torch 2.13 CPU, 2 threads, 1 x 4 x 480 x 480, eval, no grad,
 on a 2-core machine like this one; project issue 8). Ratios and targets use the low (fastest) end of each
@@ -668,46 +671,37 @@ class Suite:
 
         sizes = list(self.s.sizes)
         second = sizes[1] if len(sizes) > 1 else (sizes[0][0], sizes[0][1] + 32)
-        count_sizes = [sizes[0], second, sizes[0]]
+        # (network input size, original frame size) of the videos whose compilations are counted: a new size, another
+        # new size, the first again (these three are the warm-up), and, after the timed runs, the first's input size
+        # with another original size (as 720p and 1080p frames both enter the network at 480x864). Run before the
+        # timed runs, that last video left them 5-25% slower in 4 of 5 benchmark processes (not in a plain script;
+        # not understood), so it comes after them.
+        other = (sizes[0], (sizes[0][0] // 2, sizes[0][1] // 2))
+        warmup_videos = [(sizes[0], sizes[0]), (second, second), (sizes[0], sizes[0])]
+        count_videos = [*warmup_videos, other]
         for size in self.s.models:
             for dtype in self.s.dtypes:
                 config = self.config("cffm", size, dtype)
                 segmenter = streaming.VideoSegmenter(config, self.variables(config), batch_size=self.s.stream_batch)
-                videos = {hw: self._video(hw) for hw in {*sizes, *count_sizes}}
+                videos = {key: self._video(*key) for key in {*((hw, hw) for hw in sizes), *count_videos}}
 
-                def run(hw, seg=segmenter, videos=videos):
+                def run(hw, original=None, seg=segmenter, videos=videos):
                     n = 0
-                    for _ in seg.segment(videos[hw]):
+                    for _ in seg.segment(videos[hw, original or hw]):
                         n += 1
                     return n
 
                 first: dict[tuple[int, int], tuple[float, float]] = {}
                 per_video: list[int] = []
-                cache_before = (streaming._encode._cache_size(), streaming._decode_step._cache_size())
-                with HostMemory() as count_mem, CompileCounter() as counter:
-                    for hw in count_sizes:
+                programs = (streaming._encode, streaming._decode_step, streaming._labels_step)
+                cache_before = [p._cache_size() for p in programs]
+                counter = CompileCounter()
+                with HostMemory() as count_mem, counter:
+                    for hw, _ in warmup_videos:
                         seconds, events = counter.seconds, len(counter.events)
                         wall, _ = timed(lambda hw=hw: run(hw))
                         first.setdefault(hw, (wall, counter.seconds - seconds))
                         per_video.append(len(counter.events) - events)
-                cache_after = (streaming._encode._cache_size(), streaming._decode_step._cache_size())
-                self.compile_counts.append(
-                    {
-                        "model": config.name,
-                        "dtype": dtype,
-                        "videos": [list(hw) for hw in count_sizes],
-                        "frames_per_video": self.s.stream_frames,
-                        "distinct_sizes": len(set(count_sizes)),
-                        "backend_compiles": len(counter.events),
-                        "backend_compiles_per_video": per_video,
-                        "backend_compile_s": counter.seconds,
-                        "compiles_by_function": counter.by_name(),
-                        "encode_cache_growth": cache_after[0] - cache_before[0],
-                        "decode_step_cache_growth": cache_after[1] - cache_before[1],
-                        "host_rss_delta_mb": count_mem.delta_mb,
-                        "method": "jax.monitoring " + BACKEND_COMPILE_EVENT + " events; jitted _cache_size() growth",
-                    }
-                )
                 for hw in sizes:
                     r = Result("stream", self.label(f"CFFM-{size.upper()} streaming"), config.name, hw, dtype)
                     r.items_per_run, r.item = self.s.stream_frames, "target frame"
@@ -725,13 +719,39 @@ class Suite:
                     r.extra["compile_s_from"] = "backend compile events during the first video of this size"
                     self._finish(r, None, mem, self.s.stream_frames)
                     self._compare_stream(r, size)
+                with counter:  # the other original size, counted after the timed runs (see above)
+                    events = len(counter.events)
+                    run(*other)
+                    per_video.append(len(counter.events) - events)
+                growth = [p._cache_size() - before for p, before in zip(programs, cache_before, strict=True)]
+                self.compile_counts.append(
+                    {
+                        "model": config.name,
+                        "dtype": dtype,
+                        "videos": [list(hw) for hw, _ in count_videos],
+                        "original_sizes": [list(original) for _, original in count_videos],
+                        "frames_per_video": self.s.stream_frames,
+                        "distinct_sizes": len({hw for hw, _ in count_videos}),
+                        "distinct_original_sizes": len({original for _, original in count_videos}),
+                        "backend_compiles": len(counter.events),
+                        "backend_compiles_per_video": per_video,
+                        "backend_compile_s": counter.seconds,
+                        "compiles_by_function": counter.by_name(),
+                        "encode_cache_growth": growth[0],
+                        "decode_step_cache_growth": growth[1],
+                        "labels_step_cache_growth": growth[2],
+                        "host_rss_delta_mb": count_mem.delta_mb,
+                        "method": "jax.monitoring " + BACKEND_COMPILE_EVENT + " events; jitted _cache_size() growth",
+                    }
+                )
 
-    def _video(self, hw: tuple[int, int]) -> list:
+    def _video(self, hw: tuple[int, int], original: tuple[int, int]) -> list:
+        """Random frames entering the network at ``hw``, to be predicted at the ``original`` size."""
         from cffm_jax.data.pipeline import EvalFrame
 
         rng = np.random.default_rng(hw[0] * 10_000 + hw[1])
         images = [rng.standard_normal((*hw, 3), np.float32) for _ in range(4)]
-        return [EvalFrame(images[t % 4], None, hw) for t in range(self.s.stream_frames)]
+        return [EvalFrame(images[t % 4], None, original) for t in range(self.s.stream_frames)]
 
     def _compare_stream(self, r: Result, size: str) -> None:
         """Speed-up over our clip mode (same model, size, dtype) and over the official per-target rate."""
@@ -1092,13 +1112,17 @@ def format_table(suite: Suite, machine: dict[str, Any]) -> str:
             + "): an estimate for this machine, not a measurement; the targets are judged against it."
         )
     for c in suite.compile_counts:
-        sizes = ", ".join(f"{h}x{w}" for h, w in c["videos"])
+        videos = ", ".join(
+            f"{h}x{w}" + ("" if [h, w] == original else f" to {original[0]}x{original[1]}")
+            for (h, w), original in zip(c["videos"], c.get("original_sizes", c["videos"]), strict=True)
+        )
         lines.append(
-            f"\ncompile counts, {c['model']} {c['dtype']} streaming over 3 videos ({sizes}; "
+            f"\ncompile counts, {c['model']} {c['dtype']} streaming over {len(c['videos'])} videos ({videos}; "
             f"{c['distinct_sizes']} distinct sizes, {c['frames_per_video']} frames each): "
             f"{c['backend_compiles']} XLA compilations (per video: {c['backend_compiles_per_video']}) "
             f"({c['backend_compile_s']:.1f} s): {c['compiles_by_function']}; jitted cache growth: _encode "
             f"+{c['encode_cache_growth']}, _decode_step +{c['decode_step_cache_growth']}"
+            + (f", _labels_step +{c['labels_step_cache_growth']}" if "labels_step_cache_growth" in c else "")
         )
     return "\n".join(lines)
 

@@ -17,8 +17,10 @@ and the argmax over classes is the prediction (the official softmax before the a
   0-2 take their own per-frame logits (a chunk of only such frames skips ``decode_clip``). Frames are processed
   in chunks of ``batch_size``: one ``encode_frames`` call on the chunk's frames, then one ``decode_clip`` call on
   the chunk's targets (whose references are at most 9 frames back, hence in the ring). Memory is bounded by the
-  ring (the clip span plus one chunk), not by the video length. Each jitted function compiles once per distinct
-  (network input size, original size).
+  ring (the clip span plus one chunk), not by the video length. The encoder and decoder programs compile once
+  per network input size (the frame-size bucket of the test transform: 720p, 1080p and 4K frames all enter at
+  480x864); only the small program that resizes the logits to the original size and takes the argmax
+  (``_labels_step``) compiles once per original size.
 * **clip-by-clip** (``streaming=False``, the reference): the whole clip of every target through the model
   (T = 1 for frames 0-2, T = 4 after), as the official ``tools/test.py`` does; each frame passes through the
   backbone up to four times. :func:`clip_forward` computes ``model.apply`` there as two programs.
@@ -104,7 +106,9 @@ def _labels(logits: jax.Array, input_size: tuple[int, int], output_size: tuple[i
 def _labels_step(
     sizes: tuple[tuple[int, int], tuple[int, int]], sharding: NamedSharding | None, logits: jax.Array
 ) -> jax.Array:
-    """:func:`_labels` of clip-mode logits (streaming computes them in its decode step)."""
+    """:func:`_labels` as a program of its own, the only one that depends on the original frame size: a video
+    whose frames enter the network at a size seen before compiles only this (a resize and an argmax) and reuses
+    the encoder and decoder programs, which depend on the network input size alone."""
     return _labels(_constrain(logits, sharding), *sizes)
 
 
@@ -131,7 +135,7 @@ def _write_ring(ring: jax.Array, feats: jax.Array, write_slots: jax.Array) -> ja
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
 def _decode_step(
     model: nn.Module,
-    sizes: tuple[tuple[int, int], tuple[int, int]],
+    size: tuple[int, int],
     sharding: NamedSharding | None,
     variables: Any,
     ring: jax.Array,
@@ -141,38 +145,27 @@ def _decode_step(
     clip_slots: jax.Array,
     use_perframe: jax.Array,
     prototypes: jax.Array | None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Writes a chunk's features into the ring, decodes its targets, resizes and takes the argmax."""
+) -> tuple[jax.Array, jax.Array]:
+    """Writes a chunk's features into the ring and decodes its targets: logits (B, h, w, K) at the 1/4 size
+    ``size`` (targets among frames 0-2 take their per-frame ``logits``)."""
     ring = _write_ring(ring, feats, write_slots)
     clip_feats = _constrain(ring[clip_slots], sharding)  # (B, 4, h8, w8, E)
     batch = clip_slots.shape[0]
     target = model.apply(
         variables,
         clip_feats,
-        size=quarter_size(sizes[0]),
+        size=size,
         prototypes=_broadcast_prototypes(prototypes, batch),
         method="decode_clip",
     )
     if logits is None:  # no target of this chunk is one of a video's first frames
-        out = target
-    else:
-        out = jnp.where(use_perframe[:, None, None, None], logits.astype(target.dtype), target)
-    return ring, out, _labels(out, *sizes)
+        return ring, target
+    return ring, jnp.where(use_perframe[:, None, None, None], logits.astype(target.dtype), target)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2,))
-def _early_step(
-    sizes: tuple[tuple[int, int], tuple[int, int]],
-    sharding: NamedSharding | None,
-    ring: jax.Array,
-    logits: jax.Array,
-    feats: jax.Array,
-    write_slots: jax.Array,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """:func:`_decode_step` for a chunk whose targets are all among frames 0-2: their own per-frame logits, no
-    ``decode_clip`` (one frame per chunk on CPU: 3 of a video's decode steps saved)."""
-    ring = _write_ring(ring, feats, write_slots)
-    return ring, logits, _labels(_constrain(logits, sharding), *sizes)
+# A chunk whose targets are all among frames 0-2 only stores its features: its targets take their own per-frame
+# logits, no ``decode_clip`` (one frame per chunk on CPU: 3 of a video's decode steps saved).
+_store_step = jax.jit(_write_ring, donate_argnums=(0,))
 
 
 def encode_clips(
@@ -277,7 +270,7 @@ class VideoSegmenter:
         self.keep_logits = keep_logits
         self.ring_size = self.batch_size + CLIP_SPAN
         self._rings: dict[tuple[int, ...], jax.Array] = {}
-        self._sizes_seen: set[tuple[tuple[int, int], tuple[int, int]]] = set()
+        self._sizes_seen: set[tuple[int, int]] = set()  # network input sizes
 
     @property
     def needs_prototypes(self) -> bool:
@@ -359,15 +352,16 @@ class VideoSegmenter:
         return tuple(frame.image.shape[:2]), tuple(int(s) for s in frame.original_size)
 
     def _note_size(self, frame: EvalFrame) -> None:
-        """Says when a video brings a frame size new to this segmenter: its programs compile first (minutes on
-        a GPU at float32 'highest'), unless this process or the compilation cache has them already."""
-        sizes = self._sizes(frame)
-        if sizes not in self._sizes_seen:
-            self._sizes_seen.add(sizes)
+        """Says when a video brings a network input size new to this segmenter: its programs compile first
+        (minutes on a GPU at float32 'highest'), unless this process or the compilation cache has them already. A
+        new original size alone compiles only the resize to it (``_labels_step``), in about a second."""
+        (input_size, original_size) = self._sizes(frame)
+        if input_size not in self._sizes_seen:
+            self._sizes_seen.add(input_size)
             log.info(
                 "first video with frames of %dx%d (network input %dx%d): compiling its programs, unless cached",
-                *sizes[1],
-                *sizes[0],
+                *original_size,
+                *input_size,
             )
 
     def _ring(self, feats: jax.Array) -> jax.Array:
@@ -391,13 +385,11 @@ class VideoSegmenter:
         use_perframe = np.asarray([t < NUM_EARLY_FRAMES for t in targets])
         ring = self._ring(feats)
         if use_perframe.all():
-            ring, out, labels = _early_step(
-                self._sizes(chunk[0]), self._constraint, ring, logits, feats, jnp.asarray(write_slots, jnp.int32)
-            )
+            ring, out = _store_step(ring, feats, jnp.asarray(write_slots, jnp.int32)), logits
         else:
-            ring, out, labels = _decode_step(
+            ring, out = _decode_step(
                 self.model,
-                self._sizes(chunk[0]),
+                quarter_size(chunk[0].image.shape[:2]),
                 self._constraint,
                 self.variables,
                 ring,
@@ -408,6 +400,7 @@ class VideoSegmenter:
                 jax.device_put(use_perframe, self._batch),
                 protos,
             )
+        labels = _labels_step(self._sizes(chunk[0]), self._constraint, out)
         self._rings[(*feats.shape[1:], str(feats.dtype))] = ring
         return _Pending(indices, chunk, out, labels)
 

@@ -99,14 +99,18 @@ def test_report_reprints_a_saved_run(report, capsys):
 
 def test_streaming_compiles_once_per_size(report):
     (counts,) = report[2]["compile_counts"]
-    assert counts["videos"] == [[64, 64], [64, 96], [64, 64]] and counts["distinct_sizes"] == 2
-    first, second, repeat = counts["backend_compiles_per_video"]
+    assert counts["videos"] == [[64, 64], [64, 96], [64, 64], [64, 64]] and counts["distinct_sizes"] == 2
+    assert counts["original_sizes"] == [[64, 64], [64, 96], [64, 64], [32, 32]]
+    first, second, repeat, other_original = counts["backend_compiles_per_video"]
     assert first > 0 and second > 0  # a new size compiles...
     assert repeat == 0  # ...a size seen before does not
     by_function = counts["compiles_by_function"]
     assert by_function["jit(_encode)"] == counts["encode_cache_growth"] > 0
-    assert by_function["jit(_decode_step)"] == counts["decode_step_cache_growth"] > 0
-    assert counts["backend_compiles"] == sum(by_function.values()) == first + second
+    # per network input size, with and without per-frame logits (chunk [2, 3] of 2 frames mixes both)
+    assert by_function["jit(_decode_step)"] == counts["decode_step_cache_growth"] == 4
+    # another original size at a known input size: the labels program alone, once per (input, original) pair
+    assert other_original == 1 and by_function["jit(_labels_step)"] == counts["labels_step_cache_growth"] == 3
+    assert counts["backend_compiles"] == sum(by_function.values()) == first + second + other_original
 
 
 def test_training_step_on_a_batch_of_clips(report, tmp_path, capsys):

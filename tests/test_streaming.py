@@ -6,6 +6,7 @@ Tiny official-weight fixtures (tests/fixtures) on a synthetic video of 20 frames
 test_evaluate.py and test_predict.py, so in one pytest process every jitted function compiles once.
 """
 
+import dataclasses
 import functools
 import logging
 import os
@@ -24,7 +25,17 @@ from cffm_jax.models import build_model
 from cffm_jax.models.layers import argmax_classes
 from cffm_jax.parity import config_from_meta
 from cffm_jax.prototype_store import prototype_frame_indices
-from cffm_jax.streaming import VideoSegmenter, _encode, clip_forward, compute_prototypes, prefetch
+from cffm_jax.streaming import (
+    VideoSegmenter,
+    _decode_step,
+    _encode,
+    _labels,
+    _labels_step,
+    _store_step,
+    clip_forward,
+    compute_prototypes,
+    prefetch,
+)
 
 IMG_SCALE = (80, 48)  # frames of 48x80 (H x W) keep their size and enter the network at 64x96
 FRAMES = 20
@@ -102,6 +113,31 @@ def test_compiles_once_per_size_and_ring_is_bounded(video, caplog):
     (ring,) = segmenter._rings.values()
     assert ring.shape[0] == BATCH + 9 < FRAMES  # the clip span plus one chunk, independent of the video length
     np.testing.assert_array_equal(first[0], [r.pred for r in segmenter.segment(frames[:1])][0])
+
+
+def test_another_original_size_compiles_only_the_labels(video, caplog):
+    """Frames that enter the network at a size seen before but come from another original size (720p and 1080p
+    frames both enter at 480x864) reuse the encoder and decoder programs: only the resize to the original size and
+    the argmax (``_labels_step``) compile again, and the predictions are the same logits resized to that size."""
+    config, variables = tiny_model("cffm_tiny.npz")
+    segmenter = VideoSegmenter(config, variables, batch_size=BATCH, keep_logits=True)
+    frames = _frames(video)
+    first = list(segmenter.segment(frames))
+    programs = (_encode, _store_step, _decode_step, _labels_step)
+    before = [p._cache_size() for p in programs]
+    other = [dataclasses.replace(f, original_size=(71, 113)) for f in frames]
+    with caplog.at_level(logging.INFO, logger="cffm_jax.streaming"):
+        second = list(segmenter.segment(other))
+    assert [p._cache_size() - n for p, n in zip(programs, before, strict=True)] == [0, 0, 0, 1]
+    assert not [r for r in caplog.records if "compiling" in r.getMessage()]  # nothing large compiles
+
+    labels = jax.jit(_labels, static_argnums=(1, 2))
+    reference = list(segmenter.segment(other, streaming=False))
+    for a, b, r in zip(first, second, reference, strict=True):
+        np.testing.assert_array_equal(b.logits, a.logits)  # the same programs on the same frames
+        assert b.pred.shape == r.pred.shape == (71, 113)
+        np.testing.assert_array_equal(b.pred, labels(b.logits[None], (64, 96), (71, 113))[0])
+        np.testing.assert_array_equal(b.pred, r.pred)  # clip mode at that size
 
 
 def test_frames_of_different_sizes_raise(video):
