@@ -2,8 +2,8 @@ r"""Benchmark suite: speed, FLOPs, memory and compile counts of the model, infer
 
     python -m cffm_jax.benchmark [--cases mit,clip,stream,peer,train,data,kmeans] [--models b0,b1]
         [--sizes 480x480,480x864] [--dtype float32,bfloat16] [--repeats N] [--warmup N]
-        [--frames N] [--stream-batch N] [--train-batch N] [--matmul-precision P] [--matmul-n N]
-        [--json OUT.json] [--tiny]
+        [--frames N] [--stream-batch N] [--original-sizes HxW,...] [--train-batch N] [--matmul-precision P]
+        [--matmul-n N] [--json OUT.json] [--tiny]
 
 Project issue 8 (performance); the protocols timed are those of SPEC.md sections 3-7 (model), 6 (k-means),
 8-9 (training step) and 10 (data, test protocol). Cases (``--cases``):
@@ -16,10 +16,12 @@ Project issue 8 (performance); the protocols timed are those of SPEC.md sections
 * ``stream``: :class:`cffm_jax.streaming.VideoSegmenter` (streaming mode; chunks of ``--stream-batch`` frames,
   by default :func:`cffm_jax.streaming.default_batch_size`: 1 per CPU, 4 per GPU/TPU) over a
   synthetic video of ``--frames`` frames (30; 12 with ``--tiny``) at each size, from normalised frames to
-  class ids at the frame size: frames/s, s per target frame, and the speed-up over clip mode (the ``clip``
-  case's s per target). It segments 4 videos of 2 distinct network input sizes and counts the XLA compilations
-  they trigger (see *Compile counts*): before the timed runs, as their warm-up, sizes 1, 2, 1 (with one size
-  given, the second is 32 pixels wider); after them, size 1 predicted at half its height and width.
+  class ids at the frame size (the network input size, or ``--original-sizes``: VSPW_480p frames of 480x853
+  enter the network at 480x864 and are predicted at 480x853): frames/s, s per target frame, and the speed-up
+  over clip mode (the ``clip`` case's s per target). It segments 4 videos of 2 distinct network input sizes and
+  counts the XLA compilations they trigger (see *Compile counts*): before the timed runs, as their warm-up, sizes
+  1, 2, 1 (with one size given, the second is 32 pixels wider); after them, size 1 predicted at half its height
+  and width.
 * ``train``: one update step (forward + backward + AdamW with the SPEC 9 parameter groups) of
   :func:`cffm_jax.train.train_step` on a batch of ``--train-batch`` clips (B, 4, H, W, 3; default 1: the
   official reference's setting) at the first size, per model; with B > 1 also clips/s (on a GPU a batch of one
@@ -181,6 +183,7 @@ class Settings:
     xla_defaults: bool = False
     matmul_precision: str = "highest"  # the models' float32 matmul precision (model config; applied off CPU)
     stream_batch: int | None = None  # frames per streaming chunk (None: streaming.default_batch_size)
+    original_sizes: tuple[tuple[int, int], ...] | None = None  # streaming: the frames' size for each of sizes
     train_batch: int = 1  # clips per training step
 
     def model_overrides(self, arch: str) -> dict[str, Any]:
@@ -678,12 +681,13 @@ class Suite:
         # not understood), so it comes after them.
         other = (sizes[0], (sizes[0][0] // 2, sizes[0][1] // 2))
         warmup_videos = [(sizes[0], sizes[0]), (second, second), (sizes[0], sizes[0])]
+        originals = dict(zip(sizes, self.s.original_sizes or sizes, strict=True))  # the timed videos' frame sizes
         count_videos = [*warmup_videos, other]
         for size in self.s.models:
             for dtype in self.s.dtypes:
                 config = self.config("cffm", size, dtype)
                 segmenter = streaming.VideoSegmenter(config, self.variables(config), batch_size=self.s.stream_batch)
-                videos = {key: self._video(*key) for key in {*((hw, hw) for hw in sizes), *count_videos}}
+                videos = {key: self._video(*key) for key in {*originals.items(), *count_videos}}
 
                 def run(hw, original=None, seg=segmenter, videos=videos):
                     n = 0
@@ -691,7 +695,7 @@ class Suite:
                         n += 1
                     return n
 
-                first: dict[tuple[int, int], tuple[float, float]] = {}
+                first: dict[tuple[tuple[int, int], tuple[int, int]], tuple[float, float]] = {}
                 per_video: list[int] = []
                 programs = (streaming._encode, streaming._decode_step, streaming._labels_step)
                 cache_before = [p._cache_size() for p in programs]
@@ -700,20 +704,25 @@ class Suite:
                     for hw, _ in warmup_videos:
                         seconds, events = counter.seconds, len(counter.events)
                         wall, _ = timed(lambda hw=hw: run(hw))
-                        first.setdefault(hw, (wall, counter.seconds - seconds))
+                        first.setdefault((hw, hw), (wall, counter.seconds - seconds))
                         per_video.append(len(counter.events) - events)
                 for hw in sizes:
-                    r = Result("stream", self.label(f"CFFM-{size.upper()} streaming"), config.name, hw, dtype)
+                    original = originals[hw]
+                    name = f"CFFM-{size.upper()} streaming" + (
+                        f" to {original[0]}x{original[1]}" if original != hw else ""
+                    )
+                    r = Result("stream", self.label(name), config.name, hw, dtype)
                     r.items_per_run, r.item = self.s.stream_frames, "target frame"
+                    r.extra["original_size"] = list(original)
                     with HostMemory() as mem:
-                        if hw not in first:  # a third or later size: its first video (compiles) is a warm-up
+                        if (hw, original) not in first:  # a new (size, original size): its first video is a warm-up
                             with CompileCounter() as size_counter:
-                                wall, _ = timed(lambda hw=hw: run(hw))
-                            first[hw] = (wall, size_counter.seconds)
+                                wall, _ = timed(lambda hw=hw, o=original: run(hw, o))
+                            first[hw, original] = (wall, size_counter.seconds)
                         for _ in range(max(0, self.s.warmup - 1)):
-                            run(hw)
-                        _, times = time_runs(lambda hw=hw: run(hw), self.s.repeats, 0)
-                    r.first_run_s, r.compile_s = first[hw]
+                            run(hw, original)
+                        _, times = time_runs(lambda hw=hw, o=original: run(hw, o), self.s.repeats, 0)
+                    r.first_run_s, r.compile_s = first[hw, original]
                     r.set_times(times)
                     r.extra["batch_size"] = segmenter.batch_size
                     r.extra["compile_s_from"] = "backend compile events during the first video of this size"
@@ -1195,13 +1204,14 @@ def _list(value: str, valid: Sequence[str], what: str) -> tuple[str, ...]:
     return items
 
 
-def _sizes(value: str) -> tuple[tuple[int, int], ...]:
+def _sizes(value: str, multiple: int = 32) -> tuple[tuple[int, int], ...]:
     try:
         sizes = tuple(tuple(int(x) for x in s.lower().split("x")) for s in value.split(",") if s.strip())
     except ValueError:
         sizes = ()
-    if not sizes or any(len(s) != 2 or min(s) < 32 or s[0] % 32 or s[1] % 32 for s in sizes):
-        raise argparse.ArgumentTypeError(f"sizes must be HxW multiples of 32 separated by commas, got {value!r}")
+    if not sizes or any(len(s) != 2 or min(s) < multiple or s[0] % multiple or s[1] % multiple for s in sizes):
+        what = "positive" if multiple == 1 else f"multiples of {multiple}"
+        raise argparse.ArgumentTypeError(f"sizes must be HxW {what} separated by commas, got {value!r}")
     return sizes
 
 
@@ -1221,6 +1231,13 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, str | None, str | None]:
     parser.add_argument("--frames", type=int, default=None, help="frames of the streaming video (30; tiny 12)")
     parser.add_argument(
         "--stream-batch", type=int, default=None, help="frames per streaming chunk (default: 1 per CPU, 4 per GPU/TPU)"
+    )
+    parser.add_argument(
+        "--original-sizes",
+        type=lambda v: _sizes(v, multiple=1),
+        default=None,
+        help="HxW frame sizes the stream case predicts at, one per --sizes entry (default: the same; VSPW_480p frames "
+        "of 480x853 enter the network at 480x864)",
     )
     parser.add_argument("--train-batch", type=int, default=1, help="clips per training step (default 1)")
     parser.add_argument("--json", help="write the results here (after every row: 'complete' is false until the end)")
@@ -1252,6 +1269,8 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, str | None, str | None]:
         parser.error("--train-batch and --stream-batch must be >= 1")
     sizes = args.sizes or (((64, 64), (64, 96)) if tiny else ((480, 480), (480, 864)))
     frames = args.frames or (12 if tiny else 30)
+    if args.original_sizes is not None and len(args.original_sizes) != len(sizes):
+        parser.error("--original-sizes needs one size per --sizes entry")
     settings = Settings(
         cases=args.cases,
         models=args.models,
@@ -1269,6 +1288,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, str | None, str | None]:
         xla_defaults=args.xla_defaults,
         matmul_precision=args.matmul_precision,
         stream_batch=args.stream_batch,
+        original_sizes=args.original_sizes,
         train_batch=args.train_batch,
     )
     return settings, args.json, args.report

@@ -224,3 +224,15 @@ def test_official_figures_are_scaled_by_the_peer(report, tmp_path, capsys):
     assert all("peer_scale" not in r.extra for r in unscaled.results) and unscaled.results[0].target_met is True
     rescaled = benchmark.load_suite(benchmark.to_json(suite, saved["machine"]))
     assert rescaled.results[0].extra["target_met_unscaled"] is True and rescaled.results[0].target_met is False
+
+
+def test_streaming_at_another_original_size(tmp_path):
+    """--original-sizes: the stream case predicts at the frames' size (VSPW_480p: 480x853 frames, 480x864 input)."""
+    path = tmp_path / "orig.json"
+    benchmark.main(["--tiny", "--cases", "stream", "--sizes", "64x96", "--original-sizes", "64x90", "--repeats", "1",
+                    "--frames", "5", "--json", str(path)])  # fmt: skip
+    (row,) = json.loads(path.read_text())["results"]
+    assert row["name"] == "CFFM-B0 streaming to 64x90 (tiny)" and row["size"] == [64, 96]
+    assert row["extra"]["original_size"] == [64, 90] and row["per_item_s"] > 0
+    with pytest.raises(SystemExit):  # one original size per network size
+        benchmark.main(["--tiny", "--sizes", "64x64,64x96", "--original-sizes", "64x60"])
