@@ -697,6 +697,7 @@ class Suite:
 
                 first: dict[tuple[tuple[int, int], tuple[int, int]], tuple[float, float]] = {}
                 per_video: list[int] = []
+                per_video_s: list[float] = []
                 programs = (streaming._encode, streaming._decode_step, streaming._labels_step)
                 cache_before = [p._cache_size() for p in programs]
                 counter = CompileCounter()
@@ -706,6 +707,7 @@ class Suite:
                         wall, _ = timed(lambda hw=hw: run(hw))
                         first.setdefault((hw, hw), (wall, counter.seconds - seconds))
                         per_video.append(len(counter.events) - events)
+                        per_video_s.append(counter.seconds - seconds)
                 for hw in sizes:
                     original = originals[hw]
                     name = f"CFFM-{size.upper()} streaming" + (
@@ -729,9 +731,10 @@ class Suite:
                     self._finish(r, None, mem, self.s.stream_frames)
                     self._compare_stream(r, size)
                 with counter:  # the other original size, counted after the timed runs (see above)
-                    events = len(counter.events)
+                    seconds, events = counter.seconds, len(counter.events)
                     run(*other)
                     per_video.append(len(counter.events) - events)
+                    per_video_s.append(counter.seconds - seconds)
                 growth = [p._cache_size() - before for p, before in zip(programs, cache_before, strict=True)]
                 self.compile_counts.append(
                     {
@@ -744,6 +747,7 @@ class Suite:
                         "distinct_original_sizes": len({original for _, original in count_videos}),
                         "backend_compiles": len(counter.events),
                         "backend_compiles_per_video": per_video,
+                        "backend_compile_s_per_video": per_video_s,
                         "backend_compile_s": counter.seconds,
                         "compiles_by_function": counter.by_name(),
                         "encode_cache_growth": growth[0],
@@ -1125,13 +1129,17 @@ def format_table(suite: Suite, machine: dict[str, Any]) -> str:
             f"{h}x{w}" + ("" if [h, w] == original else f" to {original[0]}x{original[1]}")
             for (h, w), original in zip(c["videos"], c.get("original_sizes", c["videos"]), strict=True)
         )
+        seconds = f"{c['backend_compile_s']:.1f} s"
+        if "backend_compile_s_per_video" in c:
+            seconds += ": " + " / ".join(f"{t:.2f}" for t in c["backend_compile_s_per_video"])
+        growth = f"_encode +{c['encode_cache_growth']}, _decode_step +{c['decode_step_cache_growth']}"
+        if "labels_step_cache_growth" in c:
+            growth += f", _labels_step +{c['labels_step_cache_growth']}"
         lines.append(
             f"\ncompile counts, {c['model']} {c['dtype']} streaming over {len(c['videos'])} videos ({videos}; "
             f"{c['distinct_sizes']} distinct sizes, {c['frames_per_video']} frames each): "
             f"{c['backend_compiles']} XLA compilations (per video: {c['backend_compiles_per_video']}) "
-            f"({c['backend_compile_s']:.1f} s): {c['compiles_by_function']}; jitted cache growth: _encode "
-            f"+{c['encode_cache_growth']}, _decode_step +{c['decode_step_cache_growth']}"
-            + (f", _labels_step +{c['labels_step_cache_growth']}" if "labels_step_cache_growth" in c else "")
+            f"({seconds}): {c['compiles_by_function']}; jitted cache growth: {growth}"
         )
     return "\n".join(lines)
 

@@ -111,6 +111,9 @@ def test_streaming_compiles_once_per_size(report):
     # another original size at a known input size: the labels program alone, once per (input, original) pair
     assert other_original == 1 and by_function["jit(_labels_step)"] == counts["labels_step_cache_growth"] == 3
     assert counts["backend_compiles"] == sum(by_function.values()) == first + second + other_original
+    per_video_s = counts["backend_compile_s_per_video"]
+    assert len(per_video_s) == 4 and per_video_s[2] == 0 < per_video_s[3] < per_video_s[0]
+    assert sum(per_video_s) == pytest.approx(counts["backend_compile_s"])
 
 
 def test_training_step_on_a_batch_of_clips(report, tmp_path, capsys):
