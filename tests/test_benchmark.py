@@ -106,10 +106,13 @@ def test_streaming_compiles_once_per_size(report):
     assert repeat == 0  # ...a size seen before does not
     by_function = counts["compiles_by_function"]
     assert by_function["jit(_encode)"] == counts["encode_cache_growth"] > 0
-    # per network input size, with and without per-frame logits (chunk [2, 3] of 2 frames mixes both)
-    assert by_function["jit(_decode_step)"] == counts["decode_step_cache_growth"] == 4
-    # another original size at a known input size: the labels program alone, once per (input, original) pair
-    assert other_original == 1 and by_function["jit(_labels_step)"] == counts["labels_step_cache_growth"] == 3
+    # per (network input size, original size) on CPU, where the labels are computed in the decode step
+    # (fuse_labels), with and without per-frame logits (chunk [2, 3] of 2 frames mixes both)
+    assert counts["fuse_labels"] is True
+    assert by_function["jit(_decode_step)"] == counts["decode_step_cache_growth"] == 6
+    # another original size at a known input size: no encoder; the decode step's two variants and the early
+    # frames' labels program (one per (input, original) pair); test_streaming checks the unfused case
+    assert other_original == 3 and by_function["jit(_labels_step)"] == counts["labels_step_cache_growth"] == 3
     assert counts["backend_compiles"] == sum(by_function.values()) == first + second + other_original
     per_video_s = counts["backend_compile_s_per_video"]
     assert len(per_video_s) == 4 and per_video_s[2] == 0 < per_video_s[3] < per_video_s[0]

@@ -117,10 +117,13 @@ def test_compiles_once_per_size_and_ring_is_bounded(video, caplog):
 
 def test_another_original_size_compiles_only_the_labels(video, caplog):
     """Frames that enter the network at a size seen before but come from another original size (720p and 1080p
-    frames both enter at 480x864) reuse the encoder and decoder programs: only the resize to the original size and
-    the argmax (``_labels_step``) compile again, and the predictions are the same logits resized to that size."""
+    frames both enter at 480x864) reuse the encoder and decoder programs: with the labels outside the decode step
+    (``fuse_labels=False``, the accelerators' default) only the resize to the original size and the argmax
+    (``_labels_step``) compile again, and the predictions are the same logits resized to that size (equal to clip
+    mode, whose labels are computed the same way, and to the default CPU streaming with the labels fused)."""
     config, variables = tiny_model("cffm_tiny.npz")
-    segmenter = VideoSegmenter(config, variables, batch_size=BATCH, keep_logits=True)
+    segmenter = VideoSegmenter(config, variables, batch_size=BATCH, keep_logits=True, fuse_labels=False)
+    assert VideoSegmenter(config, variables).fuse_labels  # the default on CPU (labels inside the decode step)
     frames = _frames(video)
     first = list(segmenter.segment(frames))
     programs = (_encode, _store_step, _decode_step, _labels_step)
@@ -138,6 +141,9 @@ def test_another_original_size_compiles_only_the_labels(video, caplog):
         assert b.pred.shape == r.pred.shape == (71, 113)
         np.testing.assert_array_equal(b.pred, labels(b.logits[None], (64, 96), (71, 113))[0])
         np.testing.assert_array_equal(b.pred, r.pred)  # clip mode at that size
+    fused = VideoSegmenter(config, variables, batch_size=BATCH)
+    for b, f in zip(second, fused.segment(other), strict=True):
+        np.testing.assert_array_equal(f.pred, b.pred)
 
 
 def test_frames_of_different_sizes_raise(video):
