@@ -107,9 +107,9 @@ def _labels(logits: jax.Array, input_size: tuple[int, int], output_size: tuple[i
 def _labels_step(
     sizes: tuple[tuple[int, int], tuple[int, int]], sharding: NamedSharding | None, logits: jax.Array
 ) -> jax.Array:
-    """:func:`_labels` as a program of its own, the only one that depends on the original frame size: a video
-    whose frames enter the network at a size seen before compiles only this (a resize and an argmax) and reuses
-    the encoder and decoder programs, which depend on the network input size alone."""
+    """:func:`_labels` as a program of its own: clip mode, early streaming chunks, and streaming decode steps
+    without ``fuse_labels`` (there a video whose frames enter the network at a size seen before compiles only this
+    and reuses the encoder and decoder programs, which depend on the network input size alone)."""
     return _labels(_constrain(logits, sharding), *sizes)
 
 
@@ -136,8 +136,8 @@ def _write_ring(ring: jax.Array, feats: jax.Array, write_slots: jax.Array) -> ja
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
 def _decode_step(
     model: nn.Module,
-    size: tuple[int, int],
-    labels_sizes: tuple[tuple[int, int], tuple[int, int]] | None,
+    input_size: tuple[int, int],
+    original_size: tuple[int, int] | None,
     sharding: NamedSharding | None,
     variables: Any,
     ring: jax.Array,
@@ -148,23 +148,23 @@ def _decode_step(
     use_perframe: jax.Array,
     prototypes: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """Writes a chunk's features into the ring and decodes its targets: logits (B, h, w, K) at the 1/4 size
-    ``size`` (targets among frames 0-2 take their per-frame ``logits``), and with ``labels_sizes`` (input size,
-    original size) also their labels (:func:`_labels`), else None."""
+    """Writes a chunk's features into the ring and decodes its targets: logits (B, h, w, K) at 1/4 of the network
+    ``input_size`` (targets among frames 0-2 take their per-frame ``logits``), and with ``original_size`` also their
+    labels at that size (:func:`_labels`), else None."""
     ring = _write_ring(ring, feats, write_slots)
     clip_feats = _constrain(ring[clip_slots], sharding)  # (B, 4, h8, w8, E)
     batch = clip_slots.shape[0]
     target = model.apply(
         variables,
         clip_feats,
-        size=size,
+        size=quarter_size(input_size),
         prototypes=_broadcast_prototypes(prototypes, batch),
         method="decode_clip",
     )
     out = target
     if logits is not None:  # some target of this chunk is one of a video's first frames
         out = jnp.where(use_perframe[:, None, None, None], logits.astype(target.dtype), target)
-    return ring, out, None if labels_sizes is None else _labels(out, *labels_sizes)
+    return ring, out, None if original_size is None else _labels(out, input_size, original_size)
 
 
 # A chunk whose targets are all among frames 0-2 only stores its features: its targets take their own per-frame
@@ -395,13 +395,14 @@ class VideoSegmenter:
         clip_slots = np.asarray([[s % r for s in _clip(t)] for t in targets], np.int32)
         use_perframe = np.asarray([t < NUM_EARLY_FRAMES for t in targets])
         ring = self._ring(feats)
+        input_size, original_size = self._sizes(chunk[0])
         if use_perframe.all():
             ring, out, labels = _store_step(ring, feats, jnp.asarray(write_slots, jnp.int32)), logits, None
         else:
             ring, out, labels = _decode_step(
                 self.model,
-                quarter_size(chunk[0].image.shape[:2]),
-                self._sizes(chunk[0]) if self.fuse_labels else None,
+                input_size,
+                original_size if self.fuse_labels else None,
                 self._constraint,
                 self.variables,
                 ring,
@@ -413,7 +414,7 @@ class VideoSegmenter:
                 protos,
             )
         if labels is None:
-            labels = _labels_step(self._sizes(chunk[0]), self._constraint, out)
+            labels = _labels_step((input_size, original_size), self._constraint, out)
         self._rings[(*feats.shape[1:], str(feats.dtype))] = ring
         return _Pending(indices, chunk, out, labels)
 
