@@ -574,6 +574,11 @@ class Suite:
             }
             _best_of_measurements(peak)
 
+    def peak_of(self, dtype: str) -> dict[str, Any]:
+        """The matmul peak measured in ``dtype``; float32's (the top level) for a dtype without its own."""
+        peak = self.matmul_peak.get("by_dtype", {}).get(dtype, {})
+        return peak if "gflops_per_s" in peak else self.matmul_peak
+
     def apply_peak(self) -> None:
         """Fractions of the matmul peak per row, and the >= 50% target on the heavy cases.
 
@@ -587,9 +592,7 @@ class Suite:
         if "gflops_per_s" not in self.matmul_peak:
             return
         for r in self.results:
-            peak = self.matmul_peak.get("by_dtype", {}).get(r.dtype, {})
-            if "gflops_per_s" not in peak:  # float32, or a dtype without its own measurement (older files)
-                peak = self.matmul_peak
+            peak = self.peak_of(r.dtype)
             if r.gflops_per_s:
                 r.peak_fraction = r.gflops_per_s / peak["gflops_per_s"]
             if r.flops and r.cpu_median_s:
@@ -963,7 +966,10 @@ class Suite:
         Needs a peer row of the same backbone at 480x480 in the run (CPU only: the peer runs on the CPU). Adds
         ``peer_scale``, ``scaled_reference_s`` and ``ratio_vs_scaled_reference`` (streaming also
         ``speedup_vs_scaled_official``) to the rows that have an official figure, and judges their target against
-        the scaled figure (the raw verdict is kept as ``target_met_unscaled``).
+        the scaled figure (the raw verdict is kept as ``target_met_unscaled``). Rows with a FLOP count also get
+        ``scaled_reference_peak_fraction``: the fraction of this machine's matmul peak (wall) at which the model's
+        FLOPs would run in the scaled time, a plausibility check of the estimate (a whole network rarely runs at
+        its matmul peak); clip rows also ``target_peak_fraction``, what meeting their target takes.
         """
         if self.backend != "cpu" or self.s.tiny:
             return
@@ -977,18 +983,25 @@ class Suite:
         }
         for r in self.results:
             scale = scales.get(_backbone(r.model or ""))
-            if r.case == "peer" or r.reference_s is None or scale is None or "peer_scale" in r.extra:
-                continue
-            reference = r.reference_s[0] * scale
             ours = r.per_item_s if r.case == "stream" else r.median_s
-            if not ours:
+            if r.case == "peer" or r.reference_s is None or scale is None or not ours:
                 continue
-            r.extra.update(peer_scale=scale, scaled_reference_s=reference, ratio_vs_scaled_reference=ours / reference)
-            if r.case == "stream":
-                r.extra["speedup_vs_scaled_official"] = reference / ours
-            if r.target_met is not None:
-                r.extra["target_met_unscaled"] = r.target_met
-                r.target_met = _target_met(r.case, ours / reference)
+            if "peer_scale" not in r.extra:  # (a saved file's rows were scaled when it was written)
+                reference = r.reference_s[0] * scale
+                r.extra.update(
+                    peer_scale=scale, scaled_reference_s=reference, ratio_vs_scaled_reference=ours / reference
+                )
+                if r.case == "stream":
+                    r.extra["speedup_vs_scaled_official"] = reference / ours
+                if r.target_met is not None:
+                    r.extra["target_met_unscaled"] = r.target_met
+                    r.target_met = _target_met(r.case, ours / reference)
+            peak = self.peak_of(r.dtype).get("gflops_per_s")
+            if r.flops and peak and r.case in ("mit", "clip"):
+                fraction = r.flops / r.extra["scaled_reference_s"] / 1e9 / peak
+                r.extra["scaled_reference_peak_fraction"] = fraction
+                if r.case == "clip":
+                    r.extra["target_peak_fraction"] = fraction / CLIP_TARGET
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1038,11 +1051,15 @@ def _vs(r: Result) -> str:
     if "speedup_vs_official" in r.extra:
         parts.append(f"{r.extra['speedup_vs_official']:.2f}x official rate")
     if "scaled_reference_s" in r.extra:
-        scaled = f"scaled official {r.extra['scaled_reference_s']:.3g} s (peer x{r.extra['peer_scale']:.2f})"
+        at_peak = r.extra.get("scaled_reference_peak_fraction")
+        at_peak = f", {_percent(at_peak)}% of the matmul peak" if at_peak else ""
+        scaled = f"scaled official {r.extra['scaled_reference_s']:.3g} s (peer x{r.extra['peer_scale']:.2f}{at_peak})"
         if "speedup_vs_scaled_official" in r.extra:
             parts.append(f"{scaled}: {r.extra['speedup_vs_scaled_official']:.2f}x its rate")
         else:
             parts.append(f"{scaled}: ours/scaled {r.extra['ratio_vs_scaled_reference']:.2f}")
+        if "target_peak_fraction" in r.extra:
+            parts.append(f"the target needs {_percent(r.extra['target_peak_fraction'])}% of the matmul peak")
     if "speedup_vs_clip_mode" in r.extra:
         parts.append(f"{r.extra['speedup_vs_clip_mode']:.2f}x our clip mode")
     if "ours_over_theirs" in r.extra:

@@ -197,9 +197,11 @@ def test_official_figures_are_scaled_by_the_peer(report, tmp_path, capsys):
     _, _, saved = report
     saved = json.loads(json.dumps(saved))
     saved["settings"].update(tiny=False, sizes=[[480, 480]], models=["b1"])
+    peak = saved["matmul_peak"]["gflops_per_s"]
     row = dict(size=[480, 480], dtype="float32", reference_s=[2.4, 2.7])
     clip = dict(row, case="clip", name="CFFM-B1 clip 1x4", model="cffm_b1", median_s=0.72, per_item_s=0.72,
-                ratio_vs_reference=0.3, target="<= 0.8x official", target_met=True)  # fmt: skip
+                ratio_vs_reference=0.3, target="<= 0.8x official", target_met=True,
+                flops=0.6 * 0.8 * peak * 1e9)  # at 60% of the peak in the scaled official time  # fmt: skip
     stream = dict(row, case="stream", name="CFFM-B1 streaming", model="cffm_b1", median_s=9.0, per_item_s=0.3,
                   ratio_vs_reference=0.125, target=">= 3.0x official rate", target_met=True,
                   extra={"speedup_vs_official": 8.0})  # fmt: skip
@@ -216,12 +218,16 @@ def test_official_figures_are_scaled_by_the_peer(report, tmp_path, capsys):
     assert clip_r.extra["scaled_reference_s"] == pytest.approx(0.8)
     assert clip_r.extra["ratio_vs_scaled_reference"] == pytest.approx(0.9)
     assert clip_r.target_met is False and clip_r.extra["target_met_unscaled"] is True  # 0.9 > 0.8
+    assert clip_r.extra["scaled_reference_peak_fraction"] == pytest.approx(0.6)
+    assert clip_r.extra["target_peak_fraction"] == pytest.approx(0.6 / benchmark.CLIP_TARGET)
+    assert "scaled_reference_peak_fraction" not in stream_r.extra  # no FLOP count
     assert stream_r.extra["speedup_vs_scaled_official"] == pytest.approx(0.8 / 0.3)
     assert stream_r.target_met is False  # 2.67x < 3x
     assert "peer_scale" not in peer_r.extra
     benchmark.main(["--report", str(path)])
     table = capsys.readouterr().out
-    assert "scaled official 0.8 s (peer x0.33): ours/scaled 0.90" in table
+    assert "scaled official 0.8 s (peer x0.33, 60% of the matmul peak): ours/scaled 0.90" in table
+    assert "the target needs 75% of the matmul peak" in table
     assert "<= 0.8x official: NO" in table and "estimate for this machine" in table
 
     # Without a peer row nothing is scaled; a saved file that was scaled is not scaled twice.
