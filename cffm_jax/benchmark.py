@@ -73,7 +73,8 @@ matmul peak on the heavy parts (mit, clip, train; on CPU judged per CPU second, 
 suite reports whether each target is met; it asserts nothing. On another CPU the official figures do not apply as
 they are: a CPU run that includes the ``peer`` case scales them by the PyTorch peer's time there over its time on
 the machine of the official figures (``PEER_ON_REFERENCE_MACHINE_S``; an estimate, shown as "scaled official") and
-judges the targets against the scaled figures (:meth:`Suite.scale_references`).
+judges the targets against the scaled figures (:meth:`Suite.scale_references`), with the fraction of the matmul
+peak that each scaled figure implies as a plausibility check.
 
 Float32 precision: the models' ``matmul_precision`` (``--matmul-precision``, default 'highest', the official
 float32 numbers; not applied on XLA:CPU, see ``cffm_jax.models.layers.matmul_precision_scope``); 'default' lets

@@ -236,6 +236,12 @@ def test_official_figures_are_scaled_by_the_peer(report, tmp_path, capsys):
     assert all("peer_scale" not in r.extra for r in unscaled.results) and unscaled.results[0].target_met is True
     rescaled = benchmark.load_suite(benchmark.to_json(suite, saved["machine"]))
     assert rescaled.results[0].extra["target_met_unscaled"] is True and rescaled.results[0].target_met is False
+    # A file scaled before the peak fractions existed gets them when reported.
+    older = benchmark.to_json(suite, saved["machine"])
+    for key in ("scaled_reference_peak_fraction", "target_peak_fraction"):
+        older["results"][0]["extra"].pop(key)
+    reloaded = benchmark.load_suite(older).results[0]
+    assert reloaded.extra["target_peak_fraction"] == pytest.approx(0.6 / benchmark.CLIP_TARGET)
 
 
 def test_streaming_at_another_original_size(tmp_path):
