@@ -13,11 +13,13 @@
 # train: the training step of B0 and B1 at 480x480 in float32 and bfloat16 (each compiled in ~50-65 s there at TF32;
 #   at 'highest' float32 will take longer, not measured yet), then B1's on a batch of 8 clips (--train-batch 8:
 #   clips/s; one clip per step leaves most of an H100 idle).
-# highest: what a short lease (~9 minutes) can add to the first GPU run, which timed float32 at TF32 only: parity,
-#   then CFFM/CFFM++-B1 clip mode at 480x864 and the B1 training step at 480x480 in float32 at 'highest' (the
-#   default). At 'highest' XLA autotunes every float32 product for much longer: the B1 encoder compiles in 63 s
-#   (15 s at TF32; scripts/gpu_diag_precision.py, BENCHMARKS.md), so a lease of 2026-11-27 whose limits were
-#   90-100 s per step got no row at all; the limits below are 4 minutes.
+# highest: what a short lease (one call of <= 10 minutes) can add to the first GPU run, which timed float32 at TF32
+#   only: parity, then in float32 at 'highest' (the default) CFFM-B1 streaming as VSPW_480p evaluation runs it
+#   (480x853 frames entering the network at 480x864; its compile counts show what another original frame size
+#   costs with the labels in a program of their own), CFFM/CFFM++-B1 clip mode at 480x864, and last the B1
+#   training step at 480x480 (it gets what the call's limit leaves). At 'highest' XLA autotunes every float32
+#   product for much longer: the B1 encoder compiles in 63 s (15 s at TF32; scripts/gpu_diag_precision.py,
+#   BENCHMARKS.md), so a lease of 2026-11-27 whose limits were 90-100 s per step got no row at all.
 # diag: where compile and run time go at each float32 precision (scripts/gpu_diag_precision.py: a matmul, a
 #   convolution, the CFFM-B1 encoder and decoder at 480x864), at 'highest' also with XLA's Triton GEMMs off
 #   (cuBLAS only: fewer candidates to autotune; not tried yet); then 'high' (three bfloat16 passes per float32
@@ -81,7 +83,9 @@ if [ "$PART" = train ] || [ "$PART" = all ]; then
 fi
 if [ "$PART" = highest ]; then
     step parity 40 $PY -m cffm_jax.parity tests/fixtures/cffm_tiny.npz tests/fixtures/cffmpp_tiny.npz
-    step b1_clip 240 $BENCH --cases clip --models b1 --sizes 480x864 --json "$OUT/gpu_b1_clip.json"
+    step b1_stream_vspw 240 $BENCH --cases stream --models b1 --sizes 480x864 --original-sizes 480x853 \
+        --json "$OUT/gpu_b1_stream_vspw.json"
+    step b1_clip 200 $BENCH --cases clip --models b1 --sizes 480x864 --json "$OUT/gpu_b1_clip.json"
     step train_b1 240 $BENCH --cases train --models b1 --sizes 480x480 --json "$OUT/gpu_train_b1.json"
 fi
 if [ "$PART" = diag ]; then
