@@ -312,13 +312,6 @@ def device_peak_mb() -> float | None:
     return stats["peak_bytes_in_use"] / 2**20
 
 
-def streaming_early_frames() -> int:
-    """Targets at the start of a video that streaming predicts from their own frame (no temporal decode)."""
-    from cffm_jax.streaming import NUM_EARLY_FRAMES
-
-    return NUM_EARLY_FRAMES
-
-
 def cost_flops(compiled: Any) -> float | None:
     """FLOPs of a compiled executable (XLA cost analysis: a dict, or a list of dicts in some versions)."""
     try:
@@ -795,11 +788,13 @@ class Suite:
         """FLOPs of a streamed video from the clip row's programs (XLA cost analysis): every frame is encoded once
         (a quarter of the clip's per-frame program) and every target after the first three is decoded once (the
         clip's temporal program). The per-frame logits of frames 0-2 and the labels are left out."""
+        from cffm_jax.streaming import NUM_EARLY_FRAMES
+
         clip = self._clip_row(r, size)
         if clip is None or not clip.extra.get("encode_flops") or not clip.extra.get("decode_flops"):
             return
         frames = self.s.stream_frames
-        decoded = max(0, frames - streaming_early_frames())
+        decoded = max(0, frames - NUM_EARLY_FRAMES)
         r.flops = frames * clip.extra["encode_flops"] / 4 + decoded * clip.extra["decode_flops"]
         r.extra["flops_from"] = "the clip row's programs: per-frame part / 4 per frame, temporal part per target >= 3"
 

@@ -366,7 +366,7 @@ class VideoSegmenter:
         (minutes on a GPU at float32 'highest'), unless this process or the compilation cache has them already. A
         new original size alone compiles only the resize to it (``_labels_step``), or on CPU (``fuse_labels``) the
         decode step again (~2 s)."""
-        (input_size, original_size) = self._sizes(frame)
+        input_size, original_size = self._sizes(frame)
         if input_size not in self._sizes_seen:
             self._sizes_seen.add(input_size)
             log.info(
