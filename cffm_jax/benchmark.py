@@ -146,7 +146,7 @@ STREAM_TARGET = 3.0  # streaming >= 3 x the official per-target-frame rate
 PEAK_TARGET = 0.5  # >= 50% of the measured matmul peak on the heavy parts
 HEAVY_CASES = ("mit", "clip", "train")
 
-# SPEC 9 optimiser (the values of configs/common.py: AdamW, poly decay, warm-up, mmcv parameter groups).
+# SPEC 9 optimiser (the values of cffm_jax/experiment_config.py: AdamW, poly decay, warm-up, mmcv parameter groups).
 OPTIM = dict(
     lr=6e-5,
     weight_decay=0.01,

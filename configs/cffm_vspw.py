@@ -9,11 +9,11 @@ statistics are then per micro-batch, see cffm_jax/train.py). The loss needs no m
 it works in blocks of pixels (cffm_jax/losses.py, ~0.6 GiB of temporaries for 8 clips on one device).
 """
 
-from configs import common
+from cffm_jax import experiment_config
 
 
 def get_config(arg: str | None = None):
-    size = common.check_size(arg)
-    config = common.base_config(f"cffm_{size}")
+    size = experiment_config.check_size(arg)
+    config = experiment_config.base_config(f"cffm_{size}")
     config.workdir = f"runs/cffm_vspw_{size}"
     return config

@@ -11,15 +11,15 @@ head multiplier is 1; everything else as CFFM. ``init_from`` defaults to the CFF
 ``data.prototypes_dir`` to where ``configs/prototypes_vspw.py`` writes.
 """
 
-from configs import common
+from cffm_jax import experiment_config
 
 
 def get_config(arg: str | None = None):
-    size = common.check_size(arg)
-    config = common.base_config(f"cffmpp_{size}")
+    size = experiment_config.check_size(arg)
+    config = experiment_config.base_config(f"cffmpp_{size}")
     config.workdir = f"runs/cffmpp_vspw_{size}"
     config.init_from = f"runs/cffm_vspw_{size}"
     config.data.prototypes_dir = f"prototypes/vspw_{size}"
     config.total_steps = 40_000
-    config.optim = common.optim_config(lr=2e-4, head_lr_mult=1.0)
+    config.optim = experiment_config.optim_config(lr=2e-4, head_lr_mult=1.0)
     return config

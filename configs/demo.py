@@ -15,7 +15,7 @@ compilation, 400 steps at ~1.2-1.9 steps/s, evaluation of 3 x 24 validation fram
 mVC8 96.8 (deterministic: two runs gave the same figures).
 """
 
-from configs import common
+from cffm_jax import experiment_config
 
 
 def get_config(arg: str | None = None):
@@ -23,7 +23,7 @@ def get_config(arg: str | None = None):
     if arch not in ("cffm", "cffmpp"):
         raise ValueError(f"unknown demo variant {arch!r}; valid: cffm, cffmpp")
     num_classes = 6
-    config = common.base_config(
+    config = experiment_config.base_config(
         f"{arch}_b0",
         embed_dims=(16, 32, 80, 128),
         depths=(1, 1, 1, 1),
@@ -33,7 +33,7 @@ def get_config(arg: str | None = None):
     )
     config.workdir = "runs/demo"
     config.data.root = ""
-    config.data.synthetic = common.synthetic_config(
+    config.data.synthetic = experiment_config.synthetic_config(
         videos=8, val_videos=3, test_videos=0, frames=24, size=(120, 200), num_classes=num_classes
     )
     config.data.crop_size = (64, 64)
@@ -45,7 +45,7 @@ def get_config(arg: str | None = None):
     config.log_every = 50
     config.checkpoint_every = 200
     config.keep_checkpoints = 2
-    config.optim = common.optim_config(lr=1e-3, head_lr_mult=1.0)
+    config.optim = experiment_config.optim_config(lr=1e-3, head_lr_mult=1.0)
     config.optim.warmup_steps = 50
     if arch == "cffmpp":
         # CFFM++ fine-tuning of the demo CFFM with its prototypes (only the prototype branch trains).

@@ -12,20 +12,20 @@ iterations, tolerance ``prototypes.tol``, random (seeded) initialisation; writte
 
 import ml_collections
 
+from cffm_jax import experiment_config
 from cffm_jax.models import model_config
-from configs import common
 
 
 def get_config(arg: str | None = None):
-    size = common.check_size(arg)
+    size = experiment_config.check_size(arg)
     config = ml_collections.ConfigDict()
     config.model = model_config(f"cffm_{size}")
     config.init_from = f"runs/cffm_vspw_{size}"
     config.workdir = f"runs/cffm_vspw_{size}"
     config.seed = 0
     config.data = ml_collections.ConfigDict()
-    config.data.root = common.VSPW_ROOT
-    config.data.synthetic = common.synthetic_config()
+    config.data.root = experiment_config.VSPW_ROOT
+    config.data.synthetic = experiment_config.synthetic_config()
     config.data.splits = ("train", "val", "test")
     config.data.img_scale = (853, 480)
     config.data.prototypes_dir = f"prototypes/vspw_{size}"

@@ -6,7 +6,7 @@ Argument: 'cffm' (default) or 'cffmpp' (then set ``--config.init_from`` to a smo
 ``--config.data.prototypes_dir``).
 """
 
-from configs import common
+from cffm_jax import experiment_config
 
 TINY = dict(embed_dims=(8, 16, 40, 64), depths=(1, 1, 1, 1), decoder_embed_dim=32, num_classes=6)
 
@@ -15,10 +15,10 @@ def get_config(arg: str | None = None):
     arch = arg or "cffm"
     if arch not in ("cffm", "cffmpp"):
         raise ValueError(f"unknown smoke variant {arch!r}; valid: cffm, cffmpp")
-    config = common.base_config(f"{arch}_b0", **TINY, drop_path_rate=0.0)
+    config = experiment_config.base_config(f"{arch}_b0", **TINY, drop_path_rate=0.0)
     config.workdir = f"runs/smoke_{arch}"
     config.data.root = ""
-    config.data.synthetic = common.synthetic_config(
+    config.data.synthetic = experiment_config.synthetic_config(
         videos=3, val_videos=1, test_videos=0, frames=12, size=(48, 64), num_classes=TINY["num_classes"]
     )
     config.data.crop_size = (32, 32)
@@ -32,9 +32,9 @@ def get_config(arg: str | None = None):
     config.keep_checkpoints = 2
     config.eval_at_end = False
     config.progress = False
-    config.optim = common.optim_config(lr=1e-3, head_lr_mult=10.0)
+    config.optim = experiment_config.optim_config(lr=1e-3, head_lr_mult=10.0)
     config.optim.warmup_steps = 2
     if arch == "cffmpp":
-        config.optim = common.optim_config(lr=1e-3, head_lr_mult=1.0)
+        config.optim = experiment_config.optim_config(lr=1e-3, head_lr_mult=1.0)
         config.optim.warmup_steps = 2
     return config

@@ -8,12 +8,12 @@ import jax
 import numpy as np
 import pytest
 
+from cffm_jax import experiment_config
 from cffm_jax.models import model_config, trainable_mask
 from cffm_jax.optim import FROZEN, lr_schedule, make_optimizer, param_groups
-from configs import common
 
-RULES_CFFM = common.optim_config(lr=6e-5, head_lr_mult=10.0).rules
-RULES_CFFMPP = common.optim_config(lr=2e-4, head_lr_mult=1.0).rules
+RULES_CFFM = experiment_config.optim_config(lr=6e-5, head_lr_mult=10.0).rules
+RULES_CFFMPP = experiment_config.optim_config(lr=2e-4, head_lr_mult=1.0).rules
 
 
 def spec_lr(i: int, base: float, total: int, warmup: int = 1500, ratio: float = 1e-6) -> float:
@@ -142,7 +142,7 @@ def test_adamw_groups_and_schedule_match_pytorch():
     torch = pytest.importorskip("torch", reason="PyTorch reference for AdamW")
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda x: x.astype(np.float32), _tiny_tree(rng))
-    cfg = dict(common.optim_config(lr=3e-2, head_lr_mult=10.0))
+    cfg = dict(experiment_config.optim_config(lr=3e-2, head_lr_mult=10.0))
     cfg.update(warmup_steps=2, warmup_ratio=0.1)
     total = 6
     tx, schedule = make_optimizer(cfg, params, total)
@@ -194,7 +194,7 @@ def test_frozen_parameters_get_no_update_no_decay_and_no_state():
     params = jax.tree.map(lambda x: x.astype(np.float32), _tiny_tree(rng))
     trainable = jax.tree.map(lambda _: False, params)
     trainable["decode_head"]["linear_pred"] = {"kernel": True, "bias": True}
-    cfg = common.optim_config(lr=1e-1, head_lr_mult=1.0)
+    cfg = experiment_config.optim_config(lr=1e-1, head_lr_mult=1.0)
     cfg.warmup_steps = 0
     tx, _ = make_optimizer(cfg, params, 10, trainable)
     state = tx.init(params)

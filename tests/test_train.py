@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import pathlib
 import struct
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
-from cffm_jax import train
+from cffm_jax import experiment_config, train
 from cffm_jax import train_state as ts
 from cffm_jax.logging_utils import MetricWriter, crc32c, masked_crc32c, read_metrics
 from cffm_jax.models import build_model, init_variables
 from cffm_jax.sharding import check_batch_size, make_mesh
-from configs import common, smoke
+from configs import smoke
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "loss_tiny.npz"
@@ -42,6 +45,29 @@ def load_config(spec: str, *overrides: str):
 
 # ----------------------------------------------------------------------------------------------------------
 # Configs
+
+
+def test_config_copies_load_from_any_directory(tmp_path):
+    """A user's copy of each config, outside the repository, loaded by a fresh interpreter whose working directory
+    is elsewhere (no ``configs`` package on its path): the configs need only the installed package."""
+    mine = tmp_path / "my_experiments"
+    mine.mkdir()
+    specs = []
+    for path in sorted((ROOT / "configs").glob("*.py")):
+        (mine / path.name).write_text(path.read_text())
+        specs.append(str(mine / path.name) + (":b0" if "vspw" in path.name else ""))
+    script = (
+        "import sys\n"
+        "from cffm_jax.evaluate import load_config\n"
+        "for spec in sys.argv[1:]:\n"
+        "    print(spec, load_config(spec, []).model.name)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(
+        [sys.executable, "-c", script, *specs], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.splitlines()) == len(specs) >= 5
 
 
 @pytest.mark.parametrize(
@@ -117,7 +143,7 @@ def test_training_loss_matches_official_fixture():
     data = np.load(FIXTURE)
     logits = np.transpose(data["input/seg_logit"], (0, 1, 3, 4, 2))  # (B, T+1, h, w, K)
     labels = data["input/seg_label"][:, :, 0].astype(np.int32)
-    loss_config = common.base_config("cffm_b0").loss.to_dict()
+    loss_config = experiment_config.base_config("cffm_b0").loss.to_dict()
     loss, aux = jax.jit(lambda lg, lb: train.training_loss(lg, lb, loss_config))(logits, labels)
     np.testing.assert_allclose(loss, data["output/loss_seg"], atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(aux["acc_seg"], data["output/acc_seg"], atol=2e-5, rtol=1e-5)

@@ -1,8 +1,9 @@
 """Defaults shared by the experiment configs (the schema every config follows; SPEC.md sections 9 and 10).
 
-``base_config(model_name, **model_overrides)`` returns the official CFFM-on-VSPW setting; the experiment files
-(``cffm_vspw.py``, ``cffmpp_vspw.py``, ``demo.py``, ``smoke.py``) override what differs. Commands are run from
-the repository root (the configs import this module as ``configs.common``).
+``base_config(model_name, **model_overrides)`` returns the official CFFM-on-VSPW setting; the experiment files in
+``configs/`` (``cffm_vspw.py``, ``cffmpp_vspw.py``, ``demo.py``, ``smoke.py``, ``prototypes_vspw.py``) override
+what differs. It lives in the package, not next to them, so that a config file loads from any working directory,
+and a copy of one (your own experiment, anywhere) too.
 """
 
 from __future__ import annotations
