@@ -193,7 +193,7 @@ def _default_window_chunk(bytes_per_window: int, n_win: int) -> int:
 
 def _default_head_groups(num_heads: int) -> int:
     """Independent parts the heads of the window attention are computed in: one on accelerators; on CPU
-    ``CPU_HEAD_GROUPS`` (or the largest divisor of ``num_heads`` below it).
+    ``CPU_HEAD_GROUPS`` (or the largest divisor of ``num_heads`` below it when it does not divide them).
 
     XLA:CPU runs each batched product of the window attention (per window and head: 49 x 32 times 32 x 289) and its
     softmax on one thread, so on CPU that part of the decode step does not use the other cores; the parts of
@@ -334,7 +334,9 @@ class CFFMAttention(nn.Module):
         heads = [slice(i * (nh // groups), (i + 1) * (nh // groups)) for i in range(groups)]
         tables = [(k_table[:, h], v_table[:, h], bias[h]) for h in heads]
 
-        def attend_heads(q_c, index_c, mask_c, k_tab, v_tab, bias_h):
+        def attend_heads(
+            q_c: jax.Array, index_c: jax.Array, mask_c: jax.Array, k_tab: jax.Array, v_tab: jax.Array, bias_h: jax.Array
+        ) -> jax.Array:
             """(B, g, c, 49, d) queries of g heads, (c * K,) key rows, (c, 1, K) masks -> (B, g, c, 49, d)."""
             g = q_c.shape[1]
             k = jnp.take(k_tab, index_c, axis=2, mode="clip").reshape(batch, g, chunk, n_keys, hd)
