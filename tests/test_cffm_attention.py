@@ -113,31 +113,6 @@ def test_window_chunking_does_not_change_the_result(tiny, window_chunk):
     np.testing.assert_allclose(out[:, -1], target, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("head_groups, window_chunk", [(1, None), (2, None), (4, 1), (8, 1000)])
-def test_head_groups_do_not_change_the_result(tiny, head_groups, window_chunk):
-    # The default on CPU is 2 groups of 4 of the 8 heads; 1 = all heads in one part (the accelerator default).
-    model, params, _, x, target = tiny
-    model = model.clone(head_groups=head_groups, window_chunk=window_chunk)
-    out = jax.jit(model.apply)({"params": params}, x)
-    np.testing.assert_allclose(out[:, -1], target, atol=2e-5, rtol=1e-5)
-
-
-def test_head_groups_do_not_change_the_gradients(tiny):
-    model, params, _, x, _ = tiny
-
-    def grads(groups):
-        m = model.clone(head_groups=groups)
-        return jax.jit(jax.grad(lambda p: jnp.sum(m.apply({"params": p}, x)[:, -1] ** 2)))(params)
-
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5), grads(2), grads(1))
-
-
-def test_head_groups_must_divide_the_heads(tiny):
-    model, params, _, x, _ = tiny
-    with pytest.raises(ValueError, match="head_groups=3 must divide num_heads=8"):
-        model.clone(head_groups=3).apply({"params": params}, x)
-
-
 @pytest.mark.parametrize("window", [2, 3, 7])
 def test_window_pool_is_a_linear_map_of_each_window(window):
     """WindowPool (strided slices) = PyTorch's ``nn.Linear(window**2, 1)`` applied to every window's positions in

@@ -43,7 +43,6 @@ from cffm_jax.models.layers import (
 )
 
 CPU_SCORE_CHUNK_BYTES = 4 << 20  # see _default_window_chunk
-CPU_HEAD_GROUPS = 2  # see _default_head_groups
 MASK_VALUE = -100.0  # SPEC 4.3 step 5 / section 12.4: added to the scores of unfold-padding keys.
 
 # ---------------------------------------------------------------------------------------------------------
@@ -191,22 +190,6 @@ def _default_window_chunk(bytes_per_window: int, n_win: int) -> int:
     return -(-n_win // n_chunks)
 
 
-def _default_head_groups(num_heads: int) -> int:
-    """Independent parts the heads of the window attention are computed in: one on accelerators; on CPU
-    ``CPU_HEAD_GROUPS`` (or the largest divisor of ``num_heads`` below it when it does not divide them).
-
-    XLA:CPU runs each batched product of the window attention (per window and head: 49 x 32 times 32 x 289) and its
-    softmax on one thread, so on CPU that part of the decode step does not use the other cores; the parts of
-    independent head groups run concurrently. Measured on a 2-core CPU at 480x480, alternating processes: CFFM-B1
-    streaming decode step 0.152-0.159 s with 1 group, 0.140-0.145 s with 2, 0.147-0.157 s with 4; streaming per
-    target CFFM-B0 0.156 -> 0.143-0.146 s, CFFM-B1 0.291-0.320 -> 0.280-0.284 s; a CFFM block's training pass
-    unchanged (BENCHMARKS.md).
-    """
-    if jax.default_backend() != "cpu":
-        return 1
-    return max(g for g in range(1, min(CPU_HEAD_GROUPS, num_heads) + 1) if num_heads % g == 0)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Modules.
 
@@ -245,7 +228,6 @@ class CFFMAttention(nn.Module):
     focal_l_clips: tuple = (1, 2, 3)
     focal_kernel_clips: tuple = (7, 5, 3)
     window_chunk: int | None = None
-    head_groups: int | None = None
     dtype: jnp.dtype = jnp.float32
 
     def _bias(self) -> jax.Array:
@@ -326,32 +308,16 @@ class CFFMAttention(nn.Module):
         q = jnp.pad(q, ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0)))
         q = einops.rearrange(q, "b h (m c) p d -> m b h c p d", c=chunk)
 
-        # The heads in independent groups (see _default_head_groups): per group its slice of the key/value tables
-        # and biases, sliced once outside the chunk loop.
-        groups = self.head_groups or _default_head_groups(nh)
-        if nh % groups:
-            raise ValueError(f"head_groups={groups} must divide num_heads={nh}")
-        heads = [slice(i * (nh // groups), (i + 1) * (nh // groups)) for i in range(groups)]
-        tables = [(k_table[:, h], v_table[:, h], bias[h]) for h in heads]
-
-        def attend_heads(
-            q_c: jax.Array, index_c: jax.Array, mask_c: jax.Array, k_tab: jax.Array, v_tab: jax.Array, bias_h: jax.Array
-        ) -> jax.Array:
-            """(B, g, c, 49, d) queries of g heads, (c * K,) key rows, (c, 1, K) masks -> (B, g, c, 49, d)."""
-            g = q_c.shape[1]
-            k = jnp.take(k_tab, index_c, axis=2, mode="clip").reshape(batch, g, chunk, n_keys, hd)
-            v = jnp.take(v_tab, index_c, axis=2, mode="clip").reshape(batch, g, chunk, n_keys, hd)
-            scores = (jnp.einsum("bhnqd,bhnkd->bhnqk", q_c, k) + bias_h + mask_c).astype(jnp.float32)
+        def attend(q_c: jax.Array, index_c: jax.Array, mask_c: jax.Array) -> jax.Array:
+            """(B, heads, c, 49, d) queries, (c * K,) key rows, (c, 1, K) masks -> (B, heads, c, 49, d)."""
+            k = jnp.take(k_table, index_c, axis=2, mode="clip").reshape(batch, nh, chunk, n_keys, hd)
+            v = jnp.take(v_table, index_c, axis=2, mode="clip").reshape(batch, nh, chunk, n_keys, hd)
+            scores = (jnp.einsum("bhnqd,bhnkd->bhnqk", q_c, k) + bias + mask_c).astype(jnp.float32)
             # Softmax with the normalisation after the product with the values (49 x d divisions per window
             # instead of 49 x K): the same function, one pass less over the scores (~10% of the attention on CPU).
             weights = jnp.exp(scores - jax.lax.stop_gradient(max_last(scores)))
             out = jnp.einsum("bhnqk,bhnkd->bhnqd", weights.astype(self.dtype), v)
             return out / weights.sum(axis=-1, keepdims=True).astype(self.dtype)
-
-        def attend(q_c: jax.Array, index_c: jax.Array, mask_c: jax.Array) -> jax.Array:
-            """(B, heads, c, 49, d) queries, (c * K,) key rows, (c, 1, K) masks -> (B, heads, c, 49, d)."""
-            parts = [attend_heads(q_c[:, h], index_c, mask_c, *t) for h, t in zip(heads, tables, strict=True)]
-            return parts[0] if groups == 1 else jnp.concatenate(parts, axis=1)
 
         index = jnp.asarray(index.reshape(n_chunks, chunk * n_keys))
         mask = jnp.asarray(mask.reshape(n_chunks, chunk, 1, n_keys), self.dtype)
@@ -410,7 +376,6 @@ class CFFMBlock(nn.Module):
     mlp_ratio: float = 4.0
     ln_eps: float = 1e-5
     window_chunk: int | None = None
-    head_groups: int | None = None
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -448,7 +413,6 @@ class CFFMBlock(nn.Module):
             focal_l_clips=tuple(self.focal_l_clips),
             focal_kernel_clips=tuple(self.focal_kernel_clips),
             window_chunk=self.window_chunk,
-            head_groups=self.head_groups,
             dtype=self.dtype,
             name="attn",
         )(target_n, pooled)
@@ -465,8 +429,6 @@ class CFFMTransformer(nn.Module):
       num_heads ... ln_eps: the official hard-coded settings (SPEC 4.3).
       window_chunk: windows per attention chunk (a speed/memory knob, same result); None = automatic
         (all windows on accelerators, ~4 MiB of scores per chunk on CPU).
-      head_groups: independent parts the attention heads are computed in (a speed knob, same result; must divide
-        ``num_heads``); None = automatic (1 on accelerators, 2 on CPU).
       dtype: computation dtype (parameters are float32; the softmax is computed in float32).
     """
 
@@ -481,7 +443,6 @@ class CFFMTransformer(nn.Module):
     mlp_ratio: float = 4.0
     ln_eps: float = 1e-5
     window_chunk: int | None = None
-    head_groups: int | None = None
     dtype: jnp.dtype = jnp.float32
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -527,7 +488,6 @@ class CFFMTransformer(nn.Module):
                 mlp_ratio=self.mlp_ratio,
                 ln_eps=self.ln_eps,
                 window_chunk=self.window_chunk,
-                head_groups=self.head_groups,
                 dtype=self.dtype,
                 name=f"blocks_{i}",
             )(target, refs)
