@@ -146,20 +146,6 @@ STREAM_TARGET = 3.0  # streaming >= 3 x the official per-target-frame rate
 PEAK_TARGET = 0.5  # >= 50% of the measured matmul peak on the heavy parts
 HEAVY_CASES = ("mit", "clip", "train")
 
-# SPEC 9 optimiser (the values of cffm_jax/experiment_config.py: AdamW, poly decay, warm-up, mmcv parameter groups).
-OPTIM = dict(
-    lr=6e-5,
-    weight_decay=0.01,
-    b1=0.9,
-    b2=0.999,
-    eps=1e-8,
-    warmup_steps=1500,
-    warmup_ratio=1e-6,
-    power=1.0,
-    min_lr=0.0,
-    rules=(("pos_block", 1.0, 0.0), ("head", 10.0, 1.0), ("norm", 1.0, 0.0)),
-)
-LOSS = dict(frame_weight=0.5, target_weight=1.0, frames_per_chunk=0)
 NUM_PROTOTYPES = 100
 # --tiny: compile fast (the figures of a tiny model mean nothing; the test wants seconds).
 TINY_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -813,24 +799,28 @@ class Suite:
             r.target_met = _target_met("stream", r.ratio_vs_reference)
 
     def case_train(self) -> None:
+        from cffm_jax import experiment_config
         from cffm_jax.optim import make_optimizer
         from cffm_jax.train import train_step
         from cffm_jax.train_state import create_train_state
 
         hw, clips = self.s.sizes[0], self.s.train_batch
         rng = np.random.default_rng(3)
+        # The official training setting (SPEC 9): AdamW with its parameter groups, poly decay over 160k steps, loss.
+        official = experiment_config.base_config("cffm_b0")
+        loss_config = official.loss.to_dict()
         for size in self.s.models:
             for dtype in self.s.dtypes:
                 config = self.config("cffm", size, dtype)
                 model = build_model(config)
                 variables = random_variables(config)  # numpy: the jitted state gets its own (donated) buffers
                 mask = trainable_mask(config, variables["params"])
-                tx, schedule = make_optimizer(OPTIM, variables["params"], 160_000, mask)
+                tx, schedule = make_optimizer(official.optim, variables["params"], official.total_steps, mask)
                 labels = rng.integers(0, config.num_classes, (clips, 4, *hw), dtype=np.int32)
                 labels[:, :, : hw[0] // 8] = 255  # some ignored pixels
                 frames = rng.standard_normal((clips, 4, *hw, 3), np.float32)
                 batch = jax.device_put({"clips": frames, "labels": labels})
-                step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, loss_config=LOSS)
+                step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, loss_config=loss_config)
                 r = Result("train", self.label(f"CFFM-{size.upper()} train step {clips}x4"), config.name, hw, dtype)
                 r.items_per_run, r.item = clips, "clip"
                 with HostMemory() as mem:
