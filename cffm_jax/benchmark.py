@@ -496,8 +496,10 @@ class Suite:
         mem: HostMemory,
         frames: int | None,
         reference_key: tuple | None = None,
-    ) -> None:
-        """Common bookkeeping: FLOPs, GFLOP/s, memory, reference ratio, then append the row."""
+    ) -> list[float | None]:
+        """Common bookkeeping: FLOPs, GFLOP/s, memory, reference ratio, then append the row. Returns the FLOPs of
+        each of ``compiled``'s executables."""
+        flops = []
         if compiled is not None:  # one executable, or a tuple of those run one after the other (figures summed)
             parts = compiled if isinstance(compiled, tuple) else (compiled,)
             flops, memory = [cost_flops(c) for c in parts], [xla_memory_mb(c) for c in parts]
@@ -519,6 +521,7 @@ class Suite:
                 r.ratio_vs_reference = r.median_s / ref[0]
         self.add(r)
         log.info("%s: median %.4f s", r.name, r.median_s or float("nan"))
+        return flops
 
     def add(self, r: Result) -> None:
         self.results.append(r)
@@ -655,8 +658,8 @@ class Suite:
 
                             r.first_run_s, times = time_runs(run, self.s.repeats, self.s.warmup)
                         r.set_times(times)
-                        r.extra["encode_flops"], r.extra["decode_flops"] = cost_flops(encode), cost_flops(decode)
-                        self._finish(r, (encode, decode), mem, 4, ("clip", config.name))
+                        flops = self._finish(r, (encode, decode), mem, 4, ("clip", config.name))
+                        r.extra["encode_flops"], r.extra["decode_flops"] = flops
                         if r.ratio_vs_reference is not None:
                             r.target = f"<= {CLIP_TARGET}x official"
                             r.target_met = _target_met("clip", r.ratio_vs_reference)
@@ -1010,17 +1013,16 @@ class Suite:
                     r.extra["target_met_unscaled"] = r.target_met
                     r.target_met = _target_met(r.case, ours / reference)
             peak = self.peak_of(r.dtype).get("gflops_per_s")
-            if r.flops and peak and r.case in ("mit", "clip"):
-                fraction = r.flops / r.extra["scaled_reference_s"] / 1e9 / peak
-                r.extra["scaled_reference_peak_fraction"] = fraction
+            if not (r.flops and peak):
+                continue
+            at_scaled_time = r.flops / r.extra["scaled_reference_s"] / 1e9 / peak  # fraction of the peak
+            if r.case in ("mit", "clip"):
+                r.extra["scaled_reference_peak_fraction"] = at_scaled_time
                 if r.case == "clip":
-                    r.extra["target_peak_fraction"] = fraction / CLIP_TARGET
-            elif r.flops and peak and r.case == "stream" and r.items_per_run:
+                    r.extra["target_peak_fraction"] = at_scaled_time / CLIP_TARGET
+            elif r.case == "stream" and r.items_per_run:
                 # our FLOPs per target in 1 / STREAM_TARGET of the scaled official time per target
-                per_target = r.flops / r.items_per_run
-                r.extra["target_peak_fraction"] = (
-                    per_target * STREAM_TARGET / r.extra["scaled_reference_s"] / 1e9 / peak
-                )
+                r.extra["target_peak_fraction"] = at_scaled_time / r.items_per_run * STREAM_TARGET
 
 
 # ----------------------------------------------------------------------------------------------------------
