@@ -1,6 +1,6 @@
 r"""Benchmark suite: speed, FLOPs, memory and compile counts of the model, inference, training and data parts.
 
-    python -m cffm_jax.benchmark [--cases mit,clip,stream,peer,train,data,kmeans] [--models b0,b1]
+    python -m cffm_jax.benchmark [--cases mit,clip,stream,peer,torch,train,data,kmeans] [--models b0,b1]
         [--sizes 480x480,480x864] [--dtype float32,bfloat16] [--repeats N] [--warmup N]
         [--frames N] [--stream-batch N] [--original-sizes HxW,...] [--train-batch N] [--matmul-precision P]
         [--matmul-n N] [--json OUT.json] [--tiny]
@@ -30,6 +30,12 @@ Project issue 8 (performance); the protocols timed are those of SPEC.md sections
   training transform, crops of the first size) on a synthetic 480x853 dataset; clips/s. One run = one batch
   of 2 clips.
 * ``kmeans``: :func:`cffm_jax.kmeans.lloyd` on (64,800, 256) float32, K=100, 10 iterations (no early stop).
+* ``torch``: CFFM clip-mode forward against :mod:`cffm_jax.torch_reference`, a PyTorch transcription of the
+  official computation (SPEC.md sections 3-4 op by op, official parameter names; it reproduces the official
+  fixture's logits), same model, input and threads as ``peer``, interleaved rounds. Reported as ours / its time;
+  our float32 CFFM clip and streaming rows of the same model and size also get the issue's targets judged against
+  it (:meth:`Suite.compare_transcription`): a measurement on this machine, where the official figures are from
+  another machine and their peer-scaled estimate is only an estimate.
 * ``peer``: Hugging Face ``transformers`` ``SegformerModel`` (the same MiT in PyTorch, CPU, eval,
   ``no_grad``, ``torch.set_num_threads`` = the cores available to this process, which is what XLA's CPU
   thread pool uses) against our MiT at the same input; rounds are interleaved (ours, theirs, theirs, ours,
@@ -120,10 +126,10 @@ from cffm_jax.models.layers import MATMUL_PRECISIONS, matmul_precision_scope
 
 log = logging.getLogger(__name__)
 
-# Run order. The peer comes before the training step: after the training steps our programs in the same process run
-# 1.3x slower with the host-memory setting (MiT-B0 0.19 -> 0.25 s; not with glibc's defaults; BENCHMARKS.md), which
-# read as ours/HF 1.2-1.45x in runs with the peer last.
-CASES = ("mit", "clip", "stream", "peer", "train", "data", "kmeans")
+# Run order. The peer and the torch case come before the training step: after the training steps our programs in the
+# same process run 1.3x slower with the host-memory setting (MiT-B0 0.19 -> 0.25 s; not with glibc's defaults;
+# BENCHMARKS.md), which read as ours/HF 1.2-1.45x in runs with the peer last.
+CASES = ("mit", "clip", "stream", "peer", "torch", "train", "data", "kmeans")
 DTYPES = ("float32", "bfloat16")
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -466,6 +472,7 @@ class Suite:
         self.matmul_peak: dict[str, Any] = {}
         self._variables: dict[str, dict] = {}
         self._mit: dict[tuple[str, tuple[int, int], str], tuple[Any, tuple]] = {}
+        self._clip: dict[tuple[str, str, tuple[int, int], str], tuple[Callable, tuple]] = {}
 
     # --- shared pieces -------------------------------------------------------------------------------------
 
@@ -625,40 +632,54 @@ class Suite:
                     r.set_times(times)
                     self._finish(r, compiled, mem, 4, ("mit", name))
 
-    def case_clip(self) -> None:
+    def clip_executable(self, arch: str, size: str, hw: tuple[int, int], dtype: str) -> tuple[Callable, tuple, float]:
+        """(run: one clip-mode forward, its (encode, decode) executables, compile s); cached for the torch case.
+
+        Clip-mode forward as evaluation runs it (:func:`cffm_jax.streaming.clip_forward`): the per-frame program
+        (compiled with the 'encoder' options), then the temporal one; CFFM++ with ``NUM_PROTOTYPES`` prototypes.
+        """
         from cffm_jax import streaming
         from cffm_jax.models.cffm import quarter_size
 
+        key = (arch, size, hw, dtype)
+        if key in self._clip:
+            run, compiled = self._clip[key]
+            return run, compiled, 0.0
+        config = self.config(arch, size, dtype)
+        model = build_model(config)
         rng = np.random.default_rng(2)
+        clip = jax.device_put(rng.standard_normal((1, 4, *hw, 3), np.float32))
+        protos = None
+        if arch == "cffmpp":
+            shape = (NUM_PROTOTYPES, config.decoder_embed_dim)  # one video's
+            protos = jax.device_put(rng.standard_normal(shape, np.float32))
+        variables = self.variables(config)
+        encode_fn = functools.partial(streaming.encode_clips, model, None, False)
+        decode_fn = functools.partial(streaming.decode_clips, model, quarter_size(hw), None)
+        encode, encode_s = self.compile(encode_fn, variables, clip, kind="encoder")
+        feats = encode(variables, clip)[1]
+        decode, decode_s = self.compile(decode_fn, variables, feats, protos)
+
+        def run(e=encode, d=decode, v=variables, x=clip, p=protos):
+            return jax.block_until_ready(d(v, e(v, x)[1], p))
+
+        self._clip[key] = (run, (encode, decode))
+        return run, (encode, decode), encode_s + decode_s
+
+    def case_clip(self) -> None:
         for size in self.s.models:
             for arch in ("cffm", "cffmpp"):
                 for hw in self.s.sizes:
                     for dtype in self.s.dtypes:
-                        config = self.config(arch, size, dtype)
-                        model = build_model(config)
+                        name = f"{arch}_{size}"
                         label = f"{'CFFM++' if arch == 'cffmpp' else 'CFFM'}-{size.upper()} clip 1x4"
-                        r = Result("clip", self.label(label), config.name, hw, dtype)
+                        r = Result("clip", self.label(label), name, hw, dtype)
                         r.items_per_run, r.item = 1, "target frame"
-                        clip = jax.device_put(rng.standard_normal((1, 4, *hw, 3), np.float32))
-                        protos = None
-                        if arch == "cffmpp":
-                            shape = (NUM_PROTOTYPES, config.decoder_embed_dim)  # one video's
-                            protos = jax.device_put(rng.standard_normal(shape, np.float32))
-                        variables = self.variables(config)
                         with HostMemory() as mem:
-                            encode_fn = functools.partial(streaming.encode_clips, model, None, False)
-                            decode_fn = functools.partial(streaming.decode_clips, model, quarter_size(hw), None)
-                            encode, encode_s = self.compile(encode_fn, variables, clip, kind="encoder")
-                            feats = encode(variables, clip)[1]
-                            decode, decode_s = self.compile(decode_fn, variables, feats, protos)
-                            r.compile_s = encode_s + decode_s
-
-                            def run(e=encode, d=decode, v=variables, x=clip, p=protos):
-                                return jax.block_until_ready(d(v, e(v, x)[1], p))
-
+                            run, compiled, r.compile_s = self.clip_executable(arch, size, hw, dtype)
                             r.first_run_s, times = time_runs(run, self.s.repeats, self.s.warmup)
                         r.set_times(times)
-                        flops = self._finish(r, (encode, decode), mem, 4, ("clip", config.name))
+                        flops = self._finish(r, compiled, mem, 4, ("clip", name))
                         r.extra["encode_flops"], r.extra["decode_flops"] = flops
                         if r.ratio_vs_reference is not None:
                             r.target = f"<= {CLIP_TARGET}x official"
@@ -937,28 +958,61 @@ class Suite:
                     def ours(c=compiled, a=args):
                         return jax.block_until_ready(c(*a))
 
-                    start = time.perf_counter()
-                    theirs()
-                    r.extra["peer_first_run_s"] = time.perf_counter() - start
-                    for _ in range(self.s.warmup):
-                        ours()
-                        theirs()
-                    times: dict[str, list[tuple[float, float]]] = {"ours": [], "theirs": []}
-                    runners = [("ours", ours), ("theirs", theirs)]
-                    for i in range(self.s.repeats):
-                        for who, fn in runners if i % 2 == 0 else runners[::-1]:
-                            times[who].append(timed(fn))
-                r.set_times(times["ours"])
-                theirs_median = statistics.median(wall for wall, _ in times["theirs"])
-                r.extra.update(
-                    peer="transformers SegformerModel (PyTorch CPU, eval, no_grad)",
-                    peer_times_s=[wall for wall, _ in times["theirs"]],
-                    peer_cpu_times_s=[cpu for _, cpu in times["theirs"]],
-                    peer_median_s=theirs_median,
-                    ours_over_theirs=r.median_s / theirs_median,
-                    ours_over_theirs_cpu=r.cpu_median_s / statistics.median(cpu for _, cpu in times["theirs"]),
-                    torch_threads=threads,
-                )
+                    r.extra["peer_first_run_s"], ours_times, theirs_times = self._interleaved(ours, theirs)
+                r.set_times(ours_times)
+                _record_versus(r, "peer", "transformers SegformerModel (PyTorch CPU, eval, no_grad)", theirs_times)
+                r.extra["torch_threads"] = threads
+                self._finish(r, compiled, mem, 4)
+
+    def _interleaved(
+        self, ours: Callable[[], Any], theirs: Callable[[], Any]
+    ) -> tuple[float, list[tuple[float, float]], list[tuple[float, float]]]:
+        """Times two implementations in interleaved rounds (ours, theirs, theirs, ours, ...), so that load from
+        other processes hits both alike. Returns (theirs' first run s, ours' and theirs' (wall, CPU) times)."""
+        start = time.perf_counter()
+        theirs()
+        first = time.perf_counter() - start
+        for _ in range(self.s.warmup):
+            ours()
+            theirs()
+        times: dict[str, list[tuple[float, float]]] = {"ours": [], "theirs": []}
+        runners = [("ours", ours), ("theirs", theirs)]
+        for i in range(self.s.repeats):
+            for who, fn in runners if i % 2 == 0 else runners[::-1]:
+                times[who].append(timed(fn))
+        return first, times["ours"], times["theirs"]
+
+    def case_torch(self) -> None:
+        try:
+            import torch
+
+            from cffm_jax import torch_reference
+        except ImportError as e:  # optional (the 'torch' / 'test' extras)
+            log.warning("torch case skipped: %s", e)
+            self.add(Result("torch", self.label("CFFM vs PyTorch transcription"), extra={"skipped": str(e)}))
+            return
+        threads = len(os.sched_getaffinity(0))
+        torch.set_num_threads(threads)
+        for size in self.s.models:
+            config = self.config("cffm", size)
+            theirs_model = torch_reference.from_config(config)
+            for hw in self.s.sizes:
+                label = f"CFFM-{size.upper()} clip 1x4: ours / PyTorch transcription"
+                r = Result("torch", self.label(label), config.name, hw, "float32")
+                r.items_per_run, r.item = 1, "target frame"
+                with HostMemory() as mem:
+                    ours, compiled, _ = self.clip_executable("cffm", size, hw, "float32")
+                    clip = torch.from_numpy(np.random.default_rng(2).standard_normal((1, 4, 3, *hw), np.float32))
+
+                    def theirs(model=theirs_model, x=clip):
+                        with torch.no_grad():
+                            return model(x)
+
+                    r.extra["transcription_first_run_s"], ours_times, theirs_times = self._interleaved(ours, theirs)
+                r.set_times(ours_times)
+                description = "cffm_jax.torch_reference (PyTorch CPU, eval, no_grad)"
+                _record_versus(r, "transcription", description, theirs_times)
+                r.extra["torch_threads"] = threads
                 self._finish(r, compiled, mem, 4)
 
     def run(self) -> None:
@@ -966,13 +1020,41 @@ class Suite:
         # device's lifetime peak memory that every row reports (and no other load moves it there).
         if self.backend == "cpu":
             self.measure_matmul_peak("start")
-        for case in CASES:  # fixed order: stream compares with clip, peer reuses mit's executables, see CASES
+        # Fixed order (see CASES): stream compares with clip; peer and torch reuse the mit and clip executables.
+        for case in CASES:
             if case in self.s.cases:
                 log.info("case %s", case)
                 getattr(self, f"case_{case}")()
         self.measure_matmul_peak("end")
         self.apply_peak()
         self.scale_references()
+        self.compare_transcription()
+
+    def compare_transcription(self) -> None:
+        """Our float32 CFFM clip and streaming rows against the PyTorch transcription timed in this run (``torch``
+        case; same model, size and machine).
+
+        Adds ``transcription_s`` (its median s per clip = per target frame), ``ratio_vs_transcription`` (clip:
+        ours / its time) or ``speedup_vs_transcription`` (streaming: its s per target / ours), and
+        ``target_met_vs_transcription``: the issue's clip and streaming targets with the transcription in place of
+        the official code, measured on this machine where the official figures come from another one.
+        """
+        theirs = {
+            (r.model, r.size): r.extra["transcription_median_s"]
+            for r in self.results
+            if r.case == "torch" and r.extra.get("transcription_median_s")
+        }
+        for r in self.results:
+            reference = theirs.get((r.model, r.size))
+            ours = r.per_item_s if r.case == "stream" else r.median_s
+            if r.case not in ("clip", "stream") or r.dtype != "float32" or reference is None or not ours:
+                continue
+            r.extra["transcription_s"] = reference
+            if r.case == "clip":
+                r.extra["ratio_vs_transcription"] = ours / reference
+            else:
+                r.extra["speedup_vs_transcription"] = reference / ours
+            r.extra["target_met_vs_transcription"] = _target_met(r.case, ours / reference)
 
     def scale_references(self) -> None:
         """The official figures scaled to this machine by the PyTorch peer (``PEER_ON_REFERENCE_MACHINE_S``).
@@ -1029,6 +1111,23 @@ class Suite:
 # Output
 
 
+def _record_versus(r: Result, who: str, description: str, theirs: Sequence[tuple[float, float]]) -> None:
+    """The other implementation's (wall, CPU) times and ours over theirs, into ``r.extra`` under ``who``'s keys
+    (the peer's ratios keep their first name, ``ours_over_theirs``)."""
+    ratio = "ours_over_theirs" if who == "peer" else f"ours_over_{who}"
+    median = statistics.median(wall for wall, _ in theirs)
+    r.extra.update(
+        {
+            who: description,
+            f"{who}_times_s": [wall for wall, _ in theirs],
+            f"{who}_cpu_times_s": [cpu for _, cpu in theirs],
+            f"{who}_median_s": median,
+            ratio: r.median_s / median,
+            f"{ratio}_cpu": r.cpu_median_s / statistics.median(cpu for _, cpu in theirs),
+        }
+    )
+
+
 def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
@@ -1036,7 +1135,7 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
 def _rate(r: Result) -> str:
     if r.case == "mit" or r.case == "peer":
         return f"{_fmt(1e3 * r.per_item_s, '.1f')} ms/frame"
-    if r.case == "clip":
+    if r.case in ("clip", "torch"):
         return f"{_fmt(r.per_item_s)} s/target"
     if r.case == "stream":
         return f"{_fmt(r.items_per_s, '.2f')} frames/s = {_fmt(r.per_item_s)} s/target"
@@ -1081,8 +1180,22 @@ def _vs(r: Result) -> str:
             parts.append(f"{scaled}: ours/scaled {r.extra['ratio_vs_scaled_reference']:.2f}")
         if "target_peak_fraction" in r.extra:
             parts.append(f"the target needs {_percent(r.extra['target_peak_fraction'])}% of the matmul peak")
+    if "transcription_s" in r.extra:
+        verdict = _met(r.extra["target_met_vs_transcription"])
+        theirs = f"PyTorch transcription {r.extra['transcription_s']:.3g} s"
+        if "speedup_vs_transcription" in r.extra:
+            speedup = r.extra["speedup_vs_transcription"]
+            parts.append(f"{theirs}: {speedup:.2f}x its rate (>= {STREAM_TARGET:g}x: {verdict})")
+        else:
+            parts.append(f"{theirs}: ours/it {r.extra['ratio_vs_transcription']:.2f} (<= {CLIP_TARGET:g}: {verdict})")
     if "speedup_vs_clip_mode" in r.extra:
         parts.append(f"{r.extra['speedup_vs_clip_mode']:.2f}x our clip mode")
+    if "ours_over_transcription" in r.extra:
+        parts.append(
+            f"transcription {r.extra['transcription_median_s']:.3f} s: "
+            f"ours/it {r.extra['ours_over_transcription']:.2f} "
+            f"(CPU time {r.extra['ours_over_transcription_cpu']:.2f})"
+        )
     if "ours_over_theirs" in r.extra:
         parts.append(
             f"HF {r.extra['peer_median_s']:.3f} s: ours/HF {r.extra['ours_over_theirs']:.2f} "
@@ -1130,7 +1243,7 @@ def format_table(suite: Suite, machine: dict[str, Any]) -> str:
         size = "-" if r.size is None else f"{r.size[0]}x{r.size[1]}"
         if r.case in ("mit", "peer"):
             size = f"4x{size}"
-        elif r.case == "clip":
+        elif r.case in ("clip", "torch"):
             size = f"1x4x{size}"
         elif r.case == "train":
             size = f"{r.items_per_run}x4x{size}"
@@ -1162,6 +1275,12 @@ def format_table(suite: Suite, machine: dict[str, Any]) -> str:
             "figures were measured ("
             + ", ".join(f"{m} {s:g} s" for m, s in PEER_ON_REFERENCE_MACHINE_S.items())
             + "): an estimate for this machine, not a measurement; the targets are judged against it."
+        )
+    if any(r.case == "torch" and "transcription_median_s" in r.extra for r in suite.results):
+        lines.append(
+            "PyTorch transcription: cffm_jax.torch_reference, the CFFM computation written in PyTorch from SPEC.md as "
+            "the official code does it (it reproduces the official fixture), timed here, interleaved with ours, at "
+            "the same threads; the verdicts against it apply the issue's targets to this machine."
         )
     for c in suite.compile_counts:
         videos = ", ".join(
@@ -1236,6 +1355,7 @@ def load_suite(saved: dict[str, Any]) -> Suite:
     suite.compile_counts = saved["compile_counts"]
     suite.apply_peak()
     suite.scale_references()
+    suite.compare_transcription()
     return suite
 
 

@@ -52,11 +52,12 @@ def test_json_has_machine_info_and_every_case(report):
     results = written["results"]
     assert {r["case"] for r in results} == set(benchmark.CASES)
     cases = [r["case"] for r in results]
-    assert cases.index("peer") < cases.index("train")  # the peer runs before the training step changes the heap
+    for case in ("peer", "torch"):  # before the training step changes the heap
+        assert cases.index(case) < cases.index("train")
     for r in results:
         assert set(r) == RESULT_KEYS, r["name"]
-        if r["extra"].get("skipped"):  # only the peer, when torch/transformers are missing
-            assert r["case"] == "peer"
+        if r["extra"].get("skipped"):  # only the PyTorch cases, when torch/transformers are missing
+            assert r["case"] in ("peer", "torch")
             continue
         assert len(r["times_s"]) == 2, r["name"]
         for key in TIMED:
@@ -90,6 +91,19 @@ def test_json_has_machine_info_and_every_case(report):
     if not peer["extra"].get("skipped"):
         assert peer["extra"]["ours_over_theirs"] > 0 and len(peer["extra"]["peer_times_s"]) == 2
         assert peer["extra"]["ours_over_theirs_cpu"] > 0
+    (transcription,) = by_case["torch"]
+    if not transcription["extra"].get("skipped"):
+        assert transcription["model"] == "cffm_b0" and transcription["flops"] == by_case["clip"][0]["flops"]
+        theirs = transcription["extra"]["transcription_median_s"]
+        assert theirs > 0 and len(transcription["extra"]["transcription_times_s"]) == 2
+        assert transcription["extra"]["ours_over_transcription"] == pytest.approx(transcription["median_s"] / theirs)
+        # our float32 CFFM clip and streaming rows are judged against it; CFFM++ has no transcription
+        clip_cffm, clip_cffmpp = by_case["clip"]
+        assert clip_cffm["extra"]["ratio_vs_transcription"] == pytest.approx(clip_cffm["median_s"] / theirs)
+        assert clip_cffm["extra"]["target_met_vs_transcription"] == (clip_cffm["median_s"] / theirs <= 0.8)
+        assert "transcription_s" not in clip_cffmpp["extra"]
+        assert stream["extra"]["speedup_vs_transcription"] == pytest.approx(theirs / stream["per_item_s"])
+        assert stream["extra"]["target_met_vs_transcription"] in (True, False)
     # tiny runs are not compared with the official figures (those are for the real models at 480x480)
     assert all(r["reference_s"] is None and r["target_met"] is None for r in results)
 

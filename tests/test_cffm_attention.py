@@ -1,21 +1,23 @@
 """Tests of the CFFM coarse-to-fine cross-frame attention ``decoder_focal`` (SPEC.md section 4.3).
 
 Parity with the official code on ``cffm_tiny.npz``; at other map sizes (padding, a single window, wrap-around)
-against a literal PyTorch transcription of SPEC 4.3 that uses ``torch.roll``, ``F.unfold`` and
-``F.interpolate`` for the key construction, in float64.
+against the PyTorch transcription of SPEC 4.3 in :mod:`cffm_jax.torch_reference` (``torch.roll``, ``F.unfold``
+and ``F.interpolate`` for the key construction), in float64.
 """
 
 from __future__ import annotations
 
 import math
+import re
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
+from cffm_jax import torch_reference
 from cffm_jax.models.cffm_attention import CFFMTransformer, WindowPool, index_buffers, key_layout
 
 PREFIX = "state_dict/decode_head.decoder_focal."
@@ -188,85 +190,27 @@ def test_key_layout_geometry():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# A literal float64 PyTorch transcription of one block (SPEC 4.3), for sizes the fixture does not cover.
+# The PyTorch transcription of SPEC 4.3 (cffm_jax.torch_reference, itself checked against the official fixture in
+# tests/test_torch_reference.py), in float64, for sizes the fixture does not cover.
 
 
 def _reference_block(x: np.ndarray, p: dict, heads: int) -> np.ndarray:
-    """x (B, T, h, w, E) -> enhanced target (B, h, w, E) by SPEC 4.3 steps 1-6, using torch ops literally."""
-
-    def t(a):
-        return torch.tensor(np.array(a), dtype=torch.float64)
-
-    def lin(a, layer):
-        return a @ t(layer["kernel"]) + t(layer["bias"])
-
-    def windows(m, ws=7):  # (B, H, W, C) -> (B*nW, ws*ws, C), windows batch-major then row-major
-        b, hh, ww, c = m.shape
-        m = m.reshape(b, hh // ws, ws, ww // ws, ws, c).permute(0, 1, 3, 2, 4, 5)
-        return m.reshape(-1, ws * ws, c)
-
-    def pool(m, layer, ws):  # weighted sum over ws x ws windows -> (B, H/ws, W/ws, C)
-        b, hh, ww, c = m.shape
-        pooled = windows(m, ws).transpose(1, 2) @ t(layer["kernel"]) + t(layer["bias"])
-        return pooled.reshape(b, hh // ws, ww // ws, c)
-
-    def unfold(m, kernel, stride):  # (B, gh, gw, C) -> (B*nW, kernel^2, C) and the -100 mask (nW, kernel^2)
-        b, _, _, c = m.shape
-        cols = F.unfold(m.permute(0, 3, 1, 2), kernel, padding=kernel // 2, stride=stride)
-        keys = cols.reshape(b, c, kernel * kernel, -1).permute(0, 3, 2, 1).reshape(-1, kernel * kernel, c)
-        ones = F.unfold(torch.ones_like(m[:1, ..., :1]).permute(0, 3, 1, 2), kernel, padding=kernel // 2, stride=stride)
-        return keys, torch.where(ones[0].T > 0, 0.0, -100.0).double()
-
-    x = t(x)
-    b, _, h, w, e = x.shape
-    xn = F.layer_norm(x, (e,), t(p["norm1"]["scale"]), t(p["norm1"]["bias"]), 1e-5)
-    hp, wp = 7 * math.ceil(h / 7), 7 * math.ceil(w / 7)
-    xn = F.pad(xn, (0, 0, 0, wp - w, 0, hp - h))
-    y = xn[:, -1]
-    a = p["attn"]
-    q, k, v = lin(y, a["qkv"]).chunk(3, dim=-1)
-    keys, values = [windows(k)], [windows(v)]
-    bufs = {name: torch.as_tensor(value) for name, value in index_buffers().items()}
-    shifts = ((-3, -3), (-3, 3), (3, -3), (3, 3))
-    for src, out in ((k, keys), (v, values)):
-        rolled = torch.cat([windows(torch.roll(src, s, dims=(1, 2))) for s in shifts], dim=1)
-        out.append(rolled[:, bufs["valid_ind_rolled"]])
-    n_win = keys[0].shape[0] // b
-    masks = [torch.zeros(n_win, 49 + 132, dtype=torch.float64)]
-    sources = [(pool(y, p["pool_layers_0"], 7), 5, 1)]
-    for j, (level, kernel) in enumerate(((1, 7), (2, 5), (3, 3))):
-        ws_j = 7 // level
-        ref = xn[:, j].permute(0, 3, 1, 2)
-        size = (level * hp // 7 * ws_j, level * wp // 7 * ws_j)
-        if tuple(ref.shape[-2:]) != size:
-            ref = F.interpolate(ref, size=size, mode="bilinear", align_corners=False)
-        sources.append((pool(ref.permute(0, 2, 3, 1), p[f"pool_layers_clips_{j}"], ws_j), kernel, level))
-    for pooled, kernel, stride in sources:
-        _, pk, pv = lin(pooled, a["qkv"]).chunk(3, dim=-1)
-        (kk, mask), (vv, _) = unfold(pk, kernel, stride), unfold(pv, kernel, stride)
-        keys.append(kk), values.append(vv), masks.append(mask)
-    keys, values, mask = torch.cat(keys, 1), torch.cat(values, 1), torch.cat(masks, 1)
-
-    d = e // heads
-    bias = [t(a["relative_position_bias_table"])[bufs["relative_position_index"]].permute(2, 0, 1)]
-    bias.append(t(a["relative_position_bias_table_to_neighbors"])[0])
-    bias.append(t(a["relative_position_bias_table_to_windows_0"])[:, bufs["relative_position_index_0"]])
-    for j in range(3):
-        table = t(a[f"relative_position_bias_table_to_windows_clips_{j}"])
-        bias.append(table[:, bufs[f"relative_position_index_clips_{j}"]])
-    bias = torch.cat(bias, -1)  # (heads, 49, 289)
-
-    def split(m):  # (B*nW, n, E) -> (B*nW, heads, n, d)
-        return m.reshape(m.shape[0], m.shape[1], heads, d).transpose(1, 2)
-
-    scores = (split(windows(q)) * d**-0.5) @ split(keys).transpose(-1, -2) + bias
-    scores = scores + mask.repeat(b, 1)[:, None, None, :]
-    out = (scores.softmax(-1) @ split(values)).transpose(1, 2).reshape(-1, 49, e)
-    out = lin(out, a["proj"])
-    out = out.reshape(b, hp // 7, wp // 7, 7, 7, e).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, e)[:, :h, :w]
-    z = x[:, -1] + out
-    zn = F.layer_norm(z, (e,), t(p["norm2"]["scale"]), t(p["norm2"]["bias"]), 1e-5)
-    return (z + lin(F.gelu(lin(zn, p["mlp"]["fc1"])), p["mlp"]["fc2"])).numpy()
+    """x (B, T, h, w, E) -> enhanced target (B, h, w, E) by torch_reference.CFFMBlock with the Flax parameters ``p``
+    (renamed back to the official names: ``_N`` -> ``.N``, Dense kernels transposed, LayerNorm scales)."""
+    state = {}
+    for path, value in flax.traverse_util.flatten_dict(p).items():
+        names = [re.sub(r"_(\d+)$", r".\1", part) for part in path]
+        value = np.asarray(value, np.float64)
+        if names[-1] == "kernel":
+            names[-1], value = "weight", value.T
+        elif names[-1] == "scale":
+            names[-1] = "weight"
+        state[".".join(names)] = torch.from_numpy(np.ascontiguousarray(value))
+    block = torch_reference.CFFMBlock(x.shape[-1], heads).double()
+    missing, unexpected = block.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) == {f"attn.{name}" for name in index_buffers()}
+    with torch.no_grad():
+        return block(torch.from_numpy(x).double())[:, -1].numpy()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,65 @@
+"""The PyTorch transcription of CFFM (``cffm_jax.torch_reference``, the benchmark's stand-in for the official code)
+loads the official state dict by its names and reproduces the official fixture's outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cffm_jax import torch_reference
+from cffm_jax.models import model_config
+
+
+def _fixture_model(arrays: dict[str, np.ndarray], meta: dict) -> torch_reference.CFFM:
+    backbone, head = meta["backbone"], meta["decode_head"]
+    config = model_config(
+        "cffm_b0",
+        embed_dims=backbone["embed_dims"],
+        depths=backbone["depths"],
+        decoder_embed_dim=head["embed_dim"],
+        decoder_depth=head["decoder_depth"],
+        num_classes=head["num_classes"],
+    )
+    model = torch_reference.from_config(config)
+    state_dict = {k.removeprefix("state_dict/"): v for k, v in arrays.items() if k.startswith("state_dict/")}
+    torch_reference.load_official_state_dict(model, state_dict)  # strict: every official name, nothing else
+    return model
+
+
+def test_transcription_reproduces_the_official_fixture(cffm_tiny):
+    arrays, meta = cffm_tiny
+    model = _fixture_model(arrays, meta)
+    clip = torch.from_numpy(arrays["input/clip"])
+    with torch.no_grad():
+        logits = model(clip).numpy()
+        stages = model.backbone(clip.flatten(0, 1))
+    np.testing.assert_allclose(logits, arrays["output/head_logits"], atol=2e-5, rtol=1e-5)
+    for s, stage in enumerate(stages, start=1):
+        expected = arrays[f"output/backbone_stage{s}"]
+        np.testing.assert_allclose(stage.reshape(expected.shape).numpy(), expected, atol=2e-5, rtol=1e-5)
+
+
+def test_transcription_depends_on_every_reference_frame(cffm_tiny):
+    """The temporal part is live: changing the oldest reference frame changes the target's logits."""
+    arrays, meta = cffm_tiny
+    model = _fixture_model(arrays, meta)
+    clip = torch.from_numpy(arrays["input/clip"])
+    other = clip.clone()
+    other[:, 0] = torch.flip(other[:, 0], dims=(-1,))
+    with torch.no_grad():
+        assert float((model(clip) - model(other)).abs().max()) > 1e-3
+
+
+def test_state_dict_errors_name_the_keys(cffm_tiny):
+    arrays, meta = cffm_tiny
+    model = _fixture_model(arrays, meta)
+    state_dict = {k.removeprefix("state_dict/"): v for k, v in arrays.items() if k.startswith("state_dict/")}
+    del state_dict["decode_head.linear_pred2.bias"]
+    with pytest.raises(RuntimeError, match="decode_head.linear_pred2.bias"):
+        torch_reference.load_official_state_dict(model, state_dict)
+
+
+def test_only_cffm_is_transcribed():
+    with pytest.raises(ValueError, match="CFFM only"):
+        torch_reference.from_config(model_config("cffmpp_b0"))
