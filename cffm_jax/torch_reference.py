@@ -168,10 +168,15 @@ def window_pool(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
 
 
 class WindowAttention(nn.Module):
+    """``WindowAttention3d3`` (SPEC 4.3 steps 3-5). The bias tables start at zero (speed does not depend on them);
+    real values come with :func:`load_official_state_dict`. The index buffers are recomputed, as the SPEC defines
+    them (the official state dict's copies load over them)."""
+
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
-        n_ring = 132
+        buffers = index_buffers()
+        n_ring = len(buffers["valid_ind_rolled"])
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.relative_position_bias_table = nn.Parameter(torch.zeros(169, heads))
@@ -180,7 +185,7 @@ class WindowAttention(nn.Module):
         self.relative_position_bias_table_to_windows_clips = nn.ParameterList(
             [nn.Parameter(torch.zeros(heads, (6 + kk) ** 2)) for kk in (7, 5, 3)]
         )
-        for name, value in index_buffers().items():
+        for name, value in buffers.items():
             self.register_buffer(name, torch.from_numpy(value))
 
     def bias(self) -> torch.Tensor:

@@ -9,18 +9,11 @@ import torch
 
 from cffm_jax import torch_reference
 from cffm_jax.models import model_config
+from cffm_jax.parity import config_from_meta
 
 
 def _fixture_model(arrays: dict[str, np.ndarray], meta: dict) -> torch_reference.CFFM:
-    backbone, head = meta["backbone"], meta["decode_head"]
-    config = model_config(
-        "cffm_b0",
-        embed_dims=backbone["embed_dims"],
-        depths=backbone["depths"],
-        decoder_embed_dim=head["embed_dim"],
-        decoder_depth=head["decoder_depth"],
-        num_classes=head["num_classes"],
-    )
+    config = config_from_meta(meta)
     model = torch_reference.from_config(config)
     state_dict = {k.removeprefix("state_dict/"): v for k, v in arrays.items() if k.startswith("state_dict/")}
     torch_reference.load_official_state_dict(model, state_dict)  # strict: every official name, nothing else
