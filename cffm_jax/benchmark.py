@@ -987,6 +987,10 @@ class Suite:
         return first, times["ours"], times["theirs"]
 
     def case_torch(self) -> None:
+        if self.backend != "cpu":  # PyTorch on the host's CPU against ours on an accelerator would judge nothing
+            reason = f"the PyTorch transcription runs on the CPU; this run's backend is {self.backend}"
+            self.add(Result("torch", self.label("CFFM vs PyTorch transcription"), extra={"skipped": reason}))
+            return
         try:
             import torch
 

@@ -276,3 +276,12 @@ def test_streaming_at_another_original_size(tmp_path):
     assert row["extra"]["original_size"] == [64, 90] and row["per_item_s"] > 0
     with pytest.raises(SystemExit):  # one original size per network size
         benchmark.main(["--tiny", "--sizes", "64x64,64x96", "--original-sizes", "64x60"])
+
+
+def test_torch_case_is_skipped_off_the_cpu():
+    """The PyTorch transcription runs on the host CPU: against our program on an accelerator it judges nothing."""
+    settings = benchmark.parse_args(["--tiny", "--cases", "torch"])[0]
+    suite = benchmark.Suite(settings, backend="gpu")
+    suite.case_torch()
+    (row,) = suite.results
+    assert row.case == "torch" and "runs on the CPU" in row.extra["skipped"] and row.median_s is None
