@@ -869,6 +869,8 @@ class Suite:
                 if r.ratio_vs_reference is not None:
                     r.target = "<= official"
                     r.target_met = _target_met("train", r.ratio_vs_reference)
+                if "torch" in self.s.cases and dtype == "float32":
+                    self._train_versus_transcription(config, frames, labels, run, compiled)
 
     def case_data(self) -> None:
         from cffm_jax.data import pipeline, synthetic
@@ -986,21 +988,30 @@ class Suite:
                 times[who].append(timed(fn))
         return first, times["ours"], times["theirs"]
 
-    def case_torch(self) -> None:
+    def _transcription(self, what: str) -> tuple[Any, Any] | None:
+        """(torch, cffm_jax.torch_reference) with torch's threads set as the peer's, or None after adding a skipped
+        row for ``what`` (off the CPU backend, or without torch)."""
         if self.backend != "cpu":  # PyTorch on the host's CPU against ours on an accelerator would judge nothing
             reason = f"the PyTorch transcription runs on the CPU; this run's backend is {self.backend}"
-            self.add(Result("torch", self.label("CFFM vs PyTorch transcription"), extra={"skipped": reason}))
-            return
-        try:
-            import torch
+        else:
+            try:
+                import torch
 
-            from cffm_jax import torch_reference
-        except ImportError as e:  # optional (the 'torch' / 'test' extras)
-            log.warning("torch case skipped: %s", e)
-            self.add(Result("torch", self.label("CFFM vs PyTorch transcription"), extra={"skipped": str(e)}))
+                from cffm_jax import torch_reference
+            except ImportError as e:  # optional (the 'torch' / 'test' extras)
+                reason = str(e)
+            else:
+                torch.set_num_threads(len(os.sched_getaffinity(0)))
+                return torch, torch_reference
+        log.warning("%s vs the PyTorch transcription skipped: %s", what, reason)
+        self.add(Result("torch", self.label(f"{what} vs PyTorch transcription"), extra={"skipped": reason}))
+        return None
+
+    def case_torch(self) -> None:
+        modules = self._transcription("CFFM clip")
+        if modules is None:
             return
-        threads = len(os.sched_getaffinity(0))
-        torch.set_num_threads(threads)
+        torch, torch_reference = modules
         for size in self.s.models:
             config = self.config("cffm", size)
             theirs_model = torch_reference.from_config(config)
@@ -1020,8 +1031,32 @@ class Suite:
                 r.set_times(ours_times)
                 description = "cffm_jax.torch_reference (PyTorch CPU, eval, no_grad)"
                 _record_versus(r, "transcription", description, theirs_times)
-                r.extra["torch_threads"] = threads
+                r.extra.update(compares="clip", torch_threads=torch.get_num_threads())
                 self._finish(r, compiled, mem, 4)
+
+    def _train_versus_transcription(
+        self, config, frames: np.ndarray, labels: np.ndarray, ours: Callable[[], Any], compiled: Any
+    ) -> None:
+        """Our training step against the transcription's (:func:`cffm_jax.torch_reference.make_train_step`) on the
+        same batch, interleaved rounds; a ``torch`` row."""
+        modules = self._transcription("CFFM training step")
+        if modules is None:
+            return
+        torch, torch_reference = modules
+        clips, hw = frames.shape[0], frames.shape[2:4]
+        label = f"CFFM-{_backbone(config.name).upper()} train step {clips}x4: ours / PyTorch transcription"
+        r = Result("torch", self.label(label), config.name, hw, "float32")
+        r.items_per_run, r.item = clips, "clip"
+        with HostMemory() as mem:
+            step = torch_reference.make_train_step(torch_reference.from_config(config))
+            x = torch.from_numpy(frames.transpose(0, 1, 4, 2, 3).copy())
+            y = torch.from_numpy(labels)
+            r.extra["transcription_first_run_s"], ours_times, theirs_times = self._interleaved(ours, lambda: step(x, y))
+        r.set_times(ours_times)
+        description = "cffm_jax.torch_reference.make_train_step (PyTorch CPU; AdamW, SPEC 9 groups)"
+        _record_versus(r, "transcription", description, theirs_times)
+        r.extra.update(compares="train", torch_threads=torch.get_num_threads())
+        self._finish(r, compiled, mem, 4 * clips)
 
     def run(self) -> None:
         # On an accelerator the peak is measured at the end only: its 8192^3 operands would otherwise set the
@@ -1039,29 +1074,33 @@ class Suite:
         self.compare_transcription()
 
     def compare_transcription(self) -> None:
-        """Our float32 CFFM clip and streaming rows against the PyTorch transcription timed in this run (``torch``
-        case; same model, size and machine).
+        """Our float32 CFFM clip, streaming and training-step rows against the PyTorch transcription timed in this
+        run (``torch`` rows; same model, size and machine).
 
-        Adds ``transcription_s`` (its median s per clip = per target frame), ``ratio_vs_transcription`` (clip:
-        ours / its time) or ``speedup_vs_transcription`` (streaming: its s per target / ours), and
-        ``target_met_vs_transcription``: the issue's clip and streaming targets with the transcription in place of
-        the official code, measured on this machine where the official figures come from another one.
+        Adds ``transcription_s`` (its median s per clip = per target frame, or per training step),
+        ``ratio_vs_transcription`` (clip and training step: ours / its time) or ``speedup_vs_transcription``
+        (streaming: its s per target / ours), and ``target_met_vs_transcription``: the issue's targets with the
+        transcription in place of the official code, measured on this machine where the official figures come from
+        another one. Training steps are compared at the same number of clips per step.
         """
         theirs = {
-            (r.model, r.size): r.extra["transcription_median_s"]
+            (r.extra.get("compares", "clip"), r.model, r.size, r.items_per_run): r.extra["transcription_median_s"]
             for r in self.results
             if r.case == "torch" and r.extra.get("transcription_median_s")
         }
         for r in self.results:
-            reference = theirs.get((r.model, r.size))
+            if r.case not in ("clip", "stream", "train") or r.dtype != "float32":
+                continue
+            what, items = ("train", r.items_per_run) if r.case == "train" else ("clip", 1)
+            reference = theirs.get((what, r.model, r.size, items))
             ours = r.per_item_s if r.case == "stream" else r.median_s
-            if r.case not in ("clip", "stream") or r.dtype != "float32" or reference is None or not ours:
+            if reference is None or not ours:
                 continue
             r.extra["transcription_s"] = reference
-            if r.case == "clip":
-                r.extra["ratio_vs_transcription"] = ours / reference
-            else:
+            if r.case == "stream":
                 r.extra["speedup_vs_transcription"] = reference / ours
+            else:
+                r.extra["ratio_vs_transcription"] = ours / reference
             r.extra["target_met_vs_transcription"] = _target_met(r.case, ours / reference)
 
     def scale_references(self) -> None:
@@ -1143,8 +1182,10 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
 def _rate(r: Result) -> str:
     if r.case == "mit" or r.case == "peer":
         return f"{_fmt(1e3 * r.per_item_s, '.1f')} ms/frame"
-    if r.case in ("clip", "torch"):
+    if r.case == "clip" or (r.case == "torch" and r.extra.get("compares") != "train"):
         return f"{_fmt(r.per_item_s)} s/target"
+    if r.case == "torch":
+        return f"{_fmt(r.median_s)} s/step"
     if r.case == "stream":
         return f"{_fmt(r.items_per_s, '.2f')} frames/s = {_fmt(r.per_item_s)} s/target"
     if r.case == "train":
@@ -1195,7 +1236,8 @@ def _vs(r: Result) -> str:
             speedup = r.extra["speedup_vs_transcription"]
             parts.append(f"{theirs}: {speedup:.2f}x its rate (>= {STREAM_TARGET:g}x: {verdict})")
         else:
-            parts.append(f"{theirs}: ours/it {r.extra['ratio_vs_transcription']:.2f} (<= {CLIP_TARGET:g}: {verdict})")
+            limit = CLIP_TARGET if r.case == "clip" else 1.0
+            parts.append(f"{theirs}: ours/it {r.extra['ratio_vs_transcription']:.2f} (<= {limit:g}: {verdict})")
     if "speedup_vs_clip_mode" in r.extra:
         parts.append(f"{r.extra['speedup_vs_clip_mode']:.2f}x our clip mode")
     if "ours_over_transcription" in r.extra:
@@ -1249,11 +1291,11 @@ def format_table(suite: Suite, machine: dict[str, Any]) -> str:
     ]
     for r in suite.results:
         size = "-" if r.size is None else f"{r.size[0]}x{r.size[1]}"
-        if r.case in ("mit", "peer"):
+        if r.size is None:
+            pass
+        elif r.case in ("mit", "peer"):
             size = f"4x{size}"
-        elif r.case in ("clip", "torch"):
-            size = f"1x4x{size}"
-        elif r.case == "train":
+        elif r.case in ("clip", "torch", "train"):
             size = f"{r.items_per_run}x4x{size}"
         elif r.case == "stream":
             size = f"{r.items_per_run}x{size}"

@@ -98,30 +98,40 @@ class MixFFN(nn.Module):
         return self.fc2(F.gelu(self.dwconv(self.fc1(x), h, w)))
 
 
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: in training, each sample's residual branch is dropped with probability ``rate``."""
+    if not training or rate == 0.0:
+        return x
+    keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1.0 - rate)
+    return x * keep / (1.0 - rate)
+
+
 class MiTBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, sr_ratio: int, mlp_ratio: int):
+    def __init__(self, dim: int, heads: int, sr_ratio: int, mlp_ratio: int, drop_path_rate: float = 0.0):
         super().__init__()
+        self.drop_path_rate = drop_path_rate
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = EfficientAttention(dim, heads, sr_ratio)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MixFFN(dim, dim * mlp_ratio)
 
     def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), h, w)
-        return x + self.mlp(self.norm2(x), h, w)
+        x = x + drop_path(self.attn(self.norm1(x), h, w), self.drop_path_rate, self.training)
+        return x + drop_path(self.mlp(self.norm2(x), h, w), self.drop_path_rate, self.training)
 
 
 class MixTransformer(nn.Module):
     """Stages ``patch_embed{s}`` / ``block{s}`` / ``norm{s}``; returns the four NCHW stage outputs."""
 
-    def __init__(self, embed_dims, num_heads, depths, sr_ratios, mlp_ratios):
+    def __init__(self, embed_dims, num_heads, depths, sr_ratios, mlp_ratios, drop_path_rate: float = 0.1):
         super().__init__()
         in_channels = 3
+        rates = np.linspace(0.0, drop_path_rate, sum(depths)).tolist()  # over all blocks in order (SPEC 3)
         for s in range(4):
             kernel, stride = (7, 4) if s == 0 else (3, 2)
             dim = embed_dims[s]
             setattr(self, f"patch_embed{s + 1}", OverlapPatchEmbed(in_channels, dim, kernel, stride))
-            blocks = [MiTBlock(dim, num_heads[s], sr_ratios[s], mlp_ratios[s]) for _ in range(depths[s])]
+            blocks = [MiTBlock(dim, num_heads[s], sr_ratios[s], mlp_ratios[s], rates.pop(0)) for _ in range(depths[s])]
             setattr(self, f"block{s + 1}", nn.ModuleList(blocks))
             setattr(self, f"norm{s + 1}", nn.LayerNorm(dim, eps=1e-6))
             in_channels = dim
@@ -313,9 +323,11 @@ class CFFMHead(nn.Module):
         self.linear_pred = nn.Conv2d(dim, num_classes, 1)
         self.linear_pred2 = nn.Conv2d(2 * dim, num_classes, 1)
         self.decoder_focal = DecoderFocal(dim, depth, heads)
+        self.dropout = nn.Dropout2d(0.1)  # one module before both classifiers (identity in eval)
 
     def forward(self, feats: Sequence[torch.Tensor], batch: int, num_frames: int) -> torch.Tensor:
-        """Stage outputs of all B*T frames -> the target's 1/4-resolution logits (B, K, h, w)."""
+        """Stage outputs of all B*T frames -> in eval the target's 1/4-resolution logits (B, K, h, w); in training
+        the per-frame logits and the target's, (B, T + 1, K, h, w)."""
         h, w = feats[0].shape[-2:]
         parts = []
         for s in (4, 3, 2, 1):
@@ -325,21 +337,27 @@ class CFFMHead(nn.Module):
                 x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
             parts.append(x)
         fused = self.linear_fuse(torch.cat(parts, dim=1))
-        self.linear_pred(fused)  # the per-frame logits of every frame, which the official eval forward computes
+        x = self.linear_pred(self.dropout(fused))  # every frame's logits (the official eval forward computes them too)
         h8, w8 = int(h / 2), int(w / 2)
         f = F.interpolate(fused, size=(h8, w8), mode="bilinear", align_corners=False)
         f = f.reshape(batch, num_frames, -1, h8, w8)
         g = self.decoder_focal(f)
-        x2 = self.linear_pred2(torch.cat([f[:, -1], g[:, -1]], dim=1))
-        return F.interpolate(x2, size=(h, w), mode="bilinear", align_corners=False)
+        x2 = self.linear_pred2(self.dropout(torch.cat([f[:, -1], g[:, -1]], dim=1)))
+        x2 = F.interpolate(x2, size=(h, w), mode="bilinear", align_corners=False)
+        if not self.training:
+            return x2
+        return torch.cat([x.reshape(batch, num_frames, *x.shape[1:]), x2[:, None]], dim=1)
 
 
 class CFFM(nn.Module):
-    """``backbone`` + ``decode_head``; ``forward(clip (B, T, 3, H, W))`` -> target logits (B, K, H/4, W/4)."""
+    """``backbone`` + ``decode_head``; ``forward(clip (B, T, 3, H, W))`` -> in eval the target's logits
+    (B, K, H/4, W/4), in training (``.train()``) all T + 1 logit maps (B, T + 1, K, H/4, W/4)."""
 
-    def __init__(self, embed_dims, num_heads, depths, sr_ratios, mlp_ratios, dim, depth, heads, num_classes):
+    def __init__(
+        self, embed_dims, num_heads, depths, sr_ratios, mlp_ratios, dim, depth, heads, num_classes, drop_path_rate=0.1
+    ):
         super().__init__()
-        self.backbone = MixTransformer(embed_dims, num_heads, depths, sr_ratios, mlp_ratios)
+        self.backbone = MixTransformer(embed_dims, num_heads, depths, sr_ratios, mlp_ratios, drop_path_rate)
         self.decode_head = CFFMHead(embed_dims, dim, depth, heads, num_classes)
 
     def forward(self, clip: torch.Tensor) -> torch.Tensor:
@@ -361,6 +379,7 @@ def from_config(config) -> CFFM:
         config.decoder_depth,
         config.decoder_num_heads,
         config.num_classes,
+        config.drop_path_rate,
     ).eval()
 
 
@@ -368,3 +387,58 @@ def load_official_state_dict(model: CFFM, state_dict: Mapping[str, np.ndarray]) 
     """Loads an official CFFM state dict (numpy arrays) with ``strict=True``; the unused ``conv_seg`` is dropped."""
     tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items() if ".conv_seg." not in k}
     model.load_state_dict(tensors, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training (SPEC 8-9).
+
+
+def seg_loss(outputs: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """``loss_seg`` of SPEC 8: training outputs (B, T + 1, K, h, w), labels (B, T, H, W) (integer).
+
+    0.5 x the cross entropy of the T per-frame maps against all T labels + 1.0 x that of the target map against the
+    last frame's labels, each map bilinearly resized to the label size; each mean over all pixels, ignored ones
+    included (they add 0).
+    """
+    b, t = labels.shape[:2]
+    size = labels.shape[-2:]
+
+    def ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum") / target.numel()
+
+    frames = ce(outputs[:, :t].flatten(0, 1), labels.flatten(0, 1).long())
+    return 0.5 * frames + ce(outputs[:, t], labels[:, -1].long())
+
+
+def official_param_groups(model: CFFM, base_lr: float, weight_decay: float, head_lr_mult: float) -> list[dict]:
+    """AdamW parameter groups of SPEC 9: ``decode_head.*`` at ``head_lr_mult`` x the learning rate with full weight
+    decay; backbone parameters whose name contains 'norm' without weight decay; the rest as given."""
+    groups = {"head": [], "norm": [], "other": []}
+    for name, param in model.named_parameters():
+        key = "head" if "head" in name else "norm" if "norm" in name else "other"
+        groups[key].append(param)
+    return [
+        {"params": groups["head"], "lr": base_lr * head_lr_mult, "weight_decay": weight_decay},
+        {"params": groups["norm"], "lr": base_lr, "weight_decay": 0.0},
+        {"params": groups["other"], "lr": base_lr, "weight_decay": weight_decay},
+    ]
+
+
+def make_train_step(model: CFFM, base_lr: float = 6e-5, weight_decay: float = 0.01, head_lr_mult: float = 10.0):
+    """One official training step as a function ``step(clips (B, T, 3, H, W), labels (B, T, H, W)) -> loss``:
+    forward in training mode (dropout, drop-path, BatchNorm batch statistics), ``seg_loss``, backward, AdamW
+    (betas (0.9, 0.999), eps 1e-8) over :func:`official_param_groups`. The poly schedule's learning rate does not
+    change the work of a step and is left out. The model is left in training mode."""
+    groups = official_param_groups(model, base_lr, weight_decay, head_lr_mult)
+    optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+
+    def step(clips: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        loss = seg_loss(model(clips), labels)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return step

@@ -91,8 +91,10 @@ def test_json_has_machine_info_and_every_case(report):
     if not peer["extra"].get("skipped"):
         assert peer["extra"]["ours_over_theirs"] > 0 and len(peer["extra"]["peer_times_s"]) == 2
         assert peer["extra"]["ours_over_theirs_cpu"] > 0
-    (transcription,) = by_case["torch"]
-    if not transcription["extra"].get("skipped"):
+    torch_rows = {r["extra"].get("compares"): r for r in by_case["torch"]}
+    if not any(r["extra"].get("skipped") for r in by_case["torch"]):
+        assert sorted(torch_rows) == ["clip", "train"]  # clip forward (torch case) and training step (train case)
+        transcription = torch_rows["clip"]
         assert transcription["model"] == "cffm_b0" and transcription["flops"] == by_case["clip"][0]["flops"]
         theirs = transcription["extra"]["transcription_median_s"]
         assert theirs > 0 and len(transcription["extra"]["transcription_times_s"]) == 2
@@ -104,6 +106,12 @@ def test_json_has_machine_info_and_every_case(report):
         assert "transcription_s" not in clip_cffmpp["extra"]
         assert stream["extra"]["speedup_vs_transcription"] == pytest.approx(theirs / stream["per_item_s"])
         assert stream["extra"]["target_met_vs_transcription"] in (True, False)
+        # the training step: ours and the transcription's on the same batch
+        train_vs = torch_rows["train"]
+        assert train_vs["flops"] == train["flops"] and len(train_vs["extra"]["transcription_times_s"]) == 2
+        theirs_step = train_vs["extra"]["transcription_median_s"]
+        assert train["extra"]["ratio_vs_transcription"] == pytest.approx(train["median_s"] / theirs_step)
+        assert train["extra"]["target_met_vs_transcription"] == (train["median_s"] <= theirs_step)
     # tiny runs are not compared with the official figures (those are for the real models at 480x480)
     assert all(r["reference_s"] is None and r["target_met"] is None for r in results)
 

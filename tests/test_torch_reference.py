@@ -3,6 +3,8 @@ loads the official state dict by its names and reproduces the official fixture's
 
 from __future__ import annotations
 
+import pathlib
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,8 @@ import torch
 from cffm_jax import torch_reference
 from cffm_jax.models import model_config
 from cffm_jax.parity import config_from_meta
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
 
 def _fixture_model(arrays: dict[str, np.ndarray], meta: dict) -> torch_reference.CFFM:
@@ -56,3 +60,41 @@ def test_state_dict_errors_name_the_keys(cffm_tiny):
 def test_only_cffm_is_transcribed():
     with pytest.raises(ValueError, match="CFFM only"):
         torch_reference.from_config(model_config("cffmpp_b0"))
+
+
+def test_loss_reproduces_the_official_fixture():
+    with np.load(FIXTURES / "loss_tiny.npz") as data:
+        logits, labels = torch.from_numpy(data["input/seg_logit"]), torch.from_numpy(data["input/seg_label"])
+        expected = float(data["output/loss_seg"])
+    loss = torch_reference.seg_loss(logits, labels[:, :, 0])
+    assert float(loss) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_training_output_and_step(cffm_tiny):
+    arrays, meta = cffm_tiny
+    model = _fixture_model(arrays, meta)
+    clip = torch.from_numpy(arrays["input/clip"])
+    # Training mode with the random parts off and the stored BatchNorm statistics: the T + 1 maps are the
+    # official per-frame logits and the target's logits.
+    model.train()
+    model.backbone.apply(lambda m: setattr(m, "drop_path_rate", 0.0) if hasattr(m, "drop_path_rate") else None)
+    model.decode_head.dropout.p = 0.0
+    model.decode_head.linear_fuse.bn.eval()
+    with torch.no_grad():
+        out = model(clip).numpy()
+    assert out.shape == (2, 5, 7, 16, 32)
+    np.testing.assert_allclose(out[:, :4], arrays["output/head_perframe_logits"], atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(out[:, 4], arrays["output/head_logits"], atol=2e-5, rtol=1e-5)
+
+    torch.manual_seed(0)  # dropout and drop-path
+    model = _fixture_model(arrays, meta)
+    step = torch_reference.make_train_step(model)
+    labels = torch.from_numpy(np.random.default_rng(0).integers(0, 7, (2, 4, 64, 128)))
+    labels[:, :, :8] = 255
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    losses = [float(step(clip, labels)) for _ in range(3)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    changed = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
+    assert "decode_head.linear_pred2.weight" in changed and "backbone.patch_embed1.proj.weight" in changed
+    # gradients reach the cross-frame attention's bias tables too
+    assert "decode_head.decoder_focal.blocks.0.attn.relative_position_bias_table_to_windows.0" in changed
