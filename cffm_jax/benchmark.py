@@ -35,7 +35,9 @@ Project issue 8 (performance); the protocols timed are those of SPEC.md sections
   fixture's logits), same model, input and threads as ``peer``, interleaved rounds. Reported as ours / its time;
   our float32 CFFM clip and streaming rows of the same model and size also get the issue's targets judged against
   it (:meth:`Suite.compare_transcription`): a measurement on this machine, where the official figures are from
-  another machine and their peer-scaled estimate is only an estimate.
+  another machine and their peer-scaled estimate is only an estimate. With ``train`` also selected, the training
+  case times the transcription's training step (:func:`cffm_jax.torch_reference.make_train_step`) against ours on
+  the same batch (a second ``torch`` row per model) and judges ours against it.
 * ``peer``: Hugging Face ``transformers`` ``SegformerModel`` (the same MiT in PyTorch, CPU, eval,
   ``no_grad``, ``torch.set_num_threads`` = the cores available to this process, which is what XLA's CPU
   thread pool uses) against our MiT at the same input; rounds are interleaved (ours, theirs, theirs, ours,
