@@ -1439,12 +1439,28 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, str | None, str | None]:
     parser = argparse.ArgumentParser(
         prog="python -m cffm_jax.benchmark",
         description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],  # the cases, figures and references
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--cases", type=lambda v: _list(v, CASES, "case"), default=CASES)
-    parser.add_argument("--models", type=lambda v: _list(v, tuple(f"b{i}" for i in range(6)), "model"), default=("b0",))
+    parser.add_argument(
+        "--cases",
+        type=lambda v: _list(v, CASES, "case"),
+        default=CASES,
+        help=f"comma-separated, run in this order: {','.join(CASES)} (default: all; described below)",
+    )
+    parser.add_argument(
+        "--models",
+        type=lambda v: _list(v, tuple(f"b{i}" for i in range(6)), "model"),
+        default=("b0",),
+        help="comma-separated backbone sizes b0..b5 (default b0)",
+    )
     parser.add_argument("--sizes", type=_sizes, default=None, help="HxW network inputs (default 480x480,480x864)")
-    parser.add_argument("--dtype", type=lambda v: _list(v, DTYPES, "dtype"), default=("float32",))
+    parser.add_argument(
+        "--dtype",
+        type=lambda v: _list(v, DTYPES, "dtype"),
+        default=("float32",),
+        help=f"comma-separated compute dtypes: {','.join(DTYPES)} (default float32)",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 3; tiny 2)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs after compilation")
     parser.add_argument("--frames", type=int, default=None, help="frames of the streaming video (30; tiny 12)")
