@@ -86,7 +86,7 @@ peak that each scaled figure implies as a plausibility check. The ``torch`` case
 times the official computation in PyTorch (:mod:`cffm_jax.torch_reference`) on the machine itself, and the CFFM
 clip, streaming and training-step rows get the same targets judged against it (``target_met_vs_transcription``).
 The estimate can be far off: on a 2-core Zen 4 it had the official CFFM-B1 clip at 0.74-1.0 s, the transcription
-took 1.23-1.39 s (BENCHMARKS.md).
+took 1.02-1.39 s (BENCHMARKS.md).
 
 Float32 precision: the models' ``matmul_precision`` (``--matmul-precision``, default 'highest', the official
 float32 numbers; not applied on XLA:CPU, see ``cffm_jax.models.layers.matmul_precision_scope``); 'default' lets
