@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import FIXTURES
+from conftest import FIXTURES, fixture_state_dict
 
 from cffm_jax.convert import convert_state_dict
 from cffm_jax.models import build_model, effective_matmul_precision, model_config, trainable_mask
@@ -199,7 +199,7 @@ def test_unknown_model_name_and_field():
 def tiny_model(cffm_tiny):
     arrays, meta = cffm_tiny
     cfg = config_from_meta(meta)
-    sd = {k[len("state_dict/") :]: v for k, v in arrays.items() if k.startswith("state_dict/")}
+    sd = fixture_state_dict(arrays)
     return build_model(cfg), convert_state_dict(sd, cfg), cfg, jnp.asarray(np.moveaxis(arrays["input/clip"], 2, -1))
 
 
@@ -366,7 +366,7 @@ def test_effective_matmul_precision():
 def tiny_cffmpp(cffmpp_tiny):
     arrays, meta = cffmpp_tiny
     cfg = config_from_meta(meta)
-    sd = {k[len("state_dict/") :]: v for k, v in arrays.items() if k.startswith("state_dict/")}
+    sd = fixture_state_dict(arrays)
     clip = jnp.asarray(np.moveaxis(arrays["input/clip"], 2, -1))
     return build_model(cfg), convert_state_dict(sd, cfg), cfg, clip, jnp.asarray(arrays["input/prototypes"])
 

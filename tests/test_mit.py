@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import run_on_fake_devices
+from conftest import fixture_state_dict, run_on_fake_devices
 
 from cffm_jax.convert import convert_state_dict, load_state_dict
 from cffm_jax.models import build_model, model_config
@@ -61,7 +61,7 @@ def test_parity_with_official_stages(cffm_tiny):
         sr_ratios=bb["sr_ratios"],
         mlp_ratios=bb["mlp_ratios"],
     )
-    sd = {k[len("state_dict/") :]: v for k, v in arrays.items() if k.startswith("state_dict/")}
+    sd = fixture_state_dict(arrays)
     variables = convert_state_dict(sd, cfg)  # backbone.* consumed, decode_head.* ignored
     clip = arrays["input/clip"]  # (B, T, 3, H, W)
     b, t = clip.shape[:2]

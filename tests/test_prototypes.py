@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from conftest import load_fixture
+from conftest import fixture_state_dict, load_fixture
 
 from cffm_jax import prototypes
 from cffm_jax.checkpoint import CheckpointError, save_variables
@@ -38,7 +38,7 @@ VIDEOS = ("000_syn_train", "001_syn_val", "002_syn_test")
 def _tiny(fixture):
     arrays, meta = fixture
     cfg = config_from_meta(meta)
-    sd = {k[len("state_dict/") :]: v for k, v in arrays.items() if k.startswith("state_dict/")}
+    sd = fixture_state_dict(arrays)
     return cfg, convert_state_dict(sd, cfg)
 
 

@@ -15,7 +15,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from conftest import load_fixture, run_on_fake_devices
+from conftest import fixture_state_dict, load_fixture, run_on_fake_devices
 
 from cffm_jax import xla_options
 from cffm_jax.convert import convert_state_dict
@@ -47,7 +47,7 @@ def tiny_model(name: str):
     """(config, variables) of the tiny CFFM ('cffm_tiny.npz') or CFFM++ ('cffmpp_tiny.npz') fixture."""
     arrays, meta = load_fixture(name)
     config = config_from_meta(meta)
-    state = {k[len("state_dict/") :]: v for k, v in arrays.items() if k.startswith("state_dict/")}
+    state = fixture_state_dict(arrays)
     return config, convert_state_dict(state, config)
 
 

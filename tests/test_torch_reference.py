@@ -3,24 +3,21 @@ loads the official state dict by its names and reproduces the official fixture's
 
 from __future__ import annotations
 
-import pathlib
-
 import numpy as np
 import pytest
 import torch
+from conftest import fixture_state_dict, load_fixture
 
 from cffm_jax import torch_reference
 from cffm_jax.models import model_config
 from cffm_jax.parity import config_from_meta
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures"
-
 
 def _fixture_model(arrays: dict[str, np.ndarray], meta: dict) -> torch_reference.CFFM:
     config = config_from_meta(meta)
     model = torch_reference.from_config(config)
-    state_dict = {k.removeprefix("state_dict/"): v for k, v in arrays.items() if k.startswith("state_dict/")}
-    torch_reference.load_official_state_dict(model, state_dict)  # strict: every official name, nothing else
+    # strict: every official name, nothing else
+    torch_reference.load_official_state_dict(model, fixture_state_dict(arrays))
     return model
 
 
@@ -51,7 +48,7 @@ def test_transcription_depends_on_every_reference_frame(cffm_tiny):
 def test_state_dict_errors_name_the_keys(cffm_tiny):
     arrays, meta = cffm_tiny
     model = _fixture_model(arrays, meta)
-    state_dict = {k.removeprefix("state_dict/"): v for k, v in arrays.items() if k.startswith("state_dict/")}
+    state_dict = fixture_state_dict(arrays)
     del state_dict["decode_head.linear_pred2.bias"]
     with pytest.raises(RuntimeError, match="decode_head.linear_pred2.bias"):
         torch_reference.load_official_state_dict(model, state_dict)
@@ -63,9 +60,9 @@ def test_only_cffm_is_transcribed():
 
 
 def test_loss_reproduces_the_official_fixture():
-    with np.load(FIXTURES / "loss_tiny.npz") as data:
-        logits, labels = torch.from_numpy(data["input/seg_logit"]), torch.from_numpy(data["input/seg_label"])
-        expected = float(data["output/loss_seg"])
+    data, _ = load_fixture("loss_tiny.npz")
+    logits, labels = torch.from_numpy(data["input/seg_logit"]), torch.from_numpy(data["input/seg_label"])
+    expected = float(data["output/loss_seg"])
     loss = torch_reference.seg_loss(logits, labels[:, :, 0])
     assert float(loss) == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
