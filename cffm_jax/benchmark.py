@@ -3,7 +3,7 @@ r"""Benchmark suite: speed, FLOPs, memory and compile counts of the model, infer
     python -m cffm_jax.benchmark [--cases mit,clip,stream,peer,torch,train,data,kmeans] [--models b0,b1]
         [--sizes 480x480,480x864] [--dtype float32,bfloat16] [--repeats N] [--warmup N]
         [--frames N] [--stream-batch N] [--original-sizes HxW,...] [--train-batch N] [--matmul-precision P]
-        [--matmul-n N] [--json OUT.json] [--tiny]
+        [--matmul-n N] [--profile] [--json OUT.json] [--tiny]
 
 Project issue 8 (performance); the protocols timed are those of SPEC.md sections 3-7 (model), 6 (k-means),
 8-9 (training step) and 10 (data, test protocol). Cases (``--cases``):
@@ -88,6 +88,13 @@ clip, streaming and training-step rows get the same targets judged against it (`
 The estimate can be far off: on a 2-core Zen 4 it had the official CFFM-B1 clip at 0.74-1.0 s, the transcription
 took 1.02-1.39 s (BENCHMARKS.md).
 
+Where the time goes (``--profile``): the MiT, clip and training rows run once more under ``jax.profiler`` and
+:mod:`cffm_jax.op_profile` matches every executed XLA operation with the compiled program: time and matrix-product
+GFLOP per kind of operation (products, elementwise, reductions, gathers, data movement), per part of the model
+(Flax module path, backward pass apart) and the slowest operations, under ``profile`` in the row's ``extra``. The
+products' GFLOP/s over the matmul peak is the achieved fraction of the heavy operations themselves
+(``products_peak_fraction``), next to the whole program's.
+
 Float32 precision: the models' ``matmul_precision`` (``--matmul-precision``, default 'highest', the official
 float32 numbers; not applied on XLA:CPU, see ``cffm_jax.models.layers.matmul_precision_scope``); 'default' lets
 XLA choose (TF32 on GPUs). The float32 peak-measuring matmul runs at the same precision.
@@ -126,7 +133,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from cffm_jax import host_memory, xla_options
+from cffm_jax import host_memory, op_profile, xla_options
 from cffm_jax.models import build_model, example_inputs, model_config, trainable_mask
 from cffm_jax.models.layers import MATMUL_PRECISIONS, matmul_precision_scope
 
@@ -185,6 +192,7 @@ class Settings:
     stream_batch: int | None = None  # frames per streaming chunk (None: streaming.default_batch_size)
     original_sizes: tuple[tuple[int, int], ...] | None = None  # streaming: the frames' size for each of sizes
     train_batch: int = 1  # clips per training step
+    profile: bool = False  # --profile: one more run of the mit, clip and train rows under the profiler
 
     def model_overrides(self, arch: str) -> dict[str, Any]:
         """Config overrides of the tiny model (empty for the real ones)."""
@@ -499,6 +507,11 @@ class Suite:
         options = {**(xla_options.compiler_options(kind) or {}), **(TINY_COMPILE if self.s.tiny else {})}
         return aot_compile(fn, *args, compiler_options=options or None, **jit_kwargs)
 
+    def _profile(self, r: Result, run: Callable[[], Any], executables: Sequence[Any]) -> None:
+        """With ``--profile``: ``r.extra['profile']``, :func:`cffm_jax.op_profile.profile` of one more run."""
+        if self.s.profile:
+            r.extra["profile"] = op_profile.profile(run, executables)
+
     def label(self, name: str) -> str:
         return f"{name} (tiny)" if self.s.tiny else name
 
@@ -604,6 +617,9 @@ class Suite:
             judged = r.cpu_peak_fraction if self.backend == "cpu" else r.peak_fraction
             if r.case in HEAVY_CASES and judged is not None:
                 r.peak_target_met = judged >= PEAK_TARGET
+            products = r.extra.get("profile", {}).get("categories", {}).get("products", {})
+            if products.get("gflops_per_s"):
+                r.extra["profile"]["products_peak_fraction"] = products["gflops_per_s"] / peak["gflops_per_s"]
 
     # --- cases ---------------------------------------------------------------------------------------------
 
@@ -636,6 +652,7 @@ class Suite:
                             self.s.warmup,
                         )
                     r.set_times(times)
+                    self._profile(r, lambda c=compiled, a=args: c(*a), (compiled,))
                     self._finish(r, compiled, mem, 4, ("mit", name))
 
     def clip_executable(self, arch: str, size: str, hw: tuple[int, int], dtype: str) -> tuple[Callable, tuple, float]:
@@ -685,6 +702,7 @@ class Suite:
                             run, compiled, r.compile_s = self.clip_executable(arch, size, hw, dtype)
                             r.first_run_s, times = time_runs(run, self.s.repeats, self.s.warmup)
                         r.set_times(times)
+                        self._profile(r, run, compiled)
                         flops = self._finish(r, compiled, mem, 4, ("clip", name))
                         r.extra["encode_flops"], r.extra["decode_flops"] = flops
                         if r.ratio_vs_reference is not None:
@@ -866,6 +884,7 @@ class Suite:
                     r.first_run_s, times = time_runs(run, self.s.repeats, self.s.warmup)
                     r.extra["loss"] = float(run()["loss"])
                 r.set_times(times)
+                self._profile(r, run, (compiled,))
                 r.extra["step_fn"] = "cffm_jax.train.train_step (AdamW, SPEC 9 groups), donated state"
                 self._finish(r, compiled, mem, 4 * clips, ("train", config.name) if clips == 1 else None)
                 if r.ratio_vs_reference is not None:
@@ -1334,6 +1353,7 @@ def format_table(suite: Suite, machine: dict[str, Any]) -> str:
             "the official code does it (it reproduces the official fixture), timed here, interleaved with ours, at "
             "the same threads; the verdicts against it apply the issue's targets to this machine."
         )
+    lines += [line for r in suite.results if "profile" in r.extra for line in _profile_lines(r)]
     for c in suite.compile_counts:
         videos = ", ".join(
             f"{h}x{w}" + ("" if [h, w] == original else f" to {original[0]}x{original[1]}")
@@ -1352,6 +1372,30 @@ def format_table(suite: Suite, machine: dict[str, Any]) -> str:
             f"({seconds}): {c['compiles_by_function']}; jitted cache growth: {growth}"
         )
     return "\n".join(lines)
+
+
+def _profile_lines(r: Result, parts: int = 8) -> list[str]:
+    """``--profile``'s breakdown of one row, for the report."""
+    p = r.extra["profile"]
+    size = "" if r.size is None else f", {r.size[0]}x{r.size[1]}"
+
+    def share(v: dict[str, Any]) -> str:
+        rate = f", {v['gflops_per_s']:.1f} GFLOP/s" if v.get("gflops_per_s") else ""
+        return f"{100 * (v['share'] or 0):.0f}% ({1e3 * v['s']:.0f} ms{rate})"
+
+    kinds = [(name, v) for name, v in p["categories"].items() if v["s"] > 0]
+    kinds.sort(key=lambda kv: -kv[1]["s"])
+    fraction = p.get("products_peak_fraction")
+    lines = [
+        f"\nwhere the time goes, {r.name}{size} {r.dtype} (--profile: one run, {p['wall_s']:.3f} s wall, "
+        f"{p['busy_s']:.3f} s with operations in flight, {p['operations']} operations)",
+        "- by kind: " + "; ".join(f"{name} {share(v)}" for name, v in kinds),
+        f"- matrix products at {_percent(fraction)}% of the matmul peak (wall)" if fraction is not None else "",
+        "- by model part: " + "; ".join(f"{v['scope']} {share(v)}" for v in p["scopes"][:parts]),
+        "- slowest operations: "
+        + "; ".join(f"{v['op']} ({v['category']}, {v['scope']}) {1e3 * v['s']:.1f} ms" for v in p["top"][:parts]),
+    ]
+    return [line for line in lines if line]
 
 
 def _precision(suite: Suite) -> str:
@@ -1488,6 +1532,12 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, str | None, str | None]:
         default="highest",
         help="the float32 models' matmul precision (model config; 'default' = XLA's: TF32 on GPUs)",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="run the mit, clip and train rows once more under jax.profiler: time per kind of operation, per part "
+        "of the model, the slowest operations, and the matrix products' fraction of the peak",
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny model and sizes (seconds; for tests)")
     parser.add_argument("--report", help="print the table of a saved --json file instead of running")
     parser.add_argument(
@@ -1525,6 +1575,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, str | None, str | None]:
         stream_batch=args.stream_batch,
         original_sizes=args.original_sizes,
         train_batch=args.train_batch,
+        profile=args.profile,
     )
     return settings, args.json, args.report
 
