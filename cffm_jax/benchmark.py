@@ -93,7 +93,8 @@ Where the time goes (``--profile``): the MiT, clip and training rows run once mo
 GFLOP per kind of operation (products, elementwise, reductions, gathers, data movement), per part of the model
 (Flax module path, backward pass apart) and the slowest operations, under ``profile`` in the row's ``extra``. The
 products' GFLOP/s over the matmul peak is the achieved fraction of the heavy operations themselves
-(``products_peak_fraction``), next to the whole program's.
+(``products_peak_fraction``), next to the whole program's. Each operation's time is its median over 3 profiled
+runs.
 
 Float32 precision: the models' ``matmul_precision`` (``--matmul-precision``, default 'highest', the official
 float32 numbers; not applied on XLA:CPU, see ``cffm_jax.models.layers.matmul_precision_scope``); 'default' lets
@@ -192,7 +193,7 @@ class Settings:
     stream_batch: int | None = None  # frames per streaming chunk (None: streaming.default_batch_size)
     original_sizes: tuple[tuple[int, int], ...] | None = None  # streaming: the frames' size for each of sizes
     train_batch: int = 1  # clips per training step
-    profile: bool = False  # --profile: one more run of the mit, clip and train rows under the profiler
+    profile: bool = False  # --profile: 3 more runs of the mit, clip and train rows under the profiler
 
     def model_overrides(self, arch: str) -> dict[str, Any]:
         """Config overrides of the tiny model (empty for the real ones)."""
@@ -508,7 +509,7 @@ class Suite:
         return aot_compile(fn, *args, compiler_options=options or None, **jit_kwargs)
 
     def _profile(self, r: Result, run: Callable[[], Any], executables: Sequence[Any]) -> None:
-        """With ``--profile``: ``r.extra['profile']``, :func:`cffm_jax.op_profile.profile` of one more run."""
+        """With ``--profile``: ``r.extra['profile']``, :func:`cffm_jax.op_profile.profile` of 3 more runs."""
         if self.s.profile:
             r.extra["profile"] = op_profile.profile(run, executables)
 
@@ -1387,8 +1388,8 @@ def _profile_lines(r: Result, parts: int = 8) -> list[str]:
     kinds.sort(key=lambda kv: -kv[1]["s"])
     fraction = p.get("products_peak_fraction")
     lines = [
-        f"\nwhere the time goes, {r.name}{size} {r.dtype} (--profile: one run, {p['wall_s']:.3f} s wall, "
-        f"{p['busy_s']:.3f} s with operations in flight, {p['operations']} operations)",
+        f"\nwhere the time goes, {r.name}{size} {r.dtype} (--profile: median of {p['runs']} runs, {p['wall_s']:.3f} s "
+        f"wall, {p['busy_s']:.3f} s with operations in flight, {p['operations']} operations)",
         "- by kind: " + "; ".join(f"{name} {share(v)}" for name, v in kinds),
         f"- matrix products at {_percent(fraction)}% of the matmul peak (wall)" if fraction is not None else "",
         "- by model part: " + "; ".join(f"{v['scope']} {share(v)}" for v in p["scopes"][:parts]),
@@ -1535,7 +1536,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, str | None, str | None]:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="run the mit, clip and train rows once more under jax.profiler: time per kind of operation, per part "
+        help="run the mit, clip and train rows 3 more times under jax.profiler: time per kind of operation, per part "
         "of the model, the slowest operations, and the matrix products' fraction of the peak",
     )
     parser.add_argument("--tiny", action="store_true", help="tiny model and sizes (seconds; for tests)")

@@ -25,6 +25,7 @@ import dataclasses
 import glob
 import math
 import re
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -328,28 +329,34 @@ def _rate(flops: float, seconds: float) -> float | None:
 
 def summarize(
     programs: Sequence[Program],
-    events: Iterable[tuple[str, str, int, int]],
-    wall_s: float,
+    traces: Sequence[tuple[Iterable[tuple[str, str, int, int]], float]],
     top: int = 15,
     depth: int = 2,
 ) -> dict[str, Any]:
-    """Per-operation trace events of ``programs`` -> the JSON-ready breakdown (see :func:`profile`)."""
+    """Traces of runs of ``programs`` (:func:`trace_events`' results) -> the JSON-ready breakdown (see
+    :func:`profile`); an operation's time is its median over the runs."""
     by_module = {p.module: p for p in programs}
-    runs: dict[tuple[str, str], int] = collections.Counter()
-    intervals = []
-    for module, op, begin, end in events:
-        program = by_module.get(module)
-        if program is None or program.operation(op, depth) is None:  # another program, control flow
-            continue
-        runs[(module, op)] += 1
-        intervals.append(((module, op), begin, end))
-    seconds, busy = attribute(intervals)
+    runs: dict[tuple[str, str], int] = {}
+    per_run: list[dict[tuple[str, str], float]] = []
+    for events, _ in traces:
+        counts: dict[tuple[str, str], int] = collections.Counter()
+        intervals = []
+        for module, op, begin, end in events:
+            program = by_module.get(module)
+            if program is None or program.operation(op, depth) is None:  # another program, control flow
+                continue
+            counts[(module, op)] += 1
+            intervals.append(((module, op), begin, end))
+        runs = {**counts, **runs}  # executions per run: the first trace's
+        per_run.append(attribute(intervals)[0])
+    seconds = {key: statistics.median(shares.get(key, 0.0) for shares in per_run) for key in runs}
+    busy = sum(seconds.values())
     categories = {c: {"s": 0.0, "gflop": 0.0} for c in CATEGORIES}
     scopes: dict[str, dict[str, float]] = collections.defaultdict(lambda: {"s": 0.0, "gflop": 0.0})
     rows = []
     for (module, op), n in runs.items():
         operation = by_module[module].operation(op, depth)
-        gflop, s = operation.flops * n / 1e9, seconds.get((module, op), 0.0)
+        gflop, s = operation.flops * n / 1e9, seconds[(module, op)]
         scope = operation.scope + (" (backward)" if operation.backward else "")
         for group in (categories[operation.category], scopes[scope]):
             group["s"] += s
@@ -372,7 +379,8 @@ def summarize(
     scope_rows = sorted(({"scope": name, **v} for name, v in scopes.items()), key=lambda r: -r["s"])
     rows.sort(key=lambda r: -r["s"])
     return {
-        "wall_s": wall_s,
+        "runs": len(traces),
+        "wall_s": statistics.median(wall for _, wall in traces),
         "busy_s": busy,
         "operations": len(rows),
         "categories": categories,
@@ -381,14 +389,18 @@ def summarize(
     }
 
 
-def profile(run: Callable[[], Any], executables: Sequence[Any], top: int = 15, depth: int = 2) -> dict[str, Any]:
-    """Runs ``run()`` (which runs ``executables``, compiled jax programs) once under the profiler -> breakdown.
+def profile(
+    run: Callable[[], Any], executables: Sequence[Any], runs: int = 3, top: int = 15, depth: int = 2
+) -> dict[str, Any]:
+    """Runs ``run()`` (which runs ``executables``, compiled jax programs) ``runs`` times under the profiler ->
+    breakdown. A run's time per operation is its share of the wall time (:func:`attribute`); the breakdown takes
+    each operation's median over the runs (one run on a shared machine can catch a stall).
 
-    Returns ``wall_s`` (the profiled run), ``busy_s`` (its wall time with an operation in flight), ``categories``
-    (seconds, share of ``busy_s``, matrix-product GFLOP and GFLOP/s per kind of operation, :data:`CATEGORIES`),
-    ``scopes`` (the same per model part, the slowest first) and ``top`` (the ``top`` slowest operations). Seconds
-    are shares of wall time (:func:`attribute`).
+    Returns ``runs``, ``wall_s`` (the median profiled run), ``busy_s`` (the operations' times summed: the wall
+    time with an operation in flight), ``categories`` (seconds, share of ``busy_s``, matrix-product GFLOP and
+    GFLOP/s per kind of operation, :data:`CATEGORIES`), ``scopes`` (the same per model part, the slowest first;
+    ``depth`` module names) and ``top`` (the ``top`` slowest operations).
     """
     programs = [Program(e.as_text()) for e in executables]
-    events, wall = trace_events(run)
-    return summarize(programs, events, wall, top=top, depth=depth)
+    traces = [trace_events(run) for _ in range(runs)]
+    return summarize(programs, traces, top=top, depth=depth)

@@ -125,3 +125,45 @@ def test_benchmark_profile_of_a_training_step(tmp_path, capsys):
     assert any(s.startswith("backbone/") and s.endswith("(backward)") for s in scopes)
     assert p["top"] and p["top"][0]["s"] >= p["top"][-1]["s"]
     assert "where the time goes, CFFM-B0 train step 1x4 (tiny)" in capsys.readouterr().out
+
+
+HLO = """HloModule jit_f, is_scheduled=true
+
+%fused.1 (param_0: f32[8,16], param_1: f32[16,4]) -> f32[8,4] {
+  %param_0 = f32[8,16]{1,0} parameter(0)
+  %param_1 = f32[16,4]{1,0} parameter(1)
+  ROOT %dot.1 = f32[8,4]{1,0} dot(%param_0, %param_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main.9 (a: f32[8,16], b: f32[16,4]) -> f32[8,4] {
+  %a = f32[8,16]{1,0} parameter(0)
+  %b = f32[16,4]{1,0} parameter(1)
+  %ynn_fusion.1 = f32[8,4]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused.1, metadata={op_name="f/head/proj/dot"}
+  %copy.2 = f32[4,8]{0,1} copy(%ynn_fusion.1), metadata={op_name="jit(f)/transpose(jvp(M))/head/transpose"}
+  ROOT %tanh.3 = f32[8,4]{1,0} tanh(%ynn_fusion.1), metadata={op_name="jit(f)/loss/tanh"}
+}
+"""  # fmt: skip
+
+
+def test_breakdown_takes_each_operations_median_over_runs():
+    """Kinds, model parts and FLOPs from the HLO; per operation the median of its per-run times, so one run's stall
+    (tanh.3 in the third trace) does not count."""
+    program = op_profile.Program(HLO)
+
+    def trace(*durations_ms, extra=()):  # the three operations one after the other
+        ends = np.cumsum((0, *durations_ms)) * 1_000_000
+        ops = ("ynn_fusion.1", "copy.2", "tanh.3")
+        return [("jit_f", op, ends[i], ends[i + 1]) for i, op in enumerate(ops)] + list(extra), ends[-1] * 1e-9
+
+    traces = [trace(4, 1, 1), trace(6, 1, 1), trace(5, 1, 93, extra=[("other_module", "x", 0, 50_000_000)])]
+    p = op_profile.summarize([program], traces)
+    assert p["runs"] == 3 and p["wall_s"] == pytest.approx(8e-3) and p["busy_s"] == pytest.approx(7e-3)
+    assert p["categories"]["products"]["s"] == pytest.approx(5e-3)
+    assert p["categories"]["products"]["gflop"] * 1e9 == 2 * 8 * 16 * 4
+    assert p["categories"]["products"]["gflops_per_s"] == pytest.approx(2 * 8 * 16 * 4 / 5e-3 / 1e9)
+    assert p["categories"]["data movement"]["s"] == pytest.approx(1e-3)
+    assert p["categories"]["elementwise"]["s"] == pytest.approx(1e-3)
+    assert {s["scope"]: s["s"] for s in p["scopes"]} == pytest.approx(
+        {"head/proj": 5e-3, "head (backward)": 1e-3, "loss": 1e-3}
+    )
+    assert [r["op"] for r in p["top"]] == ["ynn_fusion.1", "copy.2", "tanh.3"]
