@@ -94,7 +94,7 @@ GFLOP per kind of operation (products, elementwise, reductions, gathers, data mo
 (Flax module path, backward pass apart) and the slowest operations, under ``profile`` in the row's ``extra``. The
 products' GFLOP/s over the matmul peak is the achieved fraction of the heavy operations themselves
 (``products_peak_fraction``), next to the whole program's. Each operation's time is its median over 3 profiled
-runs.
+runs. CPU backend only (the trace of GPUs and TPUs has other events; there, use ``jax.profiler`` with XProf).
 
 Float32 precision: the models' ``matmul_precision`` (``--matmul-precision``, default 'highest', the official
 float32 numbers; not applied on XLA:CPU, see ``cffm_jax.models.layers.matmul_precision_scope``); 'default' lets
@@ -1553,6 +1553,11 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, str | None, str | None]:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
     if args.train_batch < 1 or (args.stream_batch is not None and args.stream_batch < 1):
         parser.error("--train-batch and --stream-batch must be >= 1")
+    if args.profile and jax.default_backend() != "cpu":
+        parser.error(
+            "--profile reads XLA:CPU's trace and is only checked there; on GPUs and TPUs use jax.profiler.trace with "
+            "XProf / TensorBoard"
+        )
     sizes = args.sizes or (((64, 64), (64, 96)) if tiny else ((480, 480), (480, 864)))
     frames = args.frames or (12 if tiny else 30)
     if args.original_sizes is not None and len(args.original_sizes) != len(sizes):

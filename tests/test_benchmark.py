@@ -179,6 +179,15 @@ def test_bad_arguments_are_rejected():
             benchmark.parse_args(argv)
 
 
+def test_profile_is_refused_off_the_cpu(monkeypatch, capsys):
+    """``--profile`` reads XLA:CPU's trace events; elsewhere it says so instead of printing unchecked figures."""
+    assert benchmark.parse_args(["--profile"])[0].profile
+    monkeypatch.setattr(benchmark.jax, "default_backend", lambda: "gpu")
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--profile"])
+    assert "--profile reads XLA:CPU's trace" in capsys.readouterr().err
+
+
 def test_rows_are_saved_as_they_finish_and_bfloat16_has_its_own_peak(tmp_path):
     """Each row calls ``on_row`` (the command line rewrites the JSON there, 'complete' false until the end); a
     bfloat16 row's peak fraction is against the bfloat16 matmul peak."""
