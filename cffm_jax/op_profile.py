@@ -215,6 +215,7 @@ class Program:
         shapes = {name: ins.dims for name, ins in self.instructions.items()}
         self._own_flops = {name: _product_flops(ins, shapes) for name, ins in self.instructions.items()}
         self._contents: dict[str, tuple[float, frozenset[str]]] = {}
+        self._operations: dict[tuple[str, int], Operation | None] = {}
 
     def _computation(self, name: str) -> tuple[float, frozenset[str]]:
         """(product FLOPs, opcodes) of a called computation, nested calls included (memoised)."""
@@ -236,7 +237,12 @@ class Program:
         return flops, frozenset(opcodes)
 
     def operation(self, name: str, depth: int = 2) -> Operation | None:
-        """The :class:`Operation` of instruction ``name``; None for control flow and unknown names."""
+        """The :class:`Operation` of instruction ``name``; None for control flow and unknown names (memoised)."""
+        if (name, depth) not in self._operations:
+            self._operations[(name, depth)] = self._operation(name, depth)
+        return self._operations[(name, depth)]
+
+    def _operation(self, name: str, depth: int) -> Operation | None:
         ins = self.instructions.get(name)
         if ins is None or ins.opcode in CONTROL:
             return None
