@@ -88,7 +88,7 @@ clip, streaming and training-step rows get the same targets judged against it (`
 The estimate can be far off: on a 2-core Zen 4 it had the official CFFM-B1 clip at 0.74-1.0 s, the transcription
 took 1.02-1.39 s (BENCHMARKS.md).
 
-Where the time goes (``--profile``): the MiT, clip and training rows run once more under ``jax.profiler`` and
+Where the time goes (``--profile``): the MiT, clip and training rows run 3 more times under ``jax.profiler`` and
 :mod:`cffm_jax.op_profile` matches every executed XLA operation with the compiled program: time and matrix-product
 GFLOP per kind of operation (products, elementwise, reductions, gathers, data movement), per part of the model
 (Flax module path, backward pass apart) and the slowest operations, under ``profile`` in the row's ``extra``. The
