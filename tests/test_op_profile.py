@@ -117,6 +117,7 @@ def test_benchmark_profile_of_a_training_step(tmp_path, capsys):
     products = categories["products"]["gflop"] * 1e9
     assert 0.5 * row["flops"] < products < 1.5 * row["flops"]
     assert all(c["gflop"] == 0 for name, c in categories.items() if name != "products")
+    assert p["products_peak_target_met"] == (p["products_peak_fraction"] >= 0.5)
     assert p["products_peak_fraction"] == pytest.approx(
         categories["products"]["gflops_per_s"] / json.loads(path.read_text())["matmul_peak"]["gflops_per_s"]
     )
@@ -124,7 +125,8 @@ def test_benchmark_profile_of_a_training_step(tmp_path, capsys):
     assert {"loss", "optimizer", "loss (backward)"} <= scopes
     assert any(s.startswith("backbone/") and s.endswith("(backward)") for s in scopes)
     assert p["top"] and p["top"][0]["s"] >= p["top"][-1]["s"]
-    assert "where the time goes, CFFM-B0 train step 1x4 (tiny)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "where the time goes, CFFM-B0 train step 1x4 (tiny)" in out and "of the matmul peak (wall; >= 50%: " in out
 
 
 HLO = """HloModule jit_f, is_scheduled=true
