@@ -8,7 +8,8 @@ program's optimised HLO (``compiled.as_text()``). From the HLO it knows
   products' achieved GFLOP/s can be set against the machine's matrix-multiply peak: the benchmark's "heavy parts";
 * its kind (:data:`CATEGORIES`);
 * the part of the model it comes from: the Flax module path (or ``jax.named_scope``) in the instruction's
-  ``op_name`` metadata, e.g. ``backbone/block1_0``, and whether it belongs to the backward pass.
+  ``op_name`` metadata, e.g. ``backbone/block1_0``, and whether it belongs to the backward pass. An instruction
+  without metadata (XLA made it) takes that of its nearest named operand; "(no module)" is what is left.
 
 An operation's time is its share of the run's wall time: while it is in flight it shares each instant equally with
 the other operations in flight (XLA:CPU runs independent operations side by side on its threads), so the times add
@@ -260,8 +261,19 @@ class Program:
             category = "data movement"
         else:
             category = "elementwise"
-        scope, backward = scope_of(ins.op_name, depth)
+        scope, backward = scope_of(ins.op_name or self._operands_op_name(ins), depth)
         return Operation(category, flops, scope, backward)
+
+    def _operands_op_name(self, ins: Instruction, levels: int = 3) -> str:
+        """The ``op_name`` of the nearest named instruction among ``ins``'s operands (breadth first, ``levels``
+        deep): fusions that XLA makes (e.g. its YNNPACK library fusions) often carry no metadata of their own."""
+        frontier = [ins]
+        for _ in range(levels):
+            frontier = [self.instructions[o] for i in frontier for o in i.operands if o in self.instructions]
+            named = [i.op_name for i in frontier if i.op_name]
+            if named:
+                return named[0]
+        return ""
 
 
 def trace_events(run: Callable[[], Any]) -> tuple[list[tuple[str, str, int, int]], float]:
