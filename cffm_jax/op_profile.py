@@ -80,6 +80,7 @@ class Operation:
     flops: float  # matrix-product FLOPs per execution
     scope: str  # model part, e.g. "backbone/block1_0"; "(no module)" if the op_name has none
     backward: bool
+    op_name: str = ""  # the jax source of the instruction (its own op_name metadata, or its operand's)
 
 
 def _matching(text: str, start: int) -> int:
@@ -261,8 +262,9 @@ class Program:
             category = "data movement"
         else:
             category = "elementwise"
-        scope, backward = scope_of(ins.op_name or self._operands_op_name(ins), depth)
-        return Operation(category, flops, scope, backward)
+        op_name = ins.op_name or self._operands_op_name(ins)
+        scope, backward = scope_of(op_name, depth)
+        return Operation(category, flops, scope, backward, op_name)
 
     def _operands_op_name(self, ins: Instruction, levels: int = 3) -> str:
         """The ``op_name`` of the nearest named instruction among ``ins``'s operands (breadth first, ``levels``
@@ -389,6 +391,7 @@ def summarize(
                 "s": s,
                 "gflop": gflop,
                 "gflops_per_s": _rate(gflop * 1e9, s),
+                "op_name": operation.op_name,
             }
         )
     for group in (*categories.values(), *scopes.values()):
@@ -417,7 +420,8 @@ def profile(
     Returns ``runs``, ``wall_s`` (the median profiled run), ``busy_s`` (the operations' times summed: the wall
     time with an operation in flight), ``categories`` (seconds, share of ``busy_s``, matrix-product GFLOP and
     GFLOP/s per kind of operation, :data:`CATEGORIES`), ``scopes`` (the same per model part, the slowest first;
-    ``depth`` module names) and ``top`` (the ``top`` slowest operations).
+    ``depth`` module names) and ``top`` (the ``top`` slowest operations, each with its ``op_name``: the jax
+    operation it comes from, e.g. ``jit(train_step)/transpose(jvp(CFFM))/backbone/block1_1/attn/.../dot_general``).
     """
     programs = [Program(e.as_text()) for e in executables]
     traces = [trace_events(run) for _ in range(runs)]

@@ -170,3 +170,4 @@ def test_breakdown_takes_each_operations_median_over_runs():
         {"head/proj": 5e-3, "head (backward)": 1e-3, "loss": 2e-3}  # exponential.4 has its operand's name
     )
     assert [r["op"] for r in p["top"]][:2] == ["ynn_fusion.1", "copy.2"]
+    assert {r["op"]: r["op_name"] for r in p["top"]}["exponential.4"] == "jit(f)/loss/tanh"
