@@ -15,8 +15,12 @@ An operation's time is its share of the run's wall time: while it is in flight i
 the other operations in flight (XLA:CPU runs independent operations side by side on its threads), so the times add
 up to the wall time in which something ran (``busy_s``), and a product's GFLOP/s is comparable with the machine's
 matrix-multiply peak on all its cores. Control-flow instructions (``while``, ``conditional``, ``call``) are not
-counted: the operations of their bodies are, each time they run. Tracing slows a run somewhat (~10% for a training
-step of 3,500 operations on a 2-core CPU); the shares, not the absolute times, are the point.
+counted: the operations of their bodies are, each time they run.
+
+In flight is not the same as computing: when all cores are busy (XLA's threads run operations side by side and
+share out the large ones), an operation may wait for a core, and its share then includes the wait; a small copy
+that shows tens of milliseconds is such a case. Tracing slows a run somewhat (~10% for a training step of 3,500
+operations on a 2-core CPU). The shares, not the absolute times, are the point.
 """
 
 from __future__ import annotations
