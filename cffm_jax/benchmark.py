@@ -94,8 +94,8 @@ GFLOP per kind of operation (products, elementwise, reductions, gathers, data mo
 (Flax module path, backward pass apart) and the slowest operations, under ``profile`` in the row's ``extra``. The
 products' GFLOP/s over the matmul peak is the achieved fraction of the heavy operations themselves
 (``products_peak_fraction``, judged against the 50% target in ``products_peak_target_met``), next to the whole
-program's. Each operation's time is its median over 3 profiled
-runs. CPU backend only (the trace of GPUs and TPUs has other events; there, use ``jax.profiler`` with XProf).
+program's. Each operation's time is its median over the 3 profiled runs. CPU backend only (the trace of GPUs and
+TPUs has other events; there, use ``jax.profiler`` with XProf).
 
 Float32 precision: the models' ``matmul_precision`` (``--matmul-precision``, default 'highest', the official
 float32 numbers; not applied on XLA:CPU, see ``cffm_jax.models.layers.matmul_precision_scope``); 'default' lets
@@ -168,6 +168,7 @@ PEAK_TARGET = 0.5  # >= 50% of the measured matmul peak on the heavy parts
 HEAVY_CASES = ("mit", "clip", "train")
 
 NUM_PROTOTYPES = 100
+PROFILE_RUNS = 3  # --profile: profiled runs per row (each operation's median over them)
 # --tiny: compile fast (the figures of a tiny model mean nothing; the test wants seconds).
 TINY_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
@@ -194,7 +195,7 @@ class Settings:
     stream_batch: int | None = None  # frames per streaming chunk (None: streaming.default_batch_size)
     original_sizes: tuple[tuple[int, int], ...] | None = None  # streaming: the frames' size for each of sizes
     train_batch: int = 1  # clips per training step
-    profile: bool = False  # --profile: 3 more runs of the mit, clip and train rows under the profiler
+    profile: bool = False  # --profile: PROFILE_RUNS more runs of the mit, clip and train rows under the profiler
 
     def model_overrides(self, arch: str) -> dict[str, Any]:
         """Config overrides of the tiny model (empty for the real ones)."""
@@ -510,9 +511,10 @@ class Suite:
         return aot_compile(fn, *args, compiler_options=options or None, **jit_kwargs)
 
     def _profile(self, r: Result, run: Callable[[], Any], executables: Sequence[Any]) -> None:
-        """With ``--profile``: ``r.extra['profile']``, :func:`cffm_jax.op_profile.profile` of 3 more runs."""
+        """With ``--profile``: ``r.extra['profile']``, :func:`cffm_jax.op_profile.profile` of ``PROFILE_RUNS`` more
+        runs."""
         if self.s.profile:
-            r.extra["profile"] = op_profile.profile(run, executables)
+            r.extra["profile"] = op_profile.profile(run, executables, runs=PROFILE_RUNS)
 
     def label(self, name: str) -> str:
         return f"{name} (tiny)" if self.s.tiny else name
@@ -650,13 +652,13 @@ class Suite:
                     r.items_per_run, r.item = 4, "frame"
                     with HostMemory() as mem:
                         compiled, args, r.compile_s = self.mit_executable(size, hw, dtype)
-                        r.first_run_s, times = time_runs(
-                            lambda c=compiled, a=args: jax.block_until_ready(c(*a)),
-                            self.s.repeats,
-                            self.s.warmup,
-                        )
+
+                        def run(c=compiled, a=args):
+                            return jax.block_until_ready(c(*a))
+
+                        r.first_run_s, times = time_runs(run, self.s.repeats, self.s.warmup)
                     r.set_times(times)
-                    self._profile(r, lambda c=compiled, a=args: c(*a), (compiled,))
+                    self._profile(r, run, (compiled,))
                     self._finish(r, compiled, mem, 4, ("mit", name))
 
     def clip_executable(self, arch: str, size: str, hw: tuple[int, int], dtype: str) -> tuple[Callable, tuple, float]:
