@@ -931,8 +931,7 @@ class Suite:
             try:
                 r.first_run_s, times = time_runs(lambda: next(it), self.s.repeats, max(1, self.s.warmup))
             finally:
-                if hasattr(it, "close"):
-                    it.close()
+                pipeline.close_train_iterator(it)
         r.set_times(times)
         self._finish(r, None, mem, 4 * self.s.data_batch)
 

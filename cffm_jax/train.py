@@ -313,7 +313,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     """Trains (resuming whatever ``workdir`` holds), evaluates, returns the final state and metrics."""
     from tqdm import tqdm
 
-    from cffm_jax.data.pipeline import make_train_iterator
+    from cffm_jax.data.pipeline import close_train_iterator, make_train_iterator
     from cffm_jax.logging_utils import MetricWriter
 
     # --- Workdir and run files ------------------------------------------------------------------------------
@@ -470,8 +470,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     finally:
         bar.close()
         manager.wait_until_finished()
-        if hasattr(train_iter, "close"):
-            train_iter.close()
+        batch = None  # on CPU the last batch's arrays may alias the data workers' shared memory
+        close_train_iterator(train_iter)
 
     # --- Final evaluation -----------------------------------------------------------------------------------
     eval_metrics, predictions_dir = None, None

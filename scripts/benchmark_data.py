@@ -40,8 +40,7 @@ def measure(root: str, *, workers: int, batch_size: int, batches: int, warmup: i
             next(it)
         elapsed = time.perf_counter() - start
     finally:
-        if hasattr(it, "close"):
-            it.close()
+        pipeline.close_train_iterator(it)
     return batches * batch_size / elapsed
 
 
