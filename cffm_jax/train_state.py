@@ -153,19 +153,33 @@ def initial_variables(
 # Checkpoints
 
 
+class _ReadOnlyNotice(logging.Filter):
+    """Drops orbax's warning "Given directory is read only=...", which a read-only manager logs whatever the
+    directory's permissions (reading a training workdir for evaluation or prediction is no cause for a warning)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Given directory is read only")
+
+
 def checkpoint_manager(workdir: str | os.PathLike, keep: int, *, read_only: bool = False):
     """The orbax ``CheckpointManager`` of ``<workdir>/checkpoints`` (async saves, keeps the last ``keep``)."""
     import orbax.checkpoint as ocp
 
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep if keep > 0 else None,
+        max_to_keep=keep if keep > 0 and not read_only else None,
+        save_interval_steps=0 if read_only else 1,
         enable_async_checkpointing=True,
         create=not read_only,
         read_only=read_only,
     )
-    return ocp.CheckpointManager(
-        pathlib.Path(workdir).absolute() / CHECKPOINT_DIR, options=options, item_names=(STATE_ITEM, DATA_ITEM)
-    )
+    notice, absl_logger = _ReadOnlyNotice(), logging.getLogger("absl")
+    absl_logger.addFilter(notice)
+    try:
+        return ocp.CheckpointManager(
+            pathlib.Path(workdir).absolute() / CHECKPOINT_DIR, options=options, item_names=(STATE_ITEM, DATA_ITEM)
+        )
+    finally:
+        absl_logger.removeFilter(notice)
 
 
 def save_checkpoint(manager, state: TrainState, data_iterator) -> None:

@@ -19,6 +19,7 @@ are between runs with identical settings), which keeps the file at a few minutes
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import signal
@@ -125,6 +126,16 @@ def test_reference_run_files_checkpoints_and_learning(reference_run, env):
     # the run kept its compiled programs in the default cache directory (cffm_jax.compilation_cache)
     cached = [p.name for p in (pathlib.Path(env["XDG_CACHE_HOME"]) / "cffm_jax" / "xla").iterdir()]
     assert any(name.startswith("jit_train_step") for name in cached), cached
+
+
+def test_loading_a_workdir_warns_of_nothing(reference_run, caplog):
+    """Reading a training workdir for inference (read-only orbax manager) logs no warnings: orbax's "Given
+    directory is read only" and "setting save_interval_steps=0" notices are not the user's problem."""
+    with caplog.at_level(logging.INFO):
+        load_for_inference(reference_run)
+    assert any("checkpoint" in r.getMessage().lower() for r in caplog.records), "no log records captured at all"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not warnings, warnings
 
 
 def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path, reference_run, env, data_root):
