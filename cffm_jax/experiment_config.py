@@ -17,11 +17,15 @@ SIZES = ("b0", "b1", "b2", "b3", "b4", "b5")
 OFFICIAL_SIZES = ("b0", "b1", "b2", "b5")  # sizes with an official config (b3/b4 follow b2's decoder depth)
 
 
+class ConfigError(ValueError):
+    """An experiment setting that cannot work; says which field to change (the training CLI prints it alone)."""
+
+
 def check_size(arg: str | None, default: str = "b1") -> str:
-    """The MiT size of a config argument ('b0'..'b5'); raises ``ValueError`` listing the valid ones."""
+    """The MiT size of a config argument ('b0'..'b5'); raises :class:`ConfigError` listing the valid ones."""
     size = arg or default
     if size not in SIZES:
-        raise ValueError(
+        raise ConfigError(
             f"unknown model size {size!r}; valid: {', '.join(SIZES)} (official: {', '.join(OFFICIAL_SIZES)})"
         )
     return size

@@ -21,6 +21,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from cffm_jax.experiment_config import ConfigError
+
 log = logging.getLogger(__name__)
 
 DATA_AXIS = "data"
@@ -55,7 +57,7 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
     explicit = bool(coordinator_address) or num_processes > 0 or process_id >= 0
     if explicit:
         if not (coordinator_address and num_processes > 0 and process_id >= 0):
-            raise ValueError(
+            raise ConfigError(
                 "a multi-process run needs all of the coordinator address, the number of processes and the "
                 "process id "
                 f"(got {coordinator_address!r}, {num_processes}, {process_id})"
@@ -87,16 +89,16 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def check_batch_size(global_batch: int, grad_accum_steps: int, mesh: Mesh) -> int:
     """Checks that the global batch splits into micro-batches over devices and processes.
 
-    Returns the number of clips each process loads per step. Raises ``ValueError`` with the numbers otherwise.
+    Returns the number of clips each process loads per step. Raises ``ConfigError`` with the numbers otherwise.
     """
     devices = mesh.devices.size
     if grad_accum_steps < 1:
-        raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+        raise ConfigError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
     if global_batch % grad_accum_steps:
-        raise ValueError(f"batch_size={global_batch} is not divisible by grad_accum_steps={grad_accum_steps}")
+        raise ConfigError(f"batch_size={global_batch} is not divisible by grad_accum_steps={grad_accum_steps}")
     micro = global_batch // grad_accum_steps
     if micro % devices:
-        raise ValueError(
+        raise ConfigError(
             f"each micro-batch of batch_size / grad_accum_steps = {global_batch}/{grad_accum_steps} = {micro}"
             " "
             f"clips must split evenly over the {devices} devices: choose a batch_size that is a multiple of "
@@ -104,7 +106,7 @@ def check_batch_size(global_batch: int, grad_accum_steps: int, mesh: Mesh) -> in
         )
     processes = jax.process_count()
     if global_batch % processes:
-        raise ValueError(f"batch_size={global_batch} is not divisible by the {processes} processes")
+        raise ConfigError(f"batch_size={global_batch} is not divisible by the {processes} processes")
     return global_batch // processes
 
 

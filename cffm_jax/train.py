@@ -49,7 +49,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 from cffm_jax import compilation_cache, host_memory
 from cffm_jax import sharding as shd
 from cffm_jax import train_state as ts
+from cffm_jax.checkpoint import CheckpointError
+from cffm_jax.convert import ConversionError
+from cffm_jax.data.vspw import DatasetError
 from cffm_jax.evaluate import evaluate_videos
+from cffm_jax.experiment_config import ConfigError
 from cffm_jax.losses import segmentation_loss
 from cffm_jax.models import build_model, init_variables, trainable_mask
 from cffm_jax.models.layers import matmul_precision_scope
@@ -86,6 +90,11 @@ class TrainResult:
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or Inf; names the step."""
+
+
+# What the command line reports as ``error: <message>``: a setting, dataset or starting checkpoint to fix (their
+# messages name the field, file or key at fault), a missing file, a diverged run.
+USER_ERRORS = (ConfigError, DatasetError, CheckpointError, ConversionError, FileNotFoundError, NonFiniteLossError)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -255,14 +264,14 @@ def _barrier(name: str) -> None:
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Consistency checks that would otherwise fail late or silently."""
     if not config.data.root and config.model.num_classes != config.data.synthetic.num_classes:
-        raise ValueError(
+        raise ConfigError(
             f"synthetic data has {config.data.synthetic.num_classes} classes but config.model.num_classes="
             f"{config.model.num_classes}"
         )
     if config.model.arch == "cffmpp" and not config.data.prototypes_dir:
-        raise ValueError("CFFM++ trains with per-video prototypes: set config.data.prototypes_dir")
+        raise ConfigError("CFFM++ trains with per-video prototypes: set config.data.prototypes_dir")
     if config.total_steps <= 0:
-        raise ValueError(f"config.total_steps must be positive, got {config.total_steps}")
+        raise ConfigError(f"config.total_steps must be positive, got {config.total_steps}")
 
 
 def write_run_files(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
@@ -399,7 +408,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         log.info("resumed from %s at step %d", workdir / ts.CHECKPOINT_DIR, int(state.step))
     else:
         if config.model.arch == "cffmpp" and not config.init_from:
-            raise ValueError("CFFM++ fine-tunes a trained CFFM: set --config.init_from (e.g. runs/cffm_vspw_b1)")
+            raise ConfigError("CFFM++ fine-tunes a trained CFFM: set --config.init_from (e.g. runs/cffm_vspw_b1)")
         variables = ts.initial_variables(config.model, config.init_from, fresh)
         state = jax.jit(
             functools.partial(ts.create_train_state, tx=tx, seed=config.seed), out_shardings=state_sharding
@@ -496,30 +505,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     )
 
 
-def main(argv: list[str]) -> None:
-    """CLI: flags -> distributed start-up -> :func:`train_and_evaluate` -> summary."""
-    from absl import flags
-
-    flags_ = flags.FLAGS
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax and grain log every file they write at INFO
+def _run(argv: list[str], flags_) -> TrainResult | None:
+    """The CLI's run: checks, distributed start-up, :func:`train_and_evaluate`; None on processes other than 0."""
     if len(argv) > 1:
-        raise ValueError(f"unexpected arguments: {argv[1:]}")
+        raise ConfigError(f"unexpected arguments: {argv[1:]}")
     host_memory.retain_freed_memory()  # before jax starts its threads
     compilation_cache.enable()
     shd.initialize_distributed(flags_.coordinator_address, flags_.num_processes, flags_.process_id)
     config = flags_.config
     workdir = flags_.workdir or config.workdir
     if not workdir:
-        raise ValueError("no workdir: set --workdir or config.workdir")
+        raise ConfigError("no workdir: set --workdir or config.workdir")
     with config.unlocked():
         config.workdir = workdir
+    result = train_and_evaluate(config, workdir)
+    return result if jax.process_index() == 0 else None
+
+
+def main(argv: list[str]) -> None:
+    """CLI: flags -> distributed start-up -> :func:`train_and_evaluate` -> summary. Errors in the settings, the data,
+    the checkpoints to start from and a non-finite loss end it with ``error: <message>`` and exit status 1."""
+    from absl import flags
+
+    flags_ = flags.FLAGS
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax and grain log every file they write at INFO
     try:
-        result = train_and_evaluate(config, workdir)
-    except NonFiniteLossError as e:
+        result = _run(argv, flags_)
+    except USER_ERRORS as e:  # a setting, file or dataset to fix: the message says which, a traceback would not
         print(f"error: {e}", file=sys.stderr)  # noqa: T201
         sys.exit(1)
-    if jax.process_index() != 0:
+    if result is None:
         return
+    config = flags_.config
     lines = [f"workdir:     {result.workdir}", f"checkpoint:  {result.checkpoint}"]
     if result.eval_metrics is not None:
         m = result.eval_metrics

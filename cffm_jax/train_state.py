@@ -106,7 +106,9 @@ def merge_variables(
     ]
     problems += [f"{path}: not a variable of this model" for path in flat_loaded if path not in flat_fresh]
     if problems:
-        raise ValueError(f"cannot initialise from {source}:\n  " + "\n  ".join(problems))
+        from cffm_jax.checkpoint import CheckpointError
+
+        raise CheckpointError(f"cannot initialise from {source}:\n  " + "\n  ".join(problems))
     kept = [path for path in flat_fresh if path not in flat_loaded]
     merged = {path: np.asarray(flat_loaded.get(path, value), np.float32) for path, value in flat_fresh.items()}
     out = traverse_util.unflatten_dict(merged, sep="/")

@@ -138,6 +138,27 @@ def test_loading_a_workdir_warns_of_nothing(reference_run, caplog):
     assert not warnings, warnings
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--config.data.root={missing}"], "train.txt: split file not found"),
+        (["--config.init_from={missing}"], "config.init_from="),
+        (["--config.grad_accum_steps=3"], "is not divisible by grad_accum_steps=3"),
+    ],
+    ids=["data_root", "init_from", "batch_size"],
+)
+def test_cli_reports_setting_errors_without_a_traceback(tmp_path, env, data_root, extra, message):
+    """A wrong data root, starting checkpoint or batch split: `error: <message naming it>`, exit status 1, no
+    traceback, and nothing trained."""
+    missing = tmp_path / "missing"
+    cmd = train_cmd(tmp_path / "run", data_root, *[e.format(missing=missing) for e in extra])
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "error: " in out.stderr and message in out.stderr, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert not rows_by_step(tmp_path / "run")
+
+
 def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path, reference_run, env, data_root):
     workdir = tmp_path / "killed"
     log_file = open(tmp_path / "killed.log", "w")  # noqa: SIM115 -- closed below
