@@ -272,6 +272,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("CFFM++ trains with per-video prototypes: set config.data.prototypes_dir")
     if config.total_steps <= 0:
         raise ConfigError(f"config.total_steps must be positive, got {config.total_steps}")
+    for field, order in (("crop_size", "(H, W)"), ("img_scale", "(W, H)")):
+        value = config.data[field]
+        if len(value) != 2 or not all(isinstance(v, int) and v > 0 for v in value):
+            raise ConfigError(f"config.data.{field} must be two positive integers {order}, got {tuple(value)}")
+    if config.batch_size <= 0:
+        raise ConfigError(f"config.batch_size must be positive, got {config.batch_size}")
 
 
 def write_run_files(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
@@ -568,8 +574,40 @@ def _define_flags() -> None:
     flags.mark_flags_as_required(["config"])
 
 
+def _flag_error(error: BaseException) -> str:
+    """What went wrong behind a flag or config-file error: the innermost exception's message (ml_collections wraps it
+    in tracebacks), or for a mistyped ``--config.<field>`` the field and ml_collections' suggestion."""
+    messages = []
+    while error is not None:
+        messages.append(error.args[0] if error.args and isinstance(error.args[0], str) else str(error))
+        error = error.__cause__ or error.__context__
+    for message in messages:
+        if "Did you mean" in message and "\n" in message:  # ml_collections' KeyError (the outer ones quote it)
+            field, _, hint = message.partition("\n")
+            return f"no config field {field} ({hint})"
+    message = messages[-1].strip()
+    if message.startswith("Failed loading config file"):  # ml_collections names the flag's module "config_config"
+        message = "cannot load the --config file:\n" + message.partition("\n")[2]
+    return message
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a config file that does not load, a mistyped ``--config.<field>`` or a bad value
+    reported as ``error: <message>`` (exit status 2) instead of a traceback of ml_collections' internals."""
+    from absl import flags
+
+    try:
+        rest = flags.FLAGS(argv)
+        flags.FLAGS.config.keys()  # a config file that failed to load raises only when the config is read
+        return rest
+    except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as e:
+        message = _flag_error(e)
+    print(f"error: {message}\n(--helpshort lists the flags)", file=sys.stderr)  # noqa: T201
+    sys.exit(2)
+
+
 if __name__ == "__main__":
     from absl import app
 
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -315,3 +315,11 @@ def test_config_checks():
     config = smoke.get_config("cffmpp")
     with pytest.raises(ValueError, match="prototypes_dir"):
         train.check_config(config)
+    config = smoke.get_config()
+    config.data.img_scale = (1, 2, 3)
+    with pytest.raises(experiment_config.ConfigError, match=r"img_scale must be two positive integers \(W, H\)"):
+        train.check_config(config)
+    config = smoke.get_config()
+    config.data.crop_size = (0, 64)
+    with pytest.raises(experiment_config.ConfigError, match="config.data.crop_size"):
+        train.check_config(config)

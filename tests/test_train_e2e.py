@@ -139,21 +139,26 @@ def test_loading_a_workdir_warns_of_nothing(reference_run, caplog):
 
 
 @pytest.mark.parametrize(
-    ("extra", "message"),
+    ("extra", "status", "message"),
     [
-        (["--config.data.root={missing}"], "train.txt: split file not found"),
-        (["--config.init_from={missing}"], "config.init_from="),
-        (["--config.grad_accum_steps=3"], "is not divisible by grad_accum_steps=3"),
+        (["--config.data.root={missing}"], 1, "train.txt: split file not found"),
+        (["--config.init_from={missing}"], 1, "config.init_from="),
+        (["--config.grad_accum_steps=3"], 1, "is not divisible by grad_accum_steps=3"),
+        (["--config.data.img_scale=(1,2,3)"], 1, "config.data.img_scale must be two positive integers"),
+        (["--config.batchsize=4"], 2, "no config field 'batchsize' (Did you mean \"batch_size\""),
+        (["--config.total_steps=many"], 2, "invalid literal for int()"),
+        (["--config={missing}.py"], 2, "cannot load the --config file"),
+        (["--config=configs/smoke.py:b9"], 2, "unknown smoke variant"),
     ],
-    ids=["data_root", "init_from", "batch_size"],
+    ids=["data_root", "init_from", "batch_size", "img_scale", "field_typo", "field_value", "config_file", "arg"],
 )
-def test_cli_reports_setting_errors_without_a_traceback(tmp_path, env, data_root, extra, message):
-    """A wrong data root, starting checkpoint or batch split: `error: <message naming it>`, exit status 1, no
-    traceback, and nothing trained."""
+def test_cli_reports_setting_errors_without_a_traceback(tmp_path, env, data_root, extra, status, message):
+    """A wrong data root, starting checkpoint, batch split, image size, config field, value or file: `error:
+    <message naming it>`, exit status 1 (or 2 for the command line itself), no traceback, and nothing trained."""
     missing = tmp_path / "missing"
     cmd = train_cmd(tmp_path / "run", data_root, *[e.format(missing=missing) for e in extra])
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 1, out.stderr[-3000:]
+    assert out.returncode == status, out.stderr[-3000:]
     assert "error: " in out.stderr and message in out.stderr, out.stderr[-3000:]
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
     assert not rows_by_step(tmp_path / "run")
