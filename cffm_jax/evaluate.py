@@ -70,6 +70,7 @@ from cffm_jax import compilation_cache, host_memory
 from cffm_jax.data.pipeline import EvalVideo, list_eval_videos
 from cffm_jax.data.transforms import IMG_SCALE
 from cffm_jax.data.vspw import NUM_CLASSES, DatasetError, decode_mask, read_bytes, reduce_zero_label
+from cffm_jax.experiment_config import ConfigError, config_error_message
 from cffm_jax.metrics import MetricsAccumulator
 from cffm_jax.streaming import VideoSegmenter, compute_prototypes, prefetch
 from cffm_jax.visualize import ids_to_raw, save_palette_png
@@ -483,7 +484,7 @@ def load_config(spec: str, overrides: Sequence[str]) -> ml_collections.ConfigDic
     """Loads ``configs/X.py[:arg]`` (its ``get_config(arg)``) with ``--config.<field>=<value>`` overrides.
 
     Raises:
-      ValueError: the file cannot be loaded, or an override names an unknown field or has a bad value.
+      ConfigError: the file cannot be loaded, or an override names an unknown field or has a bad value.
     """
     from absl import flags
     from ml_collections import config_flags
@@ -496,7 +497,7 @@ def load_config(spec: str, overrides: Sequence[str]) -> ml_collections.ConfigDic
         config = flag_values.config
         config.keys()  # a file that failed to load raises here
     except Exception as e:  # absl and ml_collections raise a variety of types
-        raise ValueError(f"--config {spec}: {e}") from e
+        raise ConfigError(f"--config {spec}: {config_error_message(e)}") from e
     if len(rest) > 1:
         raise ValueError(f"unrecognized arguments: {' '.join(rest[1:])}")
     return config

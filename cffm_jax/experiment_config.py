@@ -18,7 +18,25 @@ OFFICIAL_SIZES = ("b0", "b1", "b2", "b5")  # sizes with an official config (b3/b
 
 
 class ConfigError(ValueError):
-    """An experiment setting that cannot work; says which field to change (the training CLI prints it alone)."""
+    """An experiment setting that cannot work; says which field to change (the command lines print it alone)."""
+
+
+def config_error_message(error: BaseException) -> str:
+    """What went wrong behind an error of absl / ml_collections loading a config file with its ``--config.<field>``
+    overrides: the innermost exception's message (ml_collections wraps it in tracebacks), or for a mistyped field
+    the field and ml_collections' suggestion."""
+    messages = []
+    while error is not None:
+        messages.append(error.args[0] if error.args and isinstance(error.args[0], str) else str(error))
+        error = error.__cause__ or error.__context__
+    for message in messages:
+        if "Did you mean" in message and "\n" in message:  # ml_collections' KeyError (the outer ones quote it)
+            field, _, hint = message.partition("\n")
+            return f"no config field {field} ({hint})"
+    message = messages[-1].strip()
+    if message.startswith("Failed loading config file"):  # ml_collections names the flag's module "config_config"
+        message = "cannot load the --config file:\n" + message.partition("\n")[2]
+    return message
 
 
 def check_size(arg: str | None, default: str = "b1") -> str:

@@ -53,7 +53,7 @@ from cffm_jax.checkpoint import CheckpointError
 from cffm_jax.convert import ConversionError
 from cffm_jax.data.vspw import DatasetError
 from cffm_jax.evaluate import evaluate_videos
-from cffm_jax.experiment_config import ConfigError
+from cffm_jax.experiment_config import ConfigError, config_error_message
 from cffm_jax.losses import segmentation_loss
 from cffm_jax.models import build_model, init_variables, trainable_mask
 from cffm_jax.models.layers import matmul_precision_scope
@@ -574,23 +574,6 @@ def _define_flags() -> None:
     flags.mark_flags_as_required(["config"])
 
 
-def _flag_error(error: BaseException) -> str:
-    """What went wrong behind a flag or config-file error: the innermost exception's message (ml_collections wraps it
-    in tracebacks), or for a mistyped ``--config.<field>`` the field and ml_collections' suggestion."""
-    messages = []
-    while error is not None:
-        messages.append(error.args[0] if error.args and isinstance(error.args[0], str) else str(error))
-        error = error.__cause__ or error.__context__
-    for message in messages:
-        if "Did you mean" in message and "\n" in message:  # ml_collections' KeyError (the outer ones quote it)
-            field, _, hint = message.partition("\n")
-            return f"no config field {field} ({hint})"
-    message = messages[-1].strip()
-    if message.startswith("Failed loading config file"):  # ml_collections names the flag's module "config_config"
-        message = "cannot load the --config file:\n" + message.partition("\n")[2]
-    return message
-
-
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a config file that does not load, a mistyped ``--config.<field>`` or a bad value
     reported as ``error: <message>`` (exit status 2) instead of a traceback of ml_collections' internals."""
@@ -601,7 +584,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
         flags.FLAGS.config.keys()  # a config file that failed to load raises only when the config is read
         return rest
     except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as e:
-        message = _flag_error(e)
+        message = config_error_message(e)
     print(f"error: {message}\n(--helpshort lists the flags)", file=sys.stderr)  # noqa: T201
     sys.exit(2)
 

@@ -125,6 +125,23 @@ def test_every_field_is_overridable_and_unknown_fields_fail():
         load_config("cffm_vspw.py:b9")
 
 
+def test_config_errors_say_what_is_wrong_in_one_message():
+    """evaluate.load_config (the evaluation and prototype CLIs) raises ConfigError with the innermost message: a
+    mistyped field with ml_collections' suggestion, a get_config argument error, a missing file."""
+    from cffm_jax.evaluate import load_config as cli_load_config
+
+    cases = [
+        ("demo.py", ["--config.batchsize=4"], "no config field 'batchsize' \\(Did you mean \"batch_size\""),
+        ("demo.py:foo", [], "demo.py:foo: unknown demo variant 'foo'; valid: cffm, cffmpp$"),
+        ("no_such_config.py", [], "(?s)cannot load the --config file:.*No such file or directory"),
+        ("demo.py", ["--config.total_steps=many"], "invalid literal for int\\(\\) with base 10: 'many'$"),
+    ]
+    for spec, overrides, message in cases:
+        with pytest.raises(experiment_config.ConfigError, match=message) as info:
+            cli_load_config(str(ROOT / "configs" / spec), overrides)
+        assert "Traceback" not in str(info.value)
+
+
 def test_other_configs_load():
     demo = load_config("demo.py")
     assert demo.data.root == "" and demo.model.num_classes == demo.data.synthetic.num_classes
