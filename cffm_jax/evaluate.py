@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
+import functools
 import json
 import logging
 import math
@@ -72,7 +73,7 @@ from cffm_jax.data.transforms import IMG_SCALE
 from cffm_jax.data.vspw import NUM_CLASSES, DatasetError, decode_mask, read_bytes, reduce_zero_label
 from cffm_jax.experiment_config import ConfigError, config_error_message
 from cffm_jax.metrics import MetricsAccumulator
-from cffm_jax.streaming import VideoSegmenter, compute_prototypes, prefetch
+from cffm_jax.streaming import VideoSegmenter, compute_prototypes, loader_threads, ordered_map, prefetch
 from cffm_jax.visualize import ids_to_raw, save_palette_png
 
 log = logging.getLogger(__name__)
@@ -282,6 +283,7 @@ def evaluate_videos(
     streaming: bool = True,
     batch_size: int | None = None,
     overwrite: bool = False,
+    num_loaders: int | None = None,
 ) -> dict[str, Any]:
     """Evaluates a model on every frame of a split (the official test protocol, see the module docstring).
 
@@ -299,6 +301,8 @@ def evaluate_videos(
       batch_size: frames per batch, a multiple of the device count (default 1 per CPU device, 4 per
         accelerator: ``cffm_jax.streaming.default_batch_size``).
       overwrite: allow replacing a non-empty ``predictions_dir``.
+      num_loaders: threads that decode and transform frames ahead of the model, in order (default
+        :func:`cffm_jax.streaming.loader_threads`: min(8, CPU count)).
 
     With several processes (``jax.distributed``), call it on every process: each one evaluates its share of
     the videos (:func:`split_videos`) on its local devices and all return the pooled metrics.
@@ -333,7 +337,8 @@ def evaluate_videos(
         with tqdm(total=total, unit="frame", disable=not progress, desc=f"eval {split}") as bar:
             for video in videos:
                 protos = _video_prototypes(prototypes, segmenter, video, img_scale)
-                frames = prefetch(video.load(t, img_scale=img_scale) for t in range(video.num_frames))
+                load = functools.partial(video.load, img_scale=img_scale)
+                frames = ordered_map(load, range(video.num_frames), num_loaders or loader_threads())
                 for result in segmenter.segment(frames, protos, streaming=streaming):
                     if result.frame.label is not None:
                         accumulator.update(video.name, result.index, result.pred, result.frame.label)
@@ -520,6 +525,9 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--img-scale", nargs=2, type=int, metavar=("W", "H"), help="test rescale bound")
     model.add_argument("--no-streaming", action="store_true", help="clip-by-clip reference instead of streaming")
     model.add_argument("--batch-size", type=int, help="frames per batch (multiple of the device count)")
+    model.add_argument(
+        "--loader-threads", type=int, help="threads decoding and transforming frames (default min(8, CPU count))"
+    )
     score = parser.add_argument_group("scoring saved predictions")
     score.add_argument("--predictions", help="folder <video>/<frame>.png to score (no model)")
     score.add_argument("--num-classes", type=int, default=NUM_CLASSES, help="K for --predictions")
@@ -577,6 +585,7 @@ def _model_run(args: argparse.Namespace, config: ml_collections.ConfigDict | Non
         streaming=not args.no_streaming,
         batch_size=args.batch_size,
         overwrite=args.overwrite,
+        num_loaders=args.loader_threads,
     )
     run = {
         "checkpoint": str(checkpoint),

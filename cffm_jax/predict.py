@@ -210,10 +210,17 @@ class _UserFrame(EvalFrame):
     name: str = ""
 
 
-def _frames(reader: FrameReader, img_scale: tuple[int, int]) -> Iterator[_UserFrame]:
-    for t, rgb in reader.iterate():
+def _frames(reader: FrameReader, img_scale: tuple[int, int], num_loaders: int) -> Iterator[_UserFrame]:
+    """The frames through the test transform, in order: decoded in a background thread, transformed on
+    ``num_loaders`` threads."""
+    from cffm_jax.streaming import ordered_map, prefetch
+
+    def transform(item: tuple[int, np.ndarray]) -> _UserFrame:
+        t, rgb = item
         image = test_transform(rgb, img_scale=img_scale)
-        yield _UserFrame(image, None, (rgb.shape[0], rgb.shape[1]), rgb=rgb, name=reader.frame_names[t])
+        return _UserFrame(image, None, (rgb.shape[0], rgb.shape[1]), rgb=rgb, name=reader.frame_names[t])
+
+    return ordered_map(transform, prefetch(reader.iterate()), num_loaders)
 
 
 def load_model(checkpoint: str, model: str | None = None, num_classes: int | None = None):
@@ -258,6 +265,7 @@ def predict_video(
     fps: float = 10.0,
     progress: bool = True,
     manifest: dict[str, Any] | None = None,
+    num_loaders: int | None = None,
 ) -> Path:
     """Segments every frame of ``reader`` and writes the outputs listed in the module docstring.
 
@@ -273,9 +281,13 @@ def predict_video(
       fps: frame rate of the preview GIF.
       progress: show a progress bar.
       manifest: extra entries for ``manifest.json``.
+      num_loaders: threads transforming frames ahead of the model (default
+        :func:`cffm_jax.streaming.loader_threads`: min(8, CPU count)).
     Returns:
       the output folder.
     """
+    from cffm_jax import streaming as streaming_lib
+
     out = Path(out_dir)
     _check_output(out, overwrite)
     tmp = out.with_name(f".{out.name}.partial")
@@ -288,7 +300,7 @@ def predict_video(
     pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="png")
     futures: list[concurrent.futures.Future] = []
     try:
-        frames = _frames(reader, tuple(img_scale))
+        frames = _frames(reader, tuple(img_scale), num_loaders or streaming_lib.loader_threads())
         results = segmenter.segment(frames, prototypes, streaming=streaming)
         for result in tqdm(results, total=reader.num_frames, unit="frame", disable=not progress, desc="predict"):
             frame: _UserFrame = result.frame
@@ -343,6 +355,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--prototypes", help="CFFM++: prototype store dir (default: computed on the fly)")
     parser.add_argument("--prototype-seed", type=int, default=0, help="k-means seed for on-the-fly prototypes")
     parser.add_argument("--batch-size", type=int, help="frames per batch (multiple of the device count)")
+    parser.add_argument("--loader-threads", type=int, help="threads transforming frames (default min(8, CPU count))")
     parser.add_argument("--no-streaming", action="store_true", help="clip-by-clip reference instead of streaming")
     parser.add_argument("--alpha", type=float, default=0.5, help="mask opacity in the overlays")
     parser.add_argument("--fps", type=float, default=10.0, help="frame rate of preview.gif")
@@ -397,6 +410,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         fps=args.fps,
         progress=not args.no_progress,
         manifest=manifest,
+        num_loaders=args.loader_threads,
     )
     print(f"wrote {reader.num_frames} frames of {reader.name!r} to {out}")  # noqa: T201
     return out

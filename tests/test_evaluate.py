@@ -69,7 +69,7 @@ def streamed(setup):
         "--config", setup["config"], f"--config.data.root={setup['root']}",
         "--checkpoint", setup["weights"]["cffm"],
         "--json", str(out / "metrics.json"), "--predictions-out", str(out / "pred"), "--batch-size", "4",
-        "--no-progress",
+        "--no-progress", "--loader-threads", "3",
     ]  # fmt: skip
     scores = evaluate.main(argv)
     return {"scores": scores, "json": out / "metrics.json", "pred": out / "pred"}
@@ -115,11 +115,12 @@ def test_scoring_saved_predictions_gives_the_same_metrics(setup, streamed):
 
 
 def test_clip_by_clip_gives_the_same_predictions(setup, streamed):
+    """Also: frames loaded on one thread here, on three (in order) for the streamed run."""
     out = setup["tmp"] / "clip"
     scores = evaluate.main(
         ["--config", setup["config"], f"--config.data.root={setup['root']}", "--checkpoint",
          setup["weights"]["cffm"], "--no-streaming", "--predictions-out", str(out), "--batch-size", "4",
-         "--no-progress"]
+         "--no-progress", "--loader-threads", "1"]
     )  # fmt: skip
     for key in METRICS:
         assert scores[key] == pytest.approx(streamed["scores"][key], abs=1e-9), key

@@ -11,6 +11,8 @@ import functools
 import logging
 import os
 import textwrap
+import threading
+import time
 
 import jax
 import numpy as np
@@ -34,6 +36,7 @@ from cffm_jax.streaming import (
     _store_step,
     clip_forward,
     compute_prototypes,
+    ordered_map,
     prefetch,
 )
 
@@ -218,6 +221,38 @@ def test_prefetch_keeps_order_and_forwards_errors():
     it = prefetch(failing())
     assert next(it) == 1
     with pytest.raises(RuntimeError, match="boom"):
+        next(it)
+
+
+def test_ordered_map_keeps_order_bounds_work_ahead_and_forwards_errors():
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def slow_square(x: int) -> int:
+        with lock:
+            started.append(x)
+        time.sleep(0.002 * (x % 3))  # later items often finish first
+        return x * x
+
+    assert list(ordered_map(slow_square, range(40), workers=4)) == [x * x for x in range(40)]
+
+    started.clear()
+    it = ordered_map(slow_square, iter(range(100)), workers=3, ahead=5)
+    assert [next(it) for _ in range(10)] == [x * x for x in range(10)]
+    time.sleep(0.05)
+    assert len(started) <= 10 + 5  # items are drawn and started only when there is room ahead
+    it.close()  # cancels what has not started
+    time.sleep(0.05)
+    assert len(started) <= 10 + 5
+
+    def fail_at_7(x: int) -> int:
+        if x == 7:
+            raise ValueError("frame 7 is corrupt")
+        return x
+
+    it = ordered_map(fail_at_7, range(20), workers=4)
+    assert [next(it) for _ in range(7)] == list(range(7))
+    with pytest.raises(ValueError, match="frame 7 is corrupt"):
         next(it)
 
 
