@@ -17,7 +17,8 @@ Differences from cv2/mmcv (documented, deliberate):
   centres, no antialiasing, 11-bit fixed-point weights, border taps clamped horizontally with weights (1, 0)
   but with fractional weights on clamped rows vertically, and the SIMD vertical rounding
   ``((S0>>4)*b0>>16 + (S1>>4)*b1>>16 + 2) >> 2``). Checked bit-exact against opencv-python-headless 5.0.0
-  (x86-64) on 40 random sizes and on 853x480 at ratios 0.5-2.0; an OpenCV build without SIMD rounds once
+  (x86-64) on 40 random sizes and on 853x480 at ratios 0.5-2.0, and the row-wise version of 2026-11-28 on 400
+  more (windows, 1/3/4 channels, one axis unchanged: 853x480 -> 864x480); an OpenCV build without SIMD rounds once
   instead of twice and can differ by 1 grey level. PIL's bilinear filter is *not* used: it antialiases when
   downsampling, which cv2 does not.
 * :func:`resize_nearest` re-implements OpenCV's (legacy) ``INTER_NEAREST``: source index
@@ -106,24 +107,49 @@ def resize_bilinear(
       (H', W', C) uint8, or (y1 - y0, x1 - x0, C) with a window.
     """
     h, w = image.shape[:2]
+    channels = image.shape[2]
     out_w, out_h = size_wh
     y0, y1, x0, x1 = window if window is not None else (0, out_h, 0, out_w)
     if (out_w, out_h) == (w, h):
         return image[y0:y1, x0:x1].copy()
-    sy0, sy1, b0, b1 = _linear_taps(h, out_h, y0, y1, clamp_weights=False)
-    sx0, sx1, a0, a1 = _linear_taps(w, out_w, x0, x1, clamp_weights=True)
-    # Horizontal pass once per distinct source row, then the vertical pass.
-    rows, inverse = np.unique(np.concatenate([sy0, sy1]), return_inverse=True)
-    src = image[rows]
-    a0, a1 = a0[None, :, None], a1[None, :, None]
-    horiz = src[:, sx0].astype(np.int32) * a0 + src[:, sx1].astype(np.int32) * a1
-    horiz >>= 4  # values up to 255 * 2048 / 16: the int16 range of OpenCV's SIMD vertical pass
-    n = len(sy0)
-    out = (horiz[inverse[:n]] * b0[:, None, None]) >> 16
-    out += (horiz[inverse[n:]] * b1[:, None, None]) >> 16
+    # The arrays are (rows, columns * channels): numpy's inner loops then run along whole rows, not over the 3
+    # channels (3x faster). An axis whose size does not change has the taps (s, s + 1) with weights (2048, 0): its
+    # pass is a shift, with the same integers.
+    if out_w == w:
+        horiz = image[:, x0:x1].reshape(h, -1).astype(np.int32)
+        horiz <<= _COEF_BITS - 4  # (p * 2048) >> 4
+    else:
+        sx0, sx1, a0, a1 = _linear_taps(w, out_w, x0, x1, clamp_weights=True)
+        a0, a1 = np.repeat(a0, channels), np.repeat(a1, channels)
+        horiz = None
+    if out_h == h:
+        rows = np.arange(y0, y1)
+    else:
+        sy0, sy1, b0, b1 = _linear_taps(h, out_h, y0, y1, clamp_weights=False)
+        # Horizontal pass once per distinct source row, then the vertical pass.
+        rows, inverse = np.unique(np.concatenate([sy0, sy1]), return_inverse=True)
+    if horiz is None:
+        src = image[rows]
+        horiz = src[:, sx0].reshape(len(rows), -1) * a0  # uint8 * int32 -> int32
+        horiz += src[:, sx1].reshape(len(rows), -1) * a1
+        horiz >>= 4  # values up to 255 * 2048 / 16: the int16 range of OpenCV's SIMD vertical pass
+    elif out_h != h:
+        horiz = horiz[rows]
+    else:
+        horiz = horiz[y0:y1]
+    if out_h == h:
+        out = horiz
+        out >>= 5  # (S * 2048) >> 16
+    else:
+        n = len(sy0)
+        out = horiz[inverse[:n]] * b0[:, None]
+        out >>= 16
+        lower = horiz[inverse[n:]] * b1[:, None]
+        lower >>= 16
+        out += lower
     out += 2
     out >>= 2
-    return np.clip(out, 0, 255).astype(np.uint8)
+    return np.clip(out, 0, 255).astype(np.uint8).reshape(y1 - y0, x1 - x0, channels)
 
 
 def resize_nearest(
@@ -294,8 +320,18 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.nd
 
 
 def normalize(image: np.ndarray) -> np.ndarray:
-    """(..., 3) uint8 RGB -> float32 ``(x - mean) / std`` with the ImageNet statistics."""
-    return (image.astype(np.float32) - MEAN) / STD
+    """(..., 3) uint8 RGB -> float32 ``(x - mean) / std`` with the ImageNet statistics.
+
+    Computed on rows of ``W * 3`` values against the statistics tiled to that length: numpy's inner loops then run
+    over whole rows instead of 3 channels (the same float32 operations, 3-4x faster).
+    """
+    if image.ndim < 2:
+        return (image.astype(np.float32) - MEAN) / STD
+    rows = image.reshape(-1, image.shape[-2] * image.shape[-1]).astype(np.float32)
+    width = image.shape[-2]
+    rows -= np.tile(MEAN, width)
+    rows /= np.tile(STD, width)
+    return rows.reshape(image.shape)
 
 
 def pad_to(array: np.ndarray, hw: tuple[int, int], value: float) -> np.ndarray:
