@@ -2,7 +2,7 @@
 # The GPU run of project issue 8 (item 5) in one prepared script: parity on the GPU, then the benchmark suite's
 # GPU cases, each step under its own time limit so that one slow or failing step leaves the others' results.
 #
-#     OUT=gpu_out bash scripts/gpu_benchmark.sh [inference|train|all|highest|diag]      (default: all)
+#     OUT=gpu_out bash scripts/gpu_benchmark.sh [inference|train|all|highest|diag|eval]      (default: all)
 #
 # inference: parity (the official fixtures at float32 'highest' and at XLA's default precision), CFFM-B1 streaming
 #   and CFFM/CFFM++-B1 clip mode at 480x864 in float32 and bfloat16, the clip mode also at XLA's default float32
@@ -20,6 +20,10 @@
 #   training step at 480x480 (it gets what the call's limit leaves). At 'highest' XLA autotunes every float32
 #   product for much longer: the B1 encoder compiles in 63 s (15 s at TF32; scripts/gpu_diag_precision.py,
 #   BENCHMARKS.md), so a lease of 2026-11-27 whose limits were 90-100 s per step got no row at all.
+# eval: evaluation as users run it (scripts/benchmark_eval.py: loading, CFFM-B1 streaming, metrics) on 4 synthetic
+#   480x853 videos of 60 frames, with 1 and 8 frame-loading threads, at TF32 ('default', short compiles): does
+#   loading keep up with the GPU? (One loading thread managed ~55 frames/s on the 2-core development CPU; the H100
+#   segments ~341 frames/s.) ~2 minutes.
 # diag: where compile and run time go at each float32 precision (scripts/gpu_diag_precision.py: a matmul, a
 #   convolution, the CFFM-B1 encoder and decoder at 480x864), at 'highest' also with XLA's Triton GEMMs off
 #   (cuBLAS only: fewer candidates to autotune; not tried yet); then 'high' (three bfloat16 passes per float32
@@ -87,6 +91,10 @@ if [ "$PART" = highest ]; then
         --json "$OUT/gpu_b1_stream_vspw.json"
     step b1_clip 200 $BENCH --cases clip --models b1 --sizes 480x864 --json "$OUT/gpu_b1_clip.json"
     step train_b1 240 $BENCH --cases train --models b1 --sizes 480x480 --json "$OUT/gpu_train_b1.json"
+fi
+if [ "$PART" = eval ]; then
+    step eval_loading 420 $PY scripts/benchmark_eval.py --model cffm_b1 --videos 4 --frames 60 --loader-threads 1 8 \
+        --matmul-precision default
 fi
 if [ "$PART" = diag ]; then
     step diag_highest 150 $PY scripts/gpu_diag_precision.py highest
