@@ -28,6 +28,7 @@ Output (written into ``.DIR.partial`` and renamed to ``DIR`` when everything is 
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import dataclasses
 import json
@@ -297,27 +298,31 @@ def predict_video(
         (tmp / sub).mkdir(parents=True)
     every = max(1, math.ceil(reader.num_frames / PREVIEW_MAX_FRAMES))
     preview: list[np.ndarray] = []
-    pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="png")
-    futures: list[concurrent.futures.Future] = []
+    threads = num_loaders or streaming_lib.loader_threads()
+
+    def write(frame: _UserFrame, ids: np.ndarray, with_thumbnail: bool) -> np.ndarray | None:
+        """The frame's three PNGs (an overlay PNG of a 1080p frame takes ~0.1 s to encode); its preview image."""
+        colors = colorize(ids)
+        blended = overlay(frame.rgb, colors, alpha)
+        save_gray_png(tmp / "labels" / f"{frame.name}.png", ids)
+        save_rgb_png(tmp / "masks" / f"{frame.name}.png", colors)
+        save_rgb_png(tmp / "overlay" / f"{frame.name}.png", blended)
+        return thumbnail(blended, PREVIEW_MAX_SIDE) if with_thumbnail else None
+
+    pool = concurrent.futures.ThreadPoolExecutor(max(2, threads), thread_name_prefix="png")
+    futures: collections.deque[concurrent.futures.Future] = collections.deque()
     try:
-        frames = _frames(reader, tuple(img_scale), num_loaders or streaming_lib.loader_threads())
+        frames = _frames(reader, tuple(img_scale), threads)
         results = segmenter.segment(frames, prototypes, streaming=streaming)
         for result in tqdm(results, total=reader.num_frames, unit="frame", disable=not progress, desc="predict"):
-            frame: _UserFrame = result.frame
             ids = np.asarray(result.pred)
-            colors = colorize(ids)
-            blended = overlay(frame.rgb, colors, alpha)
-            futures.append(pool.submit(save_gray_png, tmp / "labels" / f"{frame.name}.png", ids))
-            futures.append(pool.submit(save_rgb_png, tmp / "masks" / f"{frame.name}.png", colors))
-            futures.append(pool.submit(save_rgb_png, tmp / "overlay" / f"{frame.name}.png", blended))
-            if result.index % every == 0:
-                preview.append(thumbnail(blended, PREVIEW_MAX_SIDE))
-            if len(futures) > 48:
-                for f in futures:
-                    f.result()
-                futures = []
-        for f in futures:
-            f.result()
+            futures.append(pool.submit(write, result.frame, ids, result.index % every == 0))
+            while len(futures) > 4 * max(2, threads) or (futures and futures[0].done()):
+                if (image := futures.popleft().result()) is not None:  # in frame order
+                    preview.append(image)
+        for future in futures:
+            if (image := future.result()) is not None:
+                preview.append(image)
         save_gif(tmp / "preview.gif", preview, fps=fps / every)
         info = {
             **(manifest or {}),

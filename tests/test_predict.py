@@ -20,7 +20,7 @@ from cffm_jax.data.pipeline import EvalFrame
 from cffm_jax.data.synthetic import generate
 from cffm_jax.prototype_store import prototype_frame_indices
 from cffm_jax.streaming import VideoSegmenter, compute_prototypes
-from cffm_jax.visualize import colorize
+from cffm_jax.visualize import colorize, palette
 
 NUM_FRAMES = 12
 
@@ -71,10 +71,24 @@ def _check_outputs(out, names, frames_rgb):
         assert np.abs(blend - (rgb.astype(int) + colorize(ids)) / 2).max() <= 1
     with Image.open(out / "preview.gif") as gif:
         assert gif.n_frames == len(names) and gif.size == (80, 48)
+        previews = [np.asarray(f.convert("RGB")).astype(int) for f in ImageSequence.Iterator(gif)]
+    overlays = [np.asarray(Image.open(out / "overlay" / f"{n}.png")).astype(int) for n in names]
+    for t, preview in enumerate(previews):  # in frame order (frames are written on several threads)
+        distances = [np.abs(preview - o).mean() for o in overlays]
+        assert int(np.argmin(distances)) == t or distances[t] == min(distances), (t, distances)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["frame_names"] == names and manifest["arch"] == "cffmpp"
     assert manifest["prototypes"].startswith("on the fly")
     assert len(np.unique(np.stack(expected))) > 1
+
+
+def test_colorize_is_the_palette_of_the_raw_values():
+    """Class c has colour palette()[c + 1] and 255 (ignored) palette()[255], for uint8 and wider ids."""
+    ids = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    expected = palette()[np.where(ids.astype(int) == 255, 255, ids.astype(int) + 1)]
+    np.testing.assert_array_equal(colorize(ids), expected)
+    np.testing.assert_array_equal(colorize(ids.astype(np.int32)), expected)
+    assert colorize(ids).dtype == np.uint8 and colorize(ids).shape == (16, 16, 3)
 
 
 def test_folder_of_frames(setup):
