@@ -63,6 +63,22 @@ def test_source_pickles_for_worker_processes(folders):
     np.testing.assert_array_equal(clone.load_frame(video, 0)[0], image)
 
 
+def test_frames_load_on_several_threads(folders):
+    """Evaluation loads frames on several threads (cffm_jax.streaming.ordered_map), the packed source included: the
+    first loads open its reader at the same time."""
+    from cffm_jax.streaming import ordered_map
+
+    for root in folders:
+        sequential = pipeline.list_eval_videos(root, "val")[1]
+        expected = [sequential.load(t, img_scale=(64, 48)) for t in range(sequential.num_frames)]
+        video = pipeline.list_eval_videos(root, "val")[1]  # a fresh source: reader not open yet
+        loaded = list(ordered_map(lambda t, v=video: v.load(t, img_scale=(64, 48)), range(video.num_frames), 4))
+        assert len(loaded) == len(expected)
+        for a, b in zip(loaded, expected, strict=True):
+            np.testing.assert_array_equal(a.image, b.image)
+            np.testing.assert_array_equal(a.label, b.label)
+
+
 def test_unknown_split_is_a_clear_error(folders):
     from cffm_jax.data.vspw import DatasetError
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import threading
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -201,19 +202,28 @@ class TfdsSource:
             skip_bad_videos=skip_bad_videos,
         )
         self._data_source = None
+        self._opening = threading.Lock()
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_data_source"] = None  # Re-opened lazily in each worker process.
+        del state["_opening"]
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._opening = threading.Lock()
 
     @property
     def data_source(self):
-        if self._data_source is None:
-            skip = tfds.decode.SkipDecoding()
-            self._data_source = tfds.builder_from_directory(self.path).as_data_source(
-                split=self.split, decoders={"image": skip, "mask": skip}
-            )
+        """The split's array_record data source, opened on first use (once: frames load on several threads; reads
+        of an open source are thread-safe, as grain's multi-threaded reading relies on)."""
+        with self._opening:
+            if self._data_source is None:
+                skip = tfds.decode.SkipDecoding()
+                self._data_source = tfds.builder_from_directory(self.path).as_data_source(
+                    split=self.split, decoders={"image": skip, "mask": skip}
+                )
         return self._data_source
 
     def frame_name(self, video: VideoInfo, t: int) -> str:
