@@ -183,6 +183,36 @@ def test_hsv_conversions():
     np.testing.assert_array_equal(T.rgb_to_hsv(primaries)[:, 0], [0, 60, 120])
 
 
+def _hsv_to_rgb_formula(hsv):
+    """OpenCV's float HSV2RGB for uint8 written directly (np.choose over the sector table; the first
+    implementation)."""
+    hsv = hsv.astype(np.float32)
+    h = np.mod(hsv[..., 0] * np.float32(6.0 / 180.0), np.float32(6.0))
+    s = hsv[..., 1] * np.float32(1.0 / 255.0)
+    v = hsv[..., 2] * np.float32(1.0 / 255.0)
+    sector = np.floor(h)
+    frac = h - sector
+    sector = sector.astype(np.intp) % 6
+    tab = [v, v * (1 - s), v * (1 - s * frac), v * (1 - s * (1 - frac))]
+    rgb = np.stack([np.choose(T._SECTOR_RGB[:, c][sector], tab) for c in range(3)], -1)
+    rgb = np.where((s == 0)[..., None], v[..., None], rgb)
+    return np.clip(np.rint(rgb * np.float32(255.0)), 0, 255).astype(np.uint8)
+
+
+def test_hsv_to_rgb_equals_the_direct_formula():
+    """Every H (0..255, the mod path for H >= 180 included) and S with a sample of V, and random pixels in (H, W, 3)
+    and (N, 3) layouts."""
+    h, s, v = np.meshgrid(np.arange(256), np.arange(256), np.arange(0, 256, 17), indexing="ij")
+    grid = np.stack([h, s, v], -1).astype(np.uint8)
+    np.testing.assert_array_equal(T.hsv_to_rgb(grid), _hsv_to_rgb_formula(grid))
+    below = grid[:180]  # the usual input (H < 180): no mod
+    np.testing.assert_array_equal(T.hsv_to_rgb(below), _hsv_to_rgb_formula(below))
+    pixels = np.random.default_rng(6).integers(0, 256, (37, 29, 3), dtype=np.uint8)
+    pixels[..., 0] %= 180
+    np.testing.assert_array_equal(T.hsv_to_rgb(pixels), _hsv_to_rgb_formula(pixels))
+    np.testing.assert_array_equal(T.hsv_to_rgb(pixels[0]), _hsv_to_rgb_formula(pixels[0]))
+
+
 def _reference_photometric(img, rng):
     """The reference's draw order, written out step by step (independent of the library's control flow)."""
 
