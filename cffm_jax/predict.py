@@ -301,7 +301,7 @@ def predict_video(
     threads = num_loaders or streaming_lib.loader_threads()
 
     def write(frame: _UserFrame, ids: np.ndarray, with_thumbnail: bool) -> np.ndarray | None:
-        """The frame's three PNGs (an overlay PNG of a 1080p frame takes ~0.1 s to encode); its preview image."""
+        """The frame's three PNGs (an overlay PNG of a 1080p frame takes 0.2-0.5 s to encode); its preview image."""
         colors = colorize(ids)
         blended = overlay(frame.rgb, colors, alpha)
         save_gray_png(tmp / "labels" / f"{frame.name}.png", ids)
