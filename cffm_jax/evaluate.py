@@ -58,7 +58,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +73,7 @@ from cffm_jax.data.transforms import IMG_SCALE
 from cffm_jax.data.vspw import NUM_CLASSES, DatasetError, decode_mask, read_bytes, reduce_zero_label
 from cffm_jax.experiment_config import ConfigError, config_error_message
 from cffm_jax.metrics import MetricsAccumulator
-from cffm_jax.streaming import VideoSegmenter, compute_prototypes, loader_threads, ordered_map, prefetch
+from cffm_jax.streaming import VideoSegmenter, compute_prototypes, loader_threads, ordered_map
 from cffm_jax.visualize import ids_to_raw, save_palette_png
 
 log = logging.getLogger(__name__)
@@ -404,24 +404,24 @@ def score_predictions(
         raise DatasetError(f"split {split!r} of {data_root} has no video with masks to score against")
     accumulator = MetricsAccumulator(num_classes=num_classes)
 
-    def pairs(video: EvalVideo) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        for t in range(video.num_frames):
-            path = root / video.name / f"{video.info.frame_names[t]}.png"
-            if not path.is_file():
-                raise DatasetError(f"{path}: prediction missing for frame {t} of video {video.name!r}")
-            pred = read_prediction(path, num_classes)
-            _, label = video.source.load_frame(video.info, t)
-            if pred.shape != label.shape:
-                raise DatasetError(
-                    f"{path}: prediction size {pred.shape[1]}x{pred.shape[0]} (WxH) differs from the ground "
-                    f"truth {label.shape[1]}x{label.shape[0]} of {video.source.frame_name(video.info, t)}"
-                )
-            yield t, pred, label
+    def pair(video: EvalVideo, t: int) -> tuple[np.ndarray, np.ndarray]:
+        path = root / video.name / f"{video.info.frame_names[t]}.png"
+        if not path.is_file():
+            raise DatasetError(f"{path}: prediction missing for frame {t} of video {video.name!r}")
+        pred = read_prediction(path, num_classes)
+        _, label = video.source.load_frame(video.info, t)
+        if pred.shape != label.shape:
+            raise DatasetError(
+                f"{path}: prediction size {pred.shape[1]}x{pred.shape[0]} (WxH) differs from the ground "
+                f"truth {label.shape[1]}x{label.shape[0]} of {video.source.frame_name(video.info, t)}"
+            )
+        return pred, label
 
     total = sum(v.num_frames for v in videos)
     with tqdm(total=total, unit="frame", disable=not progress, desc=f"score {split}") as bar:
         for video in videos:
-            for t, pred, label in prefetch(pairs(video)):
+            frames = ordered_map(functools.partial(pair, video), range(video.num_frames), loader_threads())
+            for t, (pred, label) in enumerate(frames):
                 accumulator.update(video.name, t, pred, label)
                 bar.update()
     return accumulator.compute()
