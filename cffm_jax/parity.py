@@ -104,9 +104,14 @@ def _runner(config_json: str):
     return jax.jit(lambda variables, clip, kwargs: model.apply(variables, clip, mutable=["intermediates"], **kwargs))
 
 
+def fixture_state_dict(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The official state dict held by a fixture's arrays (``state_dict/<official key>``, prefix removed)."""
+    return {k.removeprefix("state_dict/"): v for k, v in arrays.items() if k.startswith("state_dict/")}
+
+
 def model_outputs(arrays: dict[str, np.ndarray], config) -> dict[str, np.ndarray]:
     """Runs the model on the fixture input; returns our value of every fixture output name (PyTorch layout)."""
-    state_dict = {k[len("state_dict/") :]: v for k, v in arrays.items() if k.startswith("state_dict/")}
+    state_dict = fixture_state_dict(arrays)
     if not state_dict:
         raise FixtureError("no state_dict/* entries")
     if "input/clip" not in arrays:

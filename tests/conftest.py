@@ -43,11 +43,6 @@ def load_fixture(name: str) -> tuple[dict[str, np.ndarray], dict]:
     return arrays, meta
 
 
-def fixture_state_dict(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The official state dict held by a fixture's arrays (``state_dict/<official key>``, prefix removed)."""
-    return {k.removeprefix("state_dict/"): v for k, v in arrays.items() if k.startswith("state_dict/")}
-
-
 @pytest.fixture(scope="session")
 def cffm_tiny():
     return load_fixture("cffm_tiny.npz")

@@ -10,14 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import FIXTURES, fixture_state_dict
+from conftest import FIXTURES
 
 from cffm_jax.convert import convert_state_dict
 from cffm_jax.models import build_model, effective_matmul_precision, model_config, trainable_mask
 from cffm_jax.models.cffm import quarter_size
 from cffm_jax.models.cffm_attention import index_buffers
 from cffm_jax.models.layers import _bilinear_taps, resize_bilinear, resize_bilinear_flat
-from cffm_jax.parity import FixtureError, check_arrays, config_from_meta
+from cffm_jax.parity import FixtureError, check_arrays, config_from_meta, fixture_state_dict
 
 # ---------------------------------------------------------------------------------------------------------
 # Parity, output by output (a failure names the stage), and the checker's CLI on the shipped fixtures.

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import fixture_state_dict, run_on_fake_devices
+from conftest import run_on_fake_devices
 
 from cffm_jax.convert import convert_state_dict, load_state_dict
 from cffm_jax.models import build_model, model_config
@@ -15,6 +15,7 @@ from cffm_jax.models.mit import (
     conv_with_row_weight_grad,
     depthwise_conv3x3,
 )
+from cffm_jax.parity import fixture_state_dict
 
 TINY = dict(embed_dims=(8, 16, 40, 64), depths=(2, 1, 1, 2))
 

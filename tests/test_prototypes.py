@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from conftest import fixture_state_dict, load_fixture
+from conftest import load_fixture
 
 from cffm_jax import prototypes
 from cffm_jax.checkpoint import CheckpointError, save_variables
@@ -27,7 +27,7 @@ from cffm_jax.data.synthetic import generate
 from cffm_jax.data.vspw import DatasetError
 from cffm_jax.kmeans import kmeans
 from cffm_jax.models import build_model, model_config
-from cffm_jax.parity import config_from_meta
+from cffm_jax.parity import config_from_meta, fixture_state_dict
 from cffm_jax.prototype_store import PrototypeStore, prototype_frame_indices
 
 IMG_SCALE = (64, 48)

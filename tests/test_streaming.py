@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import fixture_state_dict, load_fixture, run_on_fake_devices
+from conftest import load_fixture, run_on_fake_devices
 
 from cffm_jax import xla_options
 from cffm_jax.convert import convert_state_dict
@@ -25,7 +25,7 @@ from cffm_jax.data.pipeline import EvalFrame, list_eval_videos
 from cffm_jax.data.synthetic import generate
 from cffm_jax.models import build_model
 from cffm_jax.models.layers import argmax_classes
-from cffm_jax.parity import config_from_meta
+from cffm_jax.parity import config_from_meta, fixture_state_dict
 from cffm_jax.prototype_store import prototype_frame_indices
 from cffm_jax.streaming import (
     VideoSegmenter,

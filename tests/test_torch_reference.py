@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import fixture_state_dict, load_fixture
+from conftest import load_fixture
 
 from cffm_jax import torch_reference
 from cffm_jax.models import model_config
-from cffm_jax.parity import config_from_meta
+from cffm_jax.parity import config_from_meta, fixture_state_dict
 
 
 def _fixture_model(arrays: dict[str, np.ndarray], meta: dict) -> torch_reference.CFFM:

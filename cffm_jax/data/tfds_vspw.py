@@ -46,6 +46,7 @@ from cffm_jax.data.vspw import (
 )
 
 _PLACEHOLDER_MASK: bytes | None = None
+_OPENING = threading.Lock()  # TfdsSource opens its data source once when several loader threads start together
 
 
 def _placeholder_mask() -> bytes:
@@ -202,23 +203,17 @@ class TfdsSource:
             skip_bad_videos=skip_bad_videos,
         )
         self._data_source = None
-        self._opening = threading.Lock()
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_data_source"] = None  # Re-opened lazily in each worker process.
-        del state["_opening"]
         return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._opening = threading.Lock()
 
     @property
     def data_source(self):
         """The split's array_record data source, opened on first use (once: frames load on several threads; reads
         of an open source are thread-safe, as grain's multi-threaded reading relies on)."""
-        with self._opening:
+        with _OPENING:
             if self._data_source is None:
                 skip = tfds.decode.SkipDecoding()
                 self._data_source = tfds.builder_from_directory(self.path).as_data_source(

@@ -115,28 +115,21 @@ def resize_bilinear(
     # The arrays are (rows, columns * channels): numpy's inner loops then run along whole rows, not over the 3
     # channels (3x faster). An axis whose size does not change has the taps (s, s + 1) with weights (2048, 0): its
     # pass is a shift, with the same integers.
-    if out_w == w:
-        horiz = image[:, x0:x1].reshape(h, -1).astype(np.int32)
-        horiz <<= _COEF_BITS - 4  # (p * 2048) >> 4
-    else:
-        sx0, sx1, a0, a1 = _linear_taps(w, out_w, x0, x1, clamp_weights=True)
-        a0, a1 = np.repeat(a0, channels), np.repeat(a1, channels)
-        horiz = None
     if out_h == h:
         rows = np.arange(y0, y1)
     else:
         sy0, sy1, b0, b1 = _linear_taps(h, out_h, y0, y1, clamp_weights=False)
         # Horizontal pass once per distinct source row, then the vertical pass.
         rows, inverse = np.unique(np.concatenate([sy0, sy1]), return_inverse=True)
-    if horiz is None:
-        src = image[rows]
-        horiz = src[:, sx0].reshape(len(rows), -1) * a0  # uint8 * int32 -> int32
-        horiz += src[:, sx1].reshape(len(rows), -1) * a1
-        horiz >>= 4  # values up to 255 * 2048 / 16: the int16 range of OpenCV's SIMD vertical pass
-    elif out_h != h:
-        horiz = horiz[rows]
+    src = image[rows]
+    if out_w == w:
+        horiz = src[:, x0:x1].reshape(len(rows), -1).astype(np.int32)
+        horiz <<= _COEF_BITS - 4  # (p * 2048) >> 4
     else:
-        horiz = horiz[y0:y1]
+        sx0, sx1, a0, a1 = _linear_taps(w, out_w, x0, x1, clamp_weights=True)
+        horiz = src[:, sx0].reshape(len(rows), -1) * np.repeat(a0, channels)  # uint8 * int32 -> int32
+        horiz += src[:, sx1].reshape(len(rows), -1) * np.repeat(a1, channels)
+        horiz >>= 4  # values up to 255 * 2048 / 16: the int16 range of OpenCV's SIMD vertical pass
     if out_h == h:
         out = horiz
         out >>= 5  # (S * 2048) >> 16
