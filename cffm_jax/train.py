@@ -9,7 +9,11 @@ Multi-host: start one process per host with ``--coordinator_address=host0:port -
 
 :func:`train_and_evaluate` reads top to bottom: workdir and config files, mesh and batch sizes, data, model
 and optimiser shapes, the update step, resume (workdir checkpoint > ``config.init_from`` > scratch), the loop
-(progress, metrics, NaN/Inf stop, checkpoints, periodic evaluation), the final evaluation.
+(progress, metrics, NaN/Inf stop, checkpoints, periodic evaluation, stop on SIGTERM / Ctrl-C), the final evaluation.
+
+SIGTERM (a scheduler's preemption or time-limit notice) or Ctrl-C ends the run after the step in flight with a
+checkpoint of that step, and the command exits with status 128 + the signal's number (143, 130); the same
+command resumes it (:mod:`cffm_jax.preemption`; on several processes any one's SIGTERM stops them all at one step).
 
 The update step (:func:`train_step`) is one ``jax.jit`` over a ``('data',)`` mesh of all devices: the batch is
 sharded along its first axis, the state replicated and donated. BatchNorm statistics are therefore computed
@@ -34,6 +38,7 @@ import logging
 import os
 import pathlib
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -46,7 +51,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from cffm_jax import compilation_cache, host_memory
+from cffm_jax import compilation_cache, host_memory, preemption
 from cffm_jax import sharding as shd
 from cffm_jax import train_state as ts
 from cffm_jax.checkpoint import CheckpointError
@@ -78,6 +83,7 @@ class TrainResult:
       checkpoint: the directory of the last checkpoint.
       data_root: the dataset that was used.
       predictions_dir: where the final evaluation wrote sample predictions (or None).
+      stopped_by: the signal that ended the run early with a checkpoint (``preemption``), or None.
     """
 
     state: ts.TrainState
@@ -86,6 +92,7 @@ class TrainResult:
     checkpoint: pathlib.Path | None
     data_root: str
     predictions_dir: pathlib.Path | None
+    stopped_by: signal.Signals | None = None
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -457,40 +464,51 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             last_time, last_step = now, step
             writer.write(step, values)
 
-    try:
-        for step in range(start_step + 1, config.total_steps + 1):
-            batch = shd.global_batch({k: v for k, v in next(train_iter).items() if k in MODEL_INPUTS}, mesh)
-            state, metrics = step_fn(state, batch)
-            if pending is not None:
-                finish(*pending)
-            elif step == start_step + 1:
-                jax.block_until_ready(metrics)
-                log.info("first step (with compilation) done %.1f s after initialisation", time.time() - t0)
-            pending = (step, metrics)
-            if step % config.checkpoint_every == 0 or step == config.total_steps:
-                finish(*pending)
-                pending = None
-                ts.save_checkpoint(manager, state, train_iter)
-            if config.eval_every > 0 and step % config.eval_every == 0 and step != config.total_steps:
+    stop = preemption.StopSignals()
+    with stop:
+        try:
+            for step in range(start_step + 1, config.total_steps + 1):
+                batch = shd.global_batch({k: v for k, v in next(train_iter).items() if k in MODEL_INPUTS}, mesh)
+                state, metrics = step_fn(state, batch)
                 if pending is not None:
                     finish(*pending)
+                elif step == start_step + 1:
+                    jax.block_until_ready(metrics)
+                    log.info("first step (with compilation) done %.1f s after initialisation", time.time() - t0)
+                pending = (step, metrics)
+                stopping = stop.requested(step)  # every step, on every process (they agree on the step)
+                if stopping or step % config.checkpoint_every == 0 or step == config.total_steps:
+                    finish(*pending)
                     pending = None
-                metrics_eval = run_evaluation(config, state.variables, data_root)
-                if metrics_eval is not None:
-                    writer.write(step, _eval_row(metrics_eval))
-                    log.info("step %d: mIoU %.2f", step, metrics_eval["miou"])
-                _barrier(f"eval_{step}")
-        if pending is not None:
-            finish(*pending)
-    finally:
-        bar.close()
-        manager.wait_until_finished()
-        batch = None  # on CPU the last batch's arrays may alias the data workers' shared memory
-        close_train_iterator(train_iter)
+                    ts.save_checkpoint(manager, state, train_iter)
+                if stopping:
+                    log.warning(
+                        "stopped by %s after step %d: checkpoint in %s; run the same command to resume",
+                        stop.signal.name,
+                        step,
+                        workdir / ts.CHECKPOINT_DIR / str(step),
+                    )
+                    break
+                if config.eval_every > 0 and step % config.eval_every == 0 and step != config.total_steps:
+                    if pending is not None:
+                        finish(*pending)
+                        pending = None
+                    metrics_eval = run_evaluation(config, state.variables, data_root)
+                    if metrics_eval is not None:
+                        writer.write(step, _eval_row(metrics_eval))
+                        log.info("step %d: mIoU %.2f", step, metrics_eval["miou"])
+                    _barrier(f"eval_{step}")
+            if pending is not None:
+                finish(*pending)
+        finally:
+            bar.close()
+            manager.wait_until_finished()
+            batch = None  # on CPU the last batch's arrays may alias the data workers' shared memory
+            close_train_iterator(train_iter)
 
     # --- Final evaluation -----------------------------------------------------------------------------------
     eval_metrics, predictions_dir = None, None
-    if config.eval_at_end:
+    if config.eval_at_end and stop.signal is None:
         predictions_dir = workdir / "predictions"
         eval_metrics = run_evaluation(config, state.variables, data_root, predictions_dir)
         if eval_metrics is not None:
@@ -508,11 +526,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         checkpoint=None if latest is None else workdir / ts.CHECKPOINT_DIR / str(latest),
         data_root=data_root,
         predictions_dir=predictions_dir,
+        stopped_by=stop.signal,
     )
 
 
-def _run(argv: list[str], flags_) -> TrainResult | None:
-    """The CLI's run: checks, distributed start-up, :func:`train_and_evaluate`; None on processes other than 0."""
+def _run(argv: list[str], flags_) -> TrainResult:
+    """The CLI's run: checks, distributed start-up, :func:`train_and_evaluate`."""
     if len(argv) > 1:
         raise ConfigError(f"unexpected arguments: {argv[1:]}")
     host_memory.retain_freed_memory()  # before jax starts its threads
@@ -524,13 +543,13 @@ def _run(argv: list[str], flags_) -> TrainResult | None:
         raise ConfigError("no workdir: set --workdir or config.workdir")
     with config.unlocked():
         config.workdir = workdir
-    result = train_and_evaluate(config, workdir)
-    return result if jax.process_index() == 0 else None
+    return train_and_evaluate(config, workdir)
 
 
 def main(argv: list[str]) -> None:
     """CLI: flags -> distributed start-up -> :func:`train_and_evaluate` -> summary. Errors in the settings, the data,
-    the checkpoints to start from and a non-finite loss end it with ``error: <message>`` and exit status 1."""
+    the checkpoints to start from and a non-finite loss end it with ``error: <message>`` and exit status 1; a run
+    stopped by SIGTERM or Ctrl-C (with its checkpoint) exits with 128 + the signal's number."""
     from absl import flags
 
     flags_ = flags.FLAGS
@@ -540,9 +559,14 @@ def main(argv: list[str]) -> None:
     except USER_ERRORS as e:  # a setting, file or dataset to fix: the message says which, a traceback would not
         print(f"error: {e}", file=sys.stderr)  # noqa: T201
         sys.exit(1)
-    if result is None:
-        return
-    config = flags_.config
+    if jax.process_index() == 0:
+        _print_summary(result, flags_.config)
+    if result.stopped_by is not None:
+        sys.exit(preemption.EXIT_BASE + int(result.stopped_by))
+
+
+def _print_summary(result: TrainResult, config: ml_collections.ConfigDict) -> None:
+    """The run's last lines on standard output: final scores, workdir, checkpoint, predictions, early stop."""
     lines = [f"workdir:     {result.workdir}", f"checkpoint:  {result.checkpoint}"]
     if result.eval_metrics is not None:
         m = result.eval_metrics
@@ -553,6 +577,11 @@ def main(argv: list[str]) -> None:
         )
     if result.predictions_dir is not None:
         lines.append(f"predictions: {result.predictions_dir}")
+    if result.stopped_by is not None:
+        lines.append(
+            f"stopped:     by {result.stopped_by.name} at step {int(result.state.step)} of {config.total_steps}; "
+            "the same command resumes the run"
+        )
     print("\n".join(lines))  # noqa: T201
 
 

@@ -5,7 +5,10 @@
   micro-batches one after the other (the whole update step on several devices is compared with 1 device by
   the two-process test, 12 steps);
 * a run killed with SIGKILL (while a checkpoint may be in flight) and restarted logs the same losses, step for
-  step, and ends with the same parameters as an uninterrupted run; the smoke run's loss decreases;
+  step, and ends with the same parameters as an uninterrupted run (its data workers exit on their own); the smoke
+  run's loss decreases;
+* SIGTERM and Ctrl-C to a run's process group save the step in flight, exit with 143 / 130 and leave no process; the
+  same command resumes; with two processes, SIGTERM to one stops both at the same step;
 * two processes (``jax.distributed`` on 127.0.0.1) train with identical parameters on both and match the
   single-process losses;
 * CFFM++ fine-tuning from a CFFM training workdir changes only ``decoder_swin`` and ``linear_pred3``;
@@ -166,10 +169,9 @@ def test_cli_reports_setting_errors_without_a_traceback(tmp_path, env, data_root
 
 def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path, reference_run, env, data_root):
     workdir = tmp_path / "killed"
+    cmd = train_cmd(workdir, data_root, "--config.data.num_workers=2")  # the data do not depend on the workers
     log_file = open(tmp_path / "killed.log", "w")  # noqa: SIM115 -- closed below
-    proc = subprocess.Popen(
-        train_cmd(workdir, data_root), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log_file
-    )
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log_file, start_new_session=True)
     deadline = time.time() + 300
     killed_while_saving = False
     try:
@@ -193,10 +195,11 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path, reference_
         log_file.close()
     log = (tmp_path / "killed.log").read_text()
     assert proc.returncode == -signal.SIGKILL, f"the run was not killed mid-way:\n{log[-3000:]}"
+    _wait_until_group_is_gone(proc.pid)  # the orphaned data workers exit on their own
     rows_before = rows_by_step(workdir)
     assert max(rows_before) < STEPS
 
-    out = run(train_cmd(workdir, data_root), env)
+    out = run(cmd, env)
     assert "resumed from" in out.stderr, out.stderr[-3000:]
     rows, ref = rows_by_step(workdir), rows_by_step(reference_run)
     assert sorted(rows) == sorted(ref)
@@ -438,3 +441,131 @@ def test_nonfinite_loss_stops_with_the_step(tmp_path, env, data_root, reference_
     assert "error: loss is nan at step 1 " in out.stderr, out.stderr[-3000:]
     assert not rows_by_step(tmp_path / "nan")
     assert not [p for p in (tmp_path / "nan" / "checkpoints").iterdir() if p.name.isdigit()]
+
+
+def _start_in_own_group(cmd, env, log_path) -> subprocess.Popen:
+    """A run in a new process group (it and its data workers), as a scheduler or a terminal signals them."""
+    with open(log_path, "w") as log:
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True
+        )
+
+
+def _signal_after(proc, workdir, sig, after_step: int, log_path) -> str:
+    """Sends ``sig`` to the run's whole process group once ``after_step`` is logged; returns its standard output."""
+    deadline = time.time() + 300
+    while max(rows_by_step(workdir), default=0) <= after_step:
+        assert proc.poll() is None, pathlib.Path(log_path).read_text()[-3000:]
+        assert time.time() < deadline, "no progress in 300 s"
+        time.sleep(0.05)
+    os.killpg(proc.pid, sig)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    _wait_until_group_is_gone(proc.pid)  # the data workers stop with the main process
+    return out
+
+
+def _wait_until_group_is_gone(pgid: int, timeout: float = 10.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"processes of the run outlived it by {timeout} s")
+
+
+def _checkpoint_steps(workdir) -> list[int]:
+    entries = [p.name for p in (pathlib.Path(workdir) / "checkpoints").iterdir()]
+    assert all(name.isdigit() for name in entries), entries  # no half-written checkpoint
+    return sorted(int(name) for name in entries)
+
+
+def test_sigterm_and_ctrl_c_save_the_step_and_the_same_command_resumes(tmp_path, env, data_root):
+    """SIGTERM (a scheduler's notice) to the run's process group, data workers included: the run saves the step it
+    was on, exits with 143 and leaves no process behind; the same command resumes there, and Ctrl-C (SIGINT) stops
+    it the same way with 130."""
+    workdir = tmp_path / "preempted"
+    cmd = train_cmd(
+        workdir,
+        data_root,
+        "--config.total_steps=1000000",  # runs until signalled
+        "--config.checkpoint_every=1000000",  # no periodic checkpoint: only the stop saves
+        "--config.data.num_workers=2",
+    )
+    log_path = tmp_path / "preempted.log"
+    proc = _start_in_own_group(cmd, env, log_path)
+    out = _signal_after(proc, workdir, signal.SIGTERM, 3, log_path)
+    log = log_path.read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
+    stopped = max(rows_by_step(workdir))
+    assert f"stopped:     by SIGTERM at step {stopped} of 1000000" in out, out
+    assert _checkpoint_steps(workdir) == [stopped]  # the last logged step is saved: nothing lost
+    assert "Traceback" not in log, log[-3000:]
+
+    proc = _start_in_own_group(cmd, env, log_path)
+    out = _signal_after(proc, workdir, signal.SIGINT, stopped + 2, log_path)
+    log = log_path.read_text()
+    assert proc.returncode == 128 + signal.SIGINT, log[-3000:]
+    assert f"resumed from {workdir / 'checkpoints'} at step {stopped}" in log, log[-3000:]
+    rows = rows_by_step(workdir)
+    again = max(rows)
+    assert sorted(rows) == list(range(1, again + 1))  # the resumed run continued at stopped + 1
+    assert f"stopped:     by SIGINT at step {again} of 1000000" in out, out
+    assert _checkpoint_steps(workdir) == [stopped, again]
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
+
+
+def _two_processes_until_stopped_script() -> None:
+    """Process ``argv[1]`` of 2 trains until a SIGTERM stops the run; writes where it stopped as JSON."""
+    from cffm_jax import sharding as shd
+    from cffm_jax import train
+
+    pid, port, workdir, data_root, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+    assert shd.initialize_distributed(f"127.0.0.1:{port}", 2, pid)
+    config = smoke.get_config()
+    config.data.root = data_root
+    config.total_steps, config.checkpoint_every, config.log_every = 1_000_000, 1_000_000, 1
+    result = train.train_and_evaluate(config, workdir)
+    stopped = {"signal": result.stopped_by and result.stopped_by.name, "step": int(result.state.step)}
+    (pathlib.Path(out) / f"stopped_{pid}.json").write_text(json.dumps(stopped))
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, env, data_root):
+    """With ``jax.distributed`` JAX's preemption service takes SIGTERM: all processes agree on the step to stop
+    at (otherwise the others would wait forever in the next collective) and save one checkpoint together."""
+    workdir, port = tmp_path / "two", _free_port()
+    script = "import test_train_e2e as t; t._two_processes_until_stopped_script()"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(i), str(port), str(workdir), data_root, str(tmp_path)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        deadline = time.time() + 300
+        while max(rows_by_step(workdir), default=0) <= 3:
+            assert all(p.poll() is None for p in procs), [p.communicate()[1][-3000:] for p in procs]
+            assert time.time() < deadline, "no progress in 300 s"
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-4000:]
+    s0, s1 = (json.loads((tmp_path / f"stopped_{i}.json").read_text()) for i in range(2))
+    assert s0 == s1 and s0["signal"] == "SIGTERM", (s0, s1)
+    assert _checkpoint_steps(workdir) == [s0["step"]]
+    assert max(rows_by_step(workdir)) == s0["step"]

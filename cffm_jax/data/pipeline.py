@@ -28,6 +28,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import signal
+import threading
+import time
 from collections.abc import Callable
 
 import grain
@@ -207,9 +211,31 @@ def make_train_dataset(
     if num_workers > 0:
         _mark_flags_parsed()
         it = it.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=worker_buffer_size)
+            grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=worker_buffer_size),
+            worker_init_fn=_init_worker,
         )
     return it
+
+
+def _init_worker(worker_index: int, worker_count: int) -> None:
+    """Runs first in each data worker process: the main process alone decides when workers stop.
+
+    SIGTERM and Ctrl-C reach every process of a job (a scheduler signals them all; a terminal signals its
+    foreground process group). The main process answers them by saving a checkpoint and closing its iterator,
+    which stops the workers (:mod:`cffm_jax.preemption`), so they ignore both; and a worker whose main process is
+    gone (killed with SIGKILL) exits within a second instead of waiting forever to hand over its next batch.
+    """
+    del worker_index, worker_count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def exit_when_orphaned() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=exit_when_orphaned, name="exit-when-orphaned", daemon=True).start()
 
 
 def make_train_iterator(root: str, **kwargs) -> grain.DatasetIterator:
