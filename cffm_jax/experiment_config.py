@@ -104,7 +104,7 @@ def base_config(model_name: str, **model_overrides) -> ml_collections.ConfigDict
       grad_accum_steps: micro-batches per step (batch_size / grad_accum_steps must divide by the device
         count).
       total_steps, log_every, checkpoint_every, keep_checkpoints.
-      eval_every: evaluate every N steps during training (0 = never during training).
+      eval_every: evaluate every N steps during training (0 = never during training), after saving a checkpoint.
       eval_at_end: evaluate the final model (and write sample predictions).
       eval_max_videos: 0 = all validation videos.
       optim: see ``optim_config``.

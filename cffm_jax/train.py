@@ -477,7 +477,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     log.info("first step (with compilation) done %.1f s after initialisation", time.time() - t0)
                 pending = (step, metrics)
                 stopping = stop.requested(step)  # every step, on every process (they agree on the step)
-                if stopping or step % config.checkpoint_every == 0 or step == config.total_steps:
+                evaluating = config.eval_every > 0 and step % config.eval_every == 0 and step != config.total_steps
+                # a checkpoint before each evaluation too: a job killed while it runs loses no training
+                if stopping or evaluating or step % config.checkpoint_every == 0 or step == config.total_steps:
                     finish(*pending)
                     pending = None
                     ts.save_checkpoint(manager, state, train_iter)
@@ -489,10 +491,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                         workdir / ts.CHECKPOINT_DIR / str(step),
                     )
                     break
-                if config.eval_every > 0 and step % config.eval_every == 0 and step != config.total_steps:
-                    if pending is not None:
-                        finish(*pending)
-                        pending = None
+                if evaluating:
                     metrics_eval = run_evaluation(config, state.variables, data_root)
                     if metrics_eval is not None:
                         writer.write(step, _eval_row(metrics_eval))

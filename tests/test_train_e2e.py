@@ -451,10 +451,10 @@ def _start_in_own_group(cmd, env, log_path) -> subprocess.Popen:
         )
 
 
-def _signal_after(proc, workdir, sig, after_step: int, log_path) -> str:
-    """Sends ``sig`` to the run's whole process group once ``after_step`` is logged; returns its standard output."""
+def _signal_when(proc, ready, sig, log_path) -> str:
+    """Sends ``sig`` to the run's whole process group once ``ready()``; returns its standard output."""
     deadline = time.time() + 300
-    while max(rows_by_step(workdir), default=0) <= after_step:
+    while not ready():
         assert proc.poll() is None, pathlib.Path(log_path).read_text()[-3000:]
         assert time.time() < deadline, "no progress in 300 s"
         time.sleep(0.05)
@@ -485,30 +485,40 @@ def _checkpoint_steps(workdir) -> list[int]:
     return sorted(int(name) for name in entries)
 
 
+def _eval_steps(workdir) -> list[int]:
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    return [r["step"] for r in read_metrics(path) if "miou" in r] if path.exists() else []
+
+
 def test_sigterm_and_ctrl_c_save_the_step_and_the_same_command_resumes(tmp_path, env, data_root):
     """SIGTERM (a scheduler's notice) to the run's process group, data workers included: the run saves the step it
     was on, exits with 143 and leaves no process behind; the same command resumes there, and Ctrl-C (SIGINT) stops
-    it the same way with 130."""
+    it the same way with 130. Periodic evaluations (every 5 steps) each save a checkpoint first."""
     workdir = tmp_path / "preempted"
     cmd = train_cmd(
         workdir,
         data_root,
         "--config.total_steps=1000000",  # runs until signalled
-        "--config.checkpoint_every=1000000",  # no periodic checkpoint: only the stop saves
+        "--config.checkpoint_every=1000000",  # no periodic checkpoint: only the evaluations and the stop save
+        "--config.eval_every=5",
+        "--config.keep_checkpoints=0",  # keep all
         "--config.data.num_workers=2",
     )
     log_path = tmp_path / "preempted.log"
     proc = _start_in_own_group(cmd, env, log_path)
-    out = _signal_after(proc, workdir, signal.SIGTERM, 3, log_path)
+    out = _signal_when(proc, lambda: _eval_steps(workdir), signal.SIGTERM, log_path)  # after the first evaluation
     log = log_path.read_text()
     assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
     stopped = max(rows_by_step(workdir))
     assert f"stopped:     by SIGTERM at step {stopped} of 1000000" in out, out
-    assert _checkpoint_steps(workdir) == [stopped]  # the last logged step is saved: nothing lost
+    evaluated = _eval_steps(workdir)
+    assert evaluated and evaluated == list(range(5, stopped + 1, 5)), (evaluated, stopped)
+    # a checkpoint at every evaluation, and the last logged step: nothing lost
+    assert _checkpoint_steps(workdir) == sorted({*evaluated, stopped})
     assert "Traceback" not in log, log[-3000:]
 
     proc = _start_in_own_group(cmd, env, log_path)
-    out = _signal_after(proc, workdir, signal.SIGINT, stopped + 2, log_path)
+    out = _signal_when(proc, lambda: max(rows_by_step(workdir)) > stopped + 2, signal.SIGINT, log_path)
     log = log_path.read_text()
     assert proc.returncode == 128 + signal.SIGINT, log[-3000:]
     assert f"resumed from {workdir / 'checkpoints'} at step {stopped}" in log, log[-3000:]
@@ -516,7 +526,7 @@ def test_sigterm_and_ctrl_c_save_the_step_and_the_same_command_resumes(tmp_path,
     again = max(rows)
     assert sorted(rows) == list(range(1, again + 1))  # the resumed run continued at stopped + 1
     assert f"stopped:     by SIGINT at step {again} of 1000000" in out, out
-    assert _checkpoint_steps(workdir) == [stopped, again]
+    assert _checkpoint_steps(workdir) == sorted({*_eval_steps(workdir), stopped, again})
     assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
 
 
