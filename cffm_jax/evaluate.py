@@ -647,15 +647,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def _cli() -> int:
     from cffm_jax.checkpoint import CheckpointError
-    from cffm_jax.logging_utils import configure_cli_logging
+    from cffm_jax.logging_utils import run_cli
 
-    configure_cli_logging()
-    try:
-        main()
-    except (DatasetError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)  # noqa: T201
-        return 1
-    return 0
+    return run_cli(
+        main,
+        (DatasetError, CheckpointError, FileExistsError, FileNotFoundError, ValueError),
+        "no metrics; a --predictions-out folder keeps the videos finished so far (a new run there needs --overwrite)",
+    )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ masked CRC-32C of the length, payload, masked CRC-32C of the payload) of ``tenso
 messages, encoded by hand: ``Event{wall_time=1 (double), step=2 (int64), file_version=3 (string),
 summary=5}``, ``Summary{value=1 (repeated)}``, ``Summary.Value{tag=1 (string), simple_value=2 (float)}``.
 
-:func:`configure_cli_logging` sets up Python logging for the command-line entry points.
+:func:`configure_cli_logging` and :func:`run_cli`: logging, errors and Ctrl-C of the command-line entry points.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ import os
 import pathlib
 import socket
 import struct
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -37,6 +38,25 @@ def configure_cli_logging() -> None:
     """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("cffm_jax").setLevel(logging.INFO)
+
+
+def run_cli(main: Callable[[], object], user_errors: tuple[type[BaseException], ...], interrupted: str) -> int:
+    """A command line's exit status: ``main()`` with logging set up; 0 when it returns.
+
+    ``user_errors`` (a setting, file or dataset to fix: their messages say which) print ``error: <message>``
+    without a traceback, status 1. Ctrl-C prints ``interrupted: <interrupted>`` (what was kept and how to go on),
+    status 130 as the shell's.
+    """
+    configure_cli_logging()
+    try:
+        main()
+    except user_errors as e:
+        print(f"error: {e}", file=sys.stderr)  # noqa: T201
+        return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {interrupted}", file=sys.stderr)  # noqa: T201
+        return 130
+    return 0
 
 
 def _crc32c_table() -> list[int]:

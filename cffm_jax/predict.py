@@ -423,15 +423,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 def _cli() -> int:
     from cffm_jax.checkpoint import CheckpointError
-    from cffm_jax.logging_utils import configure_cli_logging
+    from cffm_jax.logging_utils import run_cli
 
-    configure_cli_logging()
-    try:
-        main()
-    except (InputError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)  # noqa: T201
-        return 1
-    return 0
+    return run_cli(
+        main,
+        (InputError, CheckpointError, FileExistsError, FileNotFoundError, ValueError),
+        "the output folder keeps the frames written so far (a new run there needs --overwrite)",
+    )
 
 
 if __name__ == "__main__":

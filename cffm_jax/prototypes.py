@@ -659,15 +659,13 @@ def main(argv: Sequence[str] | None = None) -> GenerationSummary:
 
 def _cli() -> int:
     from cffm_jax.checkpoint import CheckpointError
-    from cffm_jax.logging_utils import configure_cli_logging
+    from cffm_jax.logging_utils import run_cli
 
-    configure_cli_logging()
-    try:
-        main()
-    except (DatasetError, CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)  # noqa: T201
-        return 1
-    return 0
+    return run_cli(
+        main,
+        (DatasetError, CheckpointError, FileNotFoundError, ValueError),
+        "the store keeps every video finished so far; the same command goes on with the others",
+    )
 
 
 def _deterministic_gpu_flags() -> None:

@@ -20,7 +20,7 @@ import pytest
 
 from cffm_jax import experiment_config, train
 from cffm_jax import train_state as ts
-from cffm_jax.logging_utils import MetricWriter, crc32c, masked_crc32c, read_metrics
+from cffm_jax.logging_utils import MetricWriter, crc32c, masked_crc32c, read_metrics, run_cli
 from cffm_jax.models import build_model, init_variables
 from cffm_jax.sharding import check_batch_size, make_mesh
 from configs import smoke
@@ -312,6 +312,28 @@ def test_metric_writer_jsonl_tensorboard_and_resume(tmp_path):
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "lo')
     assert len(read_metrics(tmp_path / "metrics.jsonl")) == 2
+
+
+def test_run_cli_exit_statuses_and_messages(capsys):
+    """The evaluation, prediction and prototype command lines: 0; ``error: ...`` and 1 for a user error; Ctrl-C
+    says what was kept, 130; anything else propagates with its traceback."""
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    def missing():
+        raise FileNotFoundError("no such video: a.mp4")
+
+    def bug():
+        raise RuntimeError("a bug")
+
+    assert run_cli(lambda: None, (FileNotFoundError,), "kept") == 0
+    assert run_cli(missing, (FileNotFoundError, ValueError), "kept") == 1
+    assert capsys.readouterr().err == "error: no such video: a.mp4\n"
+    assert run_cli(interrupted, (FileNotFoundError,), "the store keeps 3 videos") == 130
+    assert capsys.readouterr().err == "\ninterrupted: the store keeps 3 videos\n"
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_cli(bug, (FileNotFoundError,), "kept")
 
 
 def test_run_files_are_readable_by_checkpoint_module(tmp_path):
