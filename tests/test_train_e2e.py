@@ -327,20 +327,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_identically(tmp_path, env, data_root, reference_run):
-    workdir, port = tmp_path / "two", _free_port()
-    procs = [
+def _start_two_processes(function: str, workdir, data_root, out_dir, env) -> list[subprocess.Popen]:
+    """Processes 0 and 1 running ``test_train_e2e.<function>()`` with a coordinator on a free local port."""
+    port, script = _free_port(), f"import test_train_e2e as t; t.{function}()"
+    return [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "import test_train_e2e as t; t._two_processes_script()",
-                str(i),
-                str(port),
-                str(workdir),
-                data_root,
-                str(tmp_path),
-            ],
+            [sys.executable, "-c", script, str(i), str(port), str(workdir), data_root, str(out_dir)],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -349,14 +341,24 @@ def test_two_processes_train_identically(tmp_path, env, data_root, reference_run
         )
         for i in range(2)
     ]
+
+
+def _both_succeed(procs: list[subprocess.Popen], timeout: float, meanwhile=lambda: None) -> None:
+    """Runs ``meanwhile()``, then waits for the processes: each must exit with status 0 (else its log is shown)."""
     try:
-        outs = [p.communicate(timeout=300) for p in procs]
+        meanwhile()
+        outs = [p.communicate(timeout=timeout) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-4000:]
+
+
+def test_two_processes_train_identically(tmp_path, env, data_root, reference_run):
+    workdir = tmp_path / "two"
+    _both_succeed(_start_two_processes("_two_processes_script", workdir, data_root, tmp_path, env), timeout=300)
     p0, p1 = (np.load(tmp_path / f"params_{i}.npz") for i in range(2))
     assert sorted(p0.files) == sorted(p1.files) and len(p0.files) > 50
     for name in p0.files:
@@ -548,33 +550,18 @@ def _two_processes_until_stopped_script() -> None:
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, env, data_root):
     """With ``jax.distributed`` JAX's preemption service takes SIGTERM: all processes agree on the step to stop
     at (otherwise the others would wait forever in the next collective) and save one checkpoint together."""
-    workdir, port = tmp_path / "two", _free_port()
-    script = "import test_train_e2e as t; t._two_processes_until_stopped_script()"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", script, str(i), str(port), str(workdir), data_root, str(tmp_path)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    try:
+    workdir = tmp_path / "two"
+    procs = _start_two_processes("_two_processes_until_stopped_script", workdir, data_root, tmp_path, env)
+
+    def sigterm_to_process_1_after_step_3():
         deadline = time.time() + 300
         while max(rows_by_step(workdir), default=0) <= 3:
             assert all(p.poll() is None for p in procs), [p.communicate()[1][-3000:] for p in procs]
             assert time.time() < deadline, "no progress in 300 s"
             time.sleep(0.05)
         procs[1].send_signal(signal.SIGTERM)
-        outs = [p.communicate(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-4000:]
+
+    _both_succeed(procs, timeout=120, meanwhile=sigterm_to_process_1_after_step_3)
     s0, s1 = (json.loads((tmp_path / f"stopped_{i}.json").read_text()) for i in range(2))
     assert s0 == s1 and s0["signal"] == "SIGTERM", (s0, s1)
     assert _checkpoint_steps(workdir) == [s0["step"]]
