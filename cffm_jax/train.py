@@ -558,6 +558,12 @@ def main(argv: list[str]) -> None:
     except USER_ERRORS as e:  # a setting, file or dataset to fix: the message says which, a traceback would not
         print(f"error: {e}", file=sys.stderr)  # noqa: T201
         sys.exit(1)
+    except KeyboardInterrupt:  # outside the training loop (set-up, final evaluation), or a second Ctrl-C
+        workdir = flags_.workdir or flags_.config.workdir
+        print(  # noqa: T201
+            f"\ninterrupted: the same command resumes from the latest checkpoint in {workdir}", file=sys.stderr
+        )
+        sys.exit(preemption.EXIT_BASE + signal.SIGINT)
     if jax.process_index() == 0:
         _print_summary(result, flags_.config)
     if result.stopped_by is not None:
