@@ -134,10 +134,12 @@ def _draw_box(rng, h, w, ch, cw):
     return oy, min(oy + ch, h), ox, min(ox + cw, w)
 
 
-def test_crop_rule_takes_first_acceptable_draw():
-    lab = np.zeros((60, 90), np.uint8)
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32])  # uint8 labels are counted by bincount
+def test_crop_rule_takes_first_acceptable_draw(dtype):
+    lab = np.zeros((60, 90), dtype)
     lab[:, 45:] = 1
     lab[:5] = 255
+    lab[50:, :30] = 7
     for seed in range(30):
         box = T.random_crop_box(lab, (20, 20), np.random.default_rng(seed))
         rng = np.random.default_rng(seed)
