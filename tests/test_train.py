@@ -314,6 +314,13 @@ def test_metric_writer_jsonl_tensorboard_and_resume(tmp_path):
     assert len(read_metrics(tmp_path / "metrics.jsonl")) == 2
 
 
+def test_data_wait_advice_only_on_accelerators_and_above_the_threshold():
+    assert train.data_wait_advice(0.9, "cpu", 4) is None  # workers would take the update step's cores
+    assert train.data_wait_advice(train.DATA_WAIT_ADVICE, "gpu", 4) is None
+    advice = train.data_wait_advice(0.45, "gpu", 4)
+    assert "GPUs waited for training data 45% of the time" in advice and "--config.data.num_workers (now 4" in advice
+
+
 def test_run_cli_exit_statuses_and_messages(capsys):
     """The evaluation, prediction and prototype command lines: 0; ``error: ...`` and 1 for a user error; Ctrl-C
     says what was kept, 130; anything else propagates with its traceback."""

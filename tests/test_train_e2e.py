@@ -109,6 +109,10 @@ def test_reference_run_files_checkpoints_and_learning(reference_run, env):
     assert sorted(rows) == list(range(1, STEPS + 1))
     losses = [rows[s]["loss"] for s in sorted(rows)]
     assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.1, losses
+    # in-process data loading (num_workers=0): the loop's wait for batches is a part of its time (none between
+    # the rows of a checkpoint step and the step before it: both are written after the same batch)
+    waits = [rows[s]["data_wait"] for s in sorted(rows)]
+    assert all(0.0 <= w <= 1.0 for w in waits) and sum(w > 0 for w in waits) >= STEPS // 2, waits
     # checkpoints every 3 steps, the last 2 kept (config keep_checkpoints=2)
     steps = sorted(int(p.name) for p in (reference_run / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [9, 12]
