@@ -74,3 +74,8 @@ def test_reduce_zero_label():
     raw = np.array([[0, 1, 2], [124, 255, 7]], np.uint8)
     np.testing.assert_array_equal(reduce_zero_label(raw), [[255, 0, 1], [123, 255, 6]])
     assert reduce_zero_label(raw).dtype == np.uint8
+    # every uint8 value (a lookup table) and wider integers (arithmetic) against the rule
+    every = np.arange(256).reshape(16, 16)
+    expected = np.where((every == 0) | (every == 255), 255, every - 1)
+    for dtype in (np.uint8, np.int32):
+        np.testing.assert_array_equal(reduce_zero_label(every.astype(dtype)), expected)

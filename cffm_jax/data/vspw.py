@@ -116,10 +116,17 @@ def reduce_zero_label(mask: np.ndarray) -> np.ndarray:
     Returns:
       (H, W) uint8 labels.
     """
-    m = np.asarray(mask).astype(np.int32)
+    m = np.asarray(mask)
+    if m.dtype == np.uint8:
+        return _REDUCED[m]
+    m = m.astype(np.int32)
     out = m - 1
     out[(m == 0) | (m == IGNORE_INDEX)] = IGNORE_INDEX
     return out.astype(np.uint8)
+
+
+# reduce_zero_label of every uint8 value, a lookup table: 0 -> 255, v -> v - 1, 255 -> 255
+_REDUCED = np.concatenate([[IGNORE_INDEX], np.arange(254), [IGNORE_INDEX]]).astype(np.uint8)
 
 
 def decode_image(data: bytes, name: str) -> np.ndarray:
@@ -161,7 +168,10 @@ def decode_mask(data: bytes, name: str, num_classes: int = NUM_CLASSES) -> np.nd
         raise DatasetError(f"{name}: cannot decode mask (corrupt or truncated?): {e}") from e
     if arr.ndim != 2:
         raise DatasetError(f"{name}: mask must be single-channel (palette or greyscale), got PIL mode {mode}")
-    values = np.unique(arr)
+    if arr.dtype == np.uint8:  # the values present, by counting (np.unique sorts: 3x slower)
+        values = np.flatnonzero(np.bincount(arr.ravel(), minlength=256))
+    else:
+        values = np.unique(arr)
     bad = values[((values > num_classes) & (values != IGNORE_INDEX)) | (values < 0)]
     if bad.size:
         raise DatasetError(f"{name}: mask values {bad[:10].tolist()} outside the valid range 0..{num_classes} and 255")
