@@ -338,7 +338,7 @@ def data_wait_advice(data_wait: float, backend: str, num_workers: int) -> str | 
         return None
     return (
         f"the {backend.upper()}s waited for training data {100 * data_wait:.0f}% of the time: raise "
-        f"--config.data.num_workers (now {num_workers}; each worker process prepares ~12 480x480 clips/s from "
+        f"--config.data.num_workers (now {num_workers}; each worker process prepares ~16 480x480 clips/s from "
         "VSPW frames on one core) up to the host's spare cores"
     )
 
