@@ -142,10 +142,11 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            rgb = im.convert("RGB")
+            rgb = im if im.mode == "RGB" else im.convert("RGB")  # convert copies even an RGB image
+            array = np.asarray(rgb, dtype=np.uint8)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DatasetError(f"{name}: cannot decode image (corrupt or truncated?): {e}") from e
-    return np.asarray(rgb, dtype=np.uint8)
+    return array
 
 
 def decode_mask(data: bytes, name: str, num_classes: int = NUM_CLASSES) -> np.ndarray:
