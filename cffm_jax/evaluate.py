@@ -652,7 +652,7 @@ def _cli() -> int:
     return run_cli(
         main,
         (DatasetError, CheckpointError, FileExistsError, FileNotFoundError, ValueError),
-        "no metrics; a --predictions-out folder keeps the videos finished so far (a new run there needs --overwrite)",
+        "no metrics, and nothing in --predictions-out (it appears only when an evaluation completes)",
     )
 
 

@@ -428,7 +428,7 @@ def _cli() -> int:
     return run_cli(
         main,
         (InputError, CheckpointError, FileExistsError, FileNotFoundError, ValueError),
-        "the output folder keeps the frames written so far (a new run there needs --overwrite)",
+        "nothing written (the output folder appears only when every frame is done)",
     )
 
 
