@@ -484,10 +484,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             now = time.time()
             values["steps_per_sec"] = (step - last_step) / max(now - last_time, 1e-9)
             values["data_wait"] = min(data_wait_s / max(now - last_time, 1e-9), 1.0)
-            advice = data_wait_advice(values["data_wait"], jax.default_backend(), config.data.num_workers)
-            if advice and not advised and last_step > start_step + 1:  # not over the compilation's interval
-                log.warning(advice)
-                advised = True
+            if not advised and last_step > start_step + 1:  # not over the compilation's interval
+                advice = data_wait_advice(values["data_wait"], jax.default_backend(), config.data.num_workers)
+                if advice:
+                    log.warning(advice)
+                    advised = True
             last_time, last_step, data_wait_s = now, step, 0.0
             writer.write(step, values)
 
@@ -499,7 +500,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 host_batch = next(train_iter)
                 data_wait_s += time.perf_counter() - waited
                 batch = shd.global_batch({k: v for k, v in host_batch.items() if k in MODEL_INPUTS}, mesh)
-                host_batch = None
                 state, metrics = step_fn(state, batch)
                 if pending is not None:
                     finish(*pending)

@@ -8,7 +8,7 @@ into a temporary folder and evaluates a model with random weights on it, as ``py
 (streaming, the official test transform, metrics), once per ``--loader-threads`` value, after a warm-up run on the
 first video (compilation; the persistent compilation cache is on, as in the entry points). The figures are the
 evaluation's own frames per second (loading, model, metrics). On a GPU they show whether loading frames keeps up
-with the device (one thread loads ~55 480x853 frames/s on a 2-core Zen 4; an H100 segments ~341 with CFFM-B1).
+with the device (one thread loads ~110 480x853 frames/s on a 2-core Zen 4; an H100 segments ~341 with CFFM-B1).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@
 #   BENCHMARKS.md), so a lease of 2026-11-27 whose limits were 90-100 s per step got no row at all.
 # eval: evaluation as users run it (scripts/benchmark_eval.py: loading, CFFM-B1 streaming, metrics) on 4 synthetic
 #   480x853 videos of 60 frames, with 1 and 8 frame-loading threads, at TF32 ('default', short compiles): does
-#   loading keep up with the GPU? (One loading thread managed ~55 frames/s on the 2-core development CPU; the H100
+#   loading keep up with the GPU? (One loading thread managed ~110 frames/s on the 2-core development CPU; the H100
 #   segments ~341 frames/s.) ~2 minutes.
 # diag: where compile and run time go at each float32 precision (scripts/gpu_diag_precision.py: a matmul, a
 #   convolution, the CFFM-B1 encoder and decoder at 480x864), at 'highest' also with XLA's Triton GEMMs off
