@@ -2,7 +2,7 @@
 # The GPU run of project issue 8 (item 5) in one prepared script: parity on the GPU, then the benchmark suite's
 # GPU cases, each step under its own time limit so that one slow or failing step leaves the others' results.
 #
-#     OUT=gpu_out bash scripts/gpu_benchmark.sh [inference|train|all|highest|diag|eval]      (default: all)
+#     OUT=gpu_out bash scripts/gpu_benchmark.sh [inference|train|all|highest|diag|eval|cublas]      (default: all)
 #
 # inference: parity (the official fixtures at float32 'highest' and at XLA's default precision), CFFM-B1 streaming
 #   and CFFM/CFFM++-B1 clip mode at 480x864 in float32 and bfloat16, the clip mode also at XLA's default float32
@@ -91,6 +91,19 @@ if [ "$PART" = highest ]; then
         --json "$OUT/gpu_b1_stream_vspw.json"
     step b1_clip 200 $BENCH --cases clip --models b1 --sizes 480x864 --json "$OUT/gpu_b1_clip.json"
     step train_b1 240 $BENCH --cases train --models b1 --sizes 480x480 --json "$OUT/gpu_train_b1.json"
+fi
+if [ "$PART" = cublas ]; then
+    # One call of <= 9.5 minutes (a 15-minute lease): parity at 'highest', then does XLA's cuBLAS-only GEMM path
+    # (--xla_gpu_enable_triton_gemm=false, fewer candidates to autotune) make float32 at 'highest' compile in
+    # seconds instead of minutes, and how fast does it run? Then the VSPW-sized B1 streaming evaluation at 'highest'
+    # on that path, and evaluation as users run it (loading, TF32).
+    NOTRITON="env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false"
+    step parity 40 $PY -m cffm_jax.parity tests/fixtures/cffm_tiny.npz tests/fixtures/cffmpp_tiny.npz
+    step diag_highest_cublas 140 $NOTRITON $PY scripts/gpu_diag_precision.py highest
+    step b1_stream_vspw_cublas 150 $NOTRITON $BENCH --cases stream --models b1 --sizes 480x864 \
+        --original-sizes 480x853 --json "$OUT/gpu_b1_stream_vspw_cublas.json"
+    step eval_loading 130 $PY scripts/benchmark_eval.py --model cffm_b1 --videos 4 --frames 60 --loader-threads 1 8 \
+        --matmul-precision default
 fi
 if [ "$PART" = eval ]; then
     step eval_loading 420 $PY scripts/benchmark_eval.py --model cffm_b1 --videos 4 --frames 60 --loader-threads 1 8 \
