@@ -503,11 +503,14 @@ class Suite:
             self._variables[key] = jax.device_put(random_variables(config))
         return self._variables[key]
 
-    def compile(self, fn: Callable, *args, kind: str = "default", **jit_kwargs) -> tuple[Any, float]:
-        """:func:`aot_compile` with the project's options for a program of ``kind`` (``cffm_jax.xla_options``,
-        what evaluation and prediction use); with ``--tiny`` also at XLA's cheapest settings (tiny timings mean
-        nothing)."""
-        options = {**(xla_options.compiler_options(kind) or {}), **(TINY_COMPILE if self.s.tiny else {})}
+    def compile(
+        self, fn: Callable, *args, kind: str = "default", precision: str | None = None, **jit_kwargs
+    ) -> tuple[Any, float]:
+        """:func:`aot_compile` with the project's options for a program of ``kind`` whose float32 products run at
+        ``precision`` (``cffm_jax.xla_options``, what training, evaluation and prediction use); with ``--tiny`` also
+        at XLA's cheapest settings (tiny timings mean nothing)."""
+        options = xla_options.compiler_options(kind, precision) or {}
+        options = {**options, **(TINY_COMPILE if self.s.tiny else {})}
         return aot_compile(fn, *args, compiler_options=options or None, **jit_kwargs)
 
     def _profile(self, r: Result, run: Callable[[], Any], executables: Sequence[Any]) -> None:
@@ -580,7 +583,8 @@ class Suite:
             peak.update(n=n, dtype=dtype, precision=self.s.matmul_precision if dtype == "float32" else None)
             a = jax.device_put(np.random.default_rng(0).standard_normal((n, n), np.float32).astype(dtype))
             with matmul_precision_scope(peak["precision"]):
-                compiled, compile_s = aot_compile(lambda x, y: x @ y, a, a)
+                options = xla_options.compiler_options("default", peak["precision"])
+                compiled, compile_s = aot_compile(lambda x, y: x @ y, a, a, compiler_options=options)
             _, runs = time_runs(lambda c=compiled, a=a: c(a, a).block_until_ready(), max(5, self.s.repeats), 1)
             best_wall, best_cpu = min(runs)
             peak[when] = {
@@ -639,7 +643,9 @@ class Suite:
         model = build_model(config)
         frames = jax.device_put(np.random.default_rng(1).standard_normal((4, *hw, 3), np.float32))
         args = (self.variables(config), frames)
-        compiled, compile_s = self.compile(lambda v, x: model.apply(v, x), *args, kind="encoder")
+        compiled, compile_s = self.compile(
+            lambda v, x: model.apply(v, x), *args, kind="encoder", precision=model.matmul_precision
+        )
         self._mit[key] = (compiled, args)
         return compiled, args, compile_s
 
@@ -685,9 +691,10 @@ class Suite:
         variables = self.variables(config)
         encode_fn = functools.partial(streaming.encode_clips, model, None, False)
         decode_fn = functools.partial(streaming.decode_clips, model, quarter_size(hw), None)
-        encode, encode_s = self.compile(encode_fn, variables, clip, kind="encoder")
+        precision = model.matmul_precision
+        encode, encode_s = self.compile(encode_fn, variables, clip, kind="encoder", precision=precision)
         feats = encode(variables, clip)[1]
-        decode, decode_s = self.compile(decode_fn, variables, feats, protos)
+        decode, decode_s = self.compile(decode_fn, variables, feats, protos, precision=precision)
 
         def run(e=encode, d=decode, v=variables, x=clip, p=protos):
             return jax.block_until_ready(d(v, e(v, x)[1], p))
@@ -806,11 +813,12 @@ class Suite:
                 )
 
     def _video(self, hw: tuple[int, int], original: tuple[int, int]) -> list:
-        """Random frames entering the network at ``hw``, to be predicted at the ``original`` size."""
+        """Random uint8 frames entering the network at ``hw`` (as evaluation loads them), to be predicted at the
+        ``original`` size."""
         from cffm_jax.data.pipeline import EvalFrame
 
         rng = np.random.default_rng(hw[0] * 10_000 + hw[1])
-        images = [rng.standard_normal((*hw, 3), np.float32) for _ in range(4)]
+        images = [rng.integers(0, 256, (*hw, 3), np.uint8) for _ in range(4)]
         return [EvalFrame(images[t % 4], None, original) for t in range(self.s.stream_frames)]
 
     def _clip_row(self, r: Result, size: str) -> Result | None:
@@ -879,7 +887,9 @@ class Suite:
                 r.items_per_run, r.item = clips, "clip"
                 with HostMemory() as mem:
                     state = jax.jit(functools.partial(create_train_state, tx=tx, seed=0))(variables)
-                    compiled, r.compile_s = self.compile(step, state, batch, donate_argnums=0)
+                    compiled, r.compile_s = self.compile(
+                        step, state, batch, precision=model.matmul_precision, donate_argnums=0
+                    )
                     holder = [state]
 
                     def run(c=compiled, holder=holder, batch=batch):
@@ -947,7 +957,7 @@ class Suite:
         r.items_per_run, r.item = self.s.kmeans_iters, "iteration"
         with HostMemory() as mem:
             compiled, r.compile_s = self.compile(
-                functools.partial(km.lloyd, max_iter=self.s.kmeans_iters, tol=-1.0), x, init
+                functools.partial(km.lloyd, max_iter=self.s.kmeans_iters, tol=-1.0), x, init, precision="highest"
             )
             r.first_run_s, times = time_runs(
                 lambda: jax.block_until_ready(compiled(x, init)), self.s.repeats, self.s.warmup

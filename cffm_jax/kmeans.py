@@ -42,6 +42,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from cffm_jax import xla_options
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 _INITS = ("random", "k-means++")
 
@@ -175,7 +177,7 @@ def random_init(x: jax.Array, k: int, key: jax.Array) -> jax.Array:
     return jnp.asarray(x, jnp.float32)[idx]
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
+@xla_options.jit("default", precision="highest", static_argnames=("k",))
 def kmeans_plus_plus_init(x: jax.Array, k: int, key: jax.Array) -> jax.Array:
     """k-means++ (D^2-weighted) seeding; a deviation from the official uniform random init.
 
@@ -234,13 +236,13 @@ def _check_args(x_shape: tuple[int, ...], k: int, init: str, init_centers, n_bat
             raise ValueError(f"init_centers must have shape {expected}, got {tuple(init_centers.shape)}")
 
 
-@functools.partial(jax.jit, static_argnames=("k", "max_iter", "init"))
+@xla_options.jit("default", precision="highest", static_argnames=("k", "max_iter", "init"))
 def _kmeans_jit(x, init_centers, key, *, k, max_iter, tol, init) -> KMeansResult:
     centers = _initial_centers(x, k, init_centers, key, init)
     return lloyd(x, centers, max_iter=max_iter, tol=tol)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "max_iter", "init"))
+@xla_options.jit("default", precision="highest", static_argnames=("k", "max_iter", "init"))
 def _kmeans_batched_jit(x, init_centers, keys, *, k, max_iter, tol, init) -> KMeansResult:
     if init_centers is None:
         init_centers = jax.vmap(lambda xv, kv: _initial_centers(xv, k, None, kv, init))(x, keys)

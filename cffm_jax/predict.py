@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from cffm_jax import compilation_cache, host_memory
 from cffm_jax.data.pipeline import EvalFrame
-from cffm_jax.data.transforms import IMG_SCALE, test_transform
+from cffm_jax.data.transforms import IMG_SCALE, test_resize
 from cffm_jax.visualize import colorize, overlay, save_gif, save_gray_png, save_rgb_png, thumbnail
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ def _frames(reader: FrameReader, img_scale: tuple[int, int], num_loaders: int) -
 
     def transform(item: tuple[int, np.ndarray]) -> _UserFrame:
         t, rgb = item
-        image = test_transform(rgb, img_scale=img_scale)
+        image = test_resize(rgb, img_scale=img_scale)
         return _UserFrame(image, None, (rgb.shape[0], rgb.shape[1]), rgb=rgb, name=reader.frame_names[t])
 
     return ordered_map(transform, prefetch(reader.iterate()), num_loaders)
@@ -390,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             prototype_source = f"store {args.prototypes}"
         else:
             indices = prototype_frame_indices(reader.num_frames)
-            images = [test_transform(f, img_scale=img_scale) for f in reader.read(indices)]
+            images = [test_resize(f, img_scale=img_scale) for f in reader.read(indices)]
             prototypes = compute_prototypes(segmenter, images, seed=args.prototype_seed)
             prototype_source = f"on the fly: frames {indices}, k-means K=100, seed {args.prototype_seed}"
     elif args.prototypes:

@@ -99,9 +99,9 @@ def video_key(seed: int, video: str) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), int.from_bytes(digest[:4], "little"))
 
 
-@xla_options.jit("encoder", static_argnums=0)
+@xla_options.jit("encoder", model_argnum=0, static_argnums=0)
 def _encode_features(model, variables: Any, images: jax.Array) -> jax.Array:
-    """(B, H, W, 3) normalised frames -> (B, H/8, W/8, E) 1/8 features."""
+    """(B, H, W, 3) uint8 or normalised frames -> (B, H/8, W/8, E) 1/8 features."""
     return model.apply(variables, images, with_logits=False, method="encode_frames")[1]
 
 
@@ -159,7 +159,8 @@ class PrototypeGenerator:
         """The matrix the official generator clusters.
 
         Args:
-          images: N frames through the test transform, (H', W', 3) float32, all the same size.
+          images: N frames through the test transform, (H', W', 3) uint8 (``transforms.test_resize``, normalised on
+            the device) or float32 normalised, all the same size.
         Returns:
           X (N * h8 * w8, E) float32 on the first device, rows ordered (frame, y, x).
         """

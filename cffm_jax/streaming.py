@@ -4,9 +4,10 @@ Test protocol (SPEC sections 7, 10.2, 10.3): every frame t of a video is the tar
 ``cffm_jax.data.vspw.eval_clip_indices(t)`` -- frames 0, 1, 2 alone (T = 1: the model returns the plain
 per-frame logits), 3..8 the fixed sets ([0,1,2,3], [0,2,3,4], ...), t >= 9 [t-9, t-6, t-3, t]. Frames enter
 the network at the test size (keep-ratio rescale to fit ``img_scale``, each side resized to a multiple of 32:
-``cffm_jax.data.transforms.test_transform``). The target logits (1/4 resolution) are resized bilinearly
-(PyTorch ``align_corners=False``) first to the network input size and then to the original frame size,
-and the argmax over classes is the prediction (the official softmax before the argmax does not change it).
+``cffm_jax.data.transforms.test_resize``; uint8 frames are normalised on the device). The target logits (1/4
+resolution) are resized bilinearly (PyTorch ``align_corners=False``) first to the network input size and then to
+the original frame size, and the argmax over classes is the prediction (the official softmax before the argmax does
+not change it).
 
 :class:`VideoSegmenter` runs that protocol in two modes that give the same predictions:
 
@@ -124,7 +125,7 @@ def _broadcast_prototypes(prototypes: jax.Array | None, batch: int) -> jax.Array
     return None if prototypes is None else jnp.broadcast_to(prototypes, (batch, *prototypes.shape))
 
 
-@xla_options.jit("encoder", static_argnums=(0, 3))
+@xla_options.jit("encoder", model_argnum=0, static_argnums=(0, 3))
 def _encode(
     model: nn.Module, variables: Any, images: jax.Array, with_logits: bool = True
 ) -> tuple[jax.Array | None, jax.Array]:
@@ -136,7 +137,7 @@ def _write_ring(ring: jax.Array, feats: jax.Array, write_slots: jax.Array) -> ja
     return ring.at[write_slots].set(feats.astype(ring.dtype))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
+@xla_options.jit("default", model_argnum=0, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
 def _decode_step(
     model: nn.Module,
     input_size: tuple[int, int],
@@ -202,8 +203,8 @@ def decode_clips(
     return model.apply(variables, feats, size=size, prototypes=protos, method="decode_clip")
 
 
-_encode_clips = xla_options.jit("encoder", static_argnums=(0, 1, 2))(encode_clips)
-_decode_clips = jax.jit(decode_clips, static_argnums=(0, 1, 2))
+_encode_clips = xla_options.jit("encoder", model_argnum=0, static_argnums=(0, 1, 2))(encode_clips)
+_decode_clips = xla_options.jit("default", model_argnum=0, static_argnums=(0, 1, 2))(decode_clips)
 
 
 def clip_forward(
@@ -220,7 +221,7 @@ def clip_forward(
     (``cffm_jax.xla_options``): 7% faster than one program on a 2-core CPU (CFFM-B0, 1 x 4 x 480 x 480).
 
     Args:
-      clips: (B, T, H, W, 3) normalised frames, references first. prototypes: (Kp, E), CFFM++ only.
+      clips: (B, T, H, W, 3) normalised (or uint8) frames, references first. prototypes: (Kp, E), CFFM++ only.
       sharding: optional sharding of the batch dimension.
     """
     if clips.shape[1] != model.decode_head.num_clips:
@@ -317,7 +318,7 @@ class VideoSegmenter:
         """``encode_frames`` on any number of frames of one size, in chunks of ``batch_size``.
 
         Args:
-          images: N normalised network inputs (H, W, 3) float32.
+          images: N network inputs (H, W, 3): uint8 RGB (``transforms.test_resize``) or float32 normalised.
         Returns:
           per-frame logits (N, H/4, W/4, K) and 1/8 features (N, H/8, W/8, E), float32 numpy.
         """
@@ -339,7 +340,7 @@ class VideoSegmenter:
 
         Args:
           frames: the video's frames in temporal order through the test transform (``EvalFrame``: image
-            (H', W', 3) float32 normalised, original_size (H, W); ``label`` is passed through untouched). All
+            (H', W', 3) uint8 or normalised float32, original_size (H, W); ``label`` is passed through untouched). All
             frames must have the same size.
           prototypes: (Kp, E) prototypes of this video (CFFM++ only).
           streaming: feature-cache mode (default) or the clip-by-clip reference.
@@ -498,7 +499,8 @@ def compute_prototypes(
     Args:
       segmenter: a segmenter of the model whose ``encode_frames`` features are clustered.
       images: the video's prototype frames through the test transform (the official rule picks 10 frames,
-        ``cffm_jax.prototype_store.prototype_frame_indices``), (H', W', 3) float32, all the same size.
+        ``cffm_jax.prototype_store.prototype_frame_indices``), (H', W', 3) uint8 (``transforms.test_resize``) or
+        float32 normalised, all the same size.
       num_prototypes: K of the k-means (100 in the official code).
       seed: seed of the k-means initialisation (the official code is unseeded).
       max_iter: k-means iterations (10 in the official code).

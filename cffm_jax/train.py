@@ -53,7 +53,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from cffm_jax import compilation_cache, host_memory, preemption
+from cffm_jax import compilation_cache, host_memory, preemption, xla_options
 from cffm_jax import sharding as shd
 from cffm_jax import train_state as ts
 from cffm_jax.checkpoint import CheckpointError
@@ -433,6 +433,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         in_shardings=(state_sharding, shd.batch_sharding(mesh)),
         out_shardings=(state_sharding, repl),
         donate_argnums=0,
+        compiler_options=xla_options.compiler_options("default", model.matmul_precision),
     )
 
     # --- Resume: workdir checkpoint > config.init_from > scratch --------------------------------------------

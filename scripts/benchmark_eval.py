@@ -1,28 +1,66 @@
 """End-to-end evaluation throughput (``cffm_jax.evaluate.evaluate_videos``): frames per second with N loader threads.
 
     python scripts/benchmark_eval.py [--model cffm_b1] [--videos 2] [--frames 40] [--size 480x853]
-        [--loader-threads 1 8] [--matmul-precision default]
+        [--loader-threads 1 8] [--matmul-precision default] [--root DIR] [--sample-main]
 
 Writes a synthetic VSPW-layout validation split of ``--videos`` videos (``--size`` frames, the model's class count)
-into a temporary folder and evaluates a model with random weights on it, as ``python -m cffm_jax.evaluate`` does
-(streaming, the official test transform, metrics), once per ``--loader-threads`` value, after a warm-up run on the
-first video (compilation; the persistent compilation cache is on, as in the entry points). The figures are the
-evaluation's own frames per second (loading, model, metrics). On a GPU they show whether loading frames keeps up
-with the device (one thread loads ~110 480x853 frames/s on a 2-core Zen 4; an H100 segments ~341 with CFFM-B1).
+into a temporary folder (or ``--root``, kept, and reused when it is there already) and evaluates a model with
+random weights on it, as ``python -m cffm_jax.evaluate`` does (streaming, the official test transform, metrics), once
+per ``--loader-threads`` value, after a warm-up run on the first video (compilation; the persistent compilation
+cache is on, as in the entry points). The figures are the evaluation's own frames per second (loading, model,
+metrics). On a GPU they show whether loading frames keeps up with the device (one thread loads ~110 480x853 frames/s
+on a 2-core Zen 4, ~45 on the H200 machine's Xeon; the H200 segments ~238 frames/s with CFFM-B1 at float32
+'highest').
+
+``--sample-main``: where the main thread (the one that feeds the device and scores) spends the timed runs: its
+innermost frame sampled every millisecond, the most frequent lines printed with their share.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cffm_jax import compilation_cache, host_memory  # noqa: E402
+
+
+@contextlib.contextmanager
+def sample_main_thread(enabled: bool, interval: float = 0.001, top: int = 15):
+    """Counts the main thread's innermost (file, line, function) every ``interval`` seconds; prints the top ones."""
+    if not enabled:
+        yield
+        return
+    main = threading.main_thread().ident
+    counts: collections.Counter = collections.Counter()
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(interval):
+            frame = sys._current_frames().get(main)
+            if frame is not None:
+                code = frame.f_code
+                counts[(os.path.relpath(code.co_filename), frame.f_lineno, code.co_name)] += 1
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield
+    finally:
+        done.set()
+        sampler.join()
+        total = sum(counts.values()) or 1
+        print(f"main thread, {total} samples:")  # noqa: T201
+        for (path, line, name), n in counts.most_common(top):
+            print(f"  {100 * n / total:5.1f}%  {path}:{line} ({name})")  # noqa: T201
 
 
 def main() -> None:
@@ -33,6 +71,8 @@ def main() -> None:
     parser.add_argument("--size", default="480x853", help="frame size HxW")
     parser.add_argument("--loader-threads", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--matmul-precision", help="the model's float32 matmul precision (default: the config's)")
+    parser.add_argument("--root", help="the synthetic split's folder: kept, and reused when it exists")
+    parser.add_argument("--sample-main", action="store_true", help="where the main thread's time goes")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     host_memory.retain_freed_memory()
@@ -49,17 +89,19 @@ def main() -> None:
     config = model_config(args.model, **overrides)
     height, width = (int(s) for s in args.size.split("x"))
     variables = random_variables(config)
-    with tempfile.TemporaryDirectory() as tmp:
+    with contextlib.ExitStack() as stack:
+        root = args.root or os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), "vspw")
         start = time.perf_counter()
-        root = synthetic.generate(
-            os.path.join(tmp, "vspw"),
-            videos=0,
-            val_videos=args.videos,
-            test_videos=0,
-            frames=args.frames,
-            size=(height, width),
-            num_classes=config.num_classes,
-        )
+        if not os.path.isdir(root):
+            synthetic.generate(
+                root,
+                videos=0,
+                val_videos=args.videos,
+                test_videos=0,
+                frames=args.frames,
+                size=(height, width),
+                num_classes=config.num_classes,
+            )
         print(  # noqa: T201
             f"{args.videos} videos x {args.frames} frames of {height}x{width} in {time.perf_counter() - start:.1f} s; "
             f"{config.name} ({config.matmul_precision}), devices {jax.devices()}, {os.cpu_count()} CPU cores"
@@ -70,7 +112,8 @@ def main() -> None:
         print("| loader threads | frames/s | s |")  # noqa: T201
         print("|---|---|---|")  # noqa: T201
         for threads in args.loader_threads:
-            scores = evaluate_videos(config, variables, root, progress=False, num_loaders=threads)
+            with sample_main_thread(args.sample_main):
+                scores = evaluate_videos(config, variables, root, progress=False, num_loaders=threads)
             print(f"| {threads} | {scores['frames_per_second']:.1f} | {scores['seconds']:.2f} |", flush=True)  # noqa: T201
 
 

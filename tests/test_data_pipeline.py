@@ -106,8 +106,8 @@ def test_eval_videos_and_frames(root):
     assert video.index == 1 and video.num_frames == 12 and video.has_labels
     assert video.frame_names[0].endswith("00000000.jpg")
     frame = video.load(4, img_scale=(64, 48))
-    assert frame.image.shape == (64, 64, 3) and frame.image.dtype == np.float32  # H 48 -> 64 (multiple of 32)
-    assert frame.label.shape == (48, 64) and frame.label.dtype == np.int32
+    assert frame.image.shape == (64, 64, 3) and frame.image.dtype == np.uint8  # H 48 -> 64 (multiple of 32)
+    assert frame.label.shape == (48, 64) and frame.label.dtype == np.uint8
     assert frame.original_size == (48, 64)
     assert video.clip_indices(4) == [0, 2, 3, 4]
     assert pipeline.load_eval_frame(video, 4).image.shape == (480, 640, 3)  # default (853, 480) scale

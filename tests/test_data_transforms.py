@@ -331,6 +331,14 @@ def test_test_transform_sizes():
     assert T.test_transform(np.zeros((120, 200, 3), np.uint8)).shape == (480, 800, 3)
 
 
+def test_test_transform_is_the_normalised_test_resize():
+    """Evaluation loads ``test_resize``'s uint8 frames; ``test_transform`` is the same frame normalised."""
+    frame = np.random.default_rng(0).integers(0, 256, (120, 213, 3), np.uint8)
+    resized = T.test_resize(frame, img_scale=(213, 120))
+    assert resized.shape == (128, 224, 3) and resized.dtype == np.uint8
+    np.testing.assert_array_equal(T.test_transform(frame, img_scale=(213, 120)), T.normalize(resized))
+
+
 def test_resizes_match_opencv_when_installed():
     cv2 = pytest.importorskip("cv2", reason="opencv is optional; this comparison runs where it is installed")
     rng = np.random.default_rng(9)

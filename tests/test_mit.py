@@ -7,8 +7,9 @@ import pytest
 from conftest import run_on_fake_devices
 
 from cffm_jax.convert import convert_state_dict, load_state_dict
+from cffm_jax.data import transforms
 from cffm_jax.models import build_model, model_config
-from cffm_jax.models.layers import attention, max_last, softmax_last
+from cffm_jax.models.layers import attention, max_last, normalize_images, softmax_last
 from cffm_jax.models.mit import (
     _param_grads_by_rows,
     _param_grads_by_taps,
@@ -18,6 +19,23 @@ from cffm_jax.models.mit import (
 from cffm_jax.parity import fixture_state_dict
 
 TINY = dict(embed_dims=(8, 16, 40, 64), depths=(2, 1, 1, 2))
+
+
+def test_uint8_frames_are_normalised_on_the_device_like_the_data_transforms():
+    """Evaluation hands the networks uint8 frames: normalised in the program, equal to the bit to the numpy transform
+    (every value in every channel), and the backbone's outputs are those of the normalised float32 frames."""
+    values = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)[None]
+    ours = np.asarray(jax.jit(normalize_images)(values))
+    np.testing.assert_array_equal(ours.view(np.uint32), transforms.normalize(values).view(np.uint32))
+    already = np.ones((2, 3), np.float32)
+    np.testing.assert_array_equal(normalize_images(jnp.asarray(already)), already)
+
+    model = build_model(model_config("mit_b0", **TINY))
+    frames = np.random.default_rng(0).integers(0, 256, (2, 64, 96, 3), np.uint8)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 64, 96, 3)))
+    apply = jax.jit(model.apply)
+    for a, b in zip(apply(variables, frames), apply(variables, transforms.normalize(frames)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def _count(tree) -> int:

@@ -6,6 +6,7 @@ Tiny official-weight fixtures (tests/fixtures) on a synthetic video of 20 frames
 test_evaluate.py and test_predict.py, so in one pytest process every jitted function compiles once.
 """
 
+import collections
 import dataclasses
 import functools
 import logging
@@ -294,12 +295,40 @@ def test_two_devices_match_one(tmp_path):
     assert "OK 14" in stdout
 
 
+def test_gpu_programs_at_highest_precision_use_cublas_gemms(monkeypatch):
+    """cffm_jax.xla_options on a GPU backend: programs whose float32 products run at 'highest' compile with cuBLAS
+    GEMMs only (XLA's Triton GEMM autotuning took minutes per program there); others keep XLA's options. The option
+    is one XLA knows (a misspelt one fails any compilation, on CPU too), and each model precision gets its own
+    ``jax.jit``."""
+    jax.jit(lambda x: x @ x, compiler_options=xla_options.GPU_HIGHEST_OPTIONS).lower(np.ones((2, 2))).compile()
+    monkeypatch.setattr(xla_options.jax, "default_backend", lambda: "gpu")
+    assert xla_options.compiler_options("encoder", "highest") == {"xla_gpu_enable_triton_gemm": False}
+    assert xla_options.compiler_options("default", "highest") == {"xla_gpu_enable_triton_gemm": False}
+    for precision in (None, "default", "high", "tensorfloat32"):
+        assert xla_options.compiler_options("encoder", precision) is None
+    monkeypatch.setattr(xla_options.jax, "default_backend", lambda: "tpu")
+    assert xla_options.compiler_options("encoder", "highest") is None
+    monkeypatch.undo()
+
+    picked = []
+
+    @xla_options.jit("default", model_argnum=0, static_argnums=0)
+    def double(model, x):
+        picked.append(model.matmul_precision)
+        return 2 * x
+
+    model_type = collections.namedtuple("Model", "matmul_precision")  # hashable, as static arguments must be
+    highest, plain = model_type("highest"), model_type(None)
+    for model in (highest, plain, highest):
+        assert float(double(model, 1.0)) == 2.0
+    assert picked == ["highest", None] and sorted(double._jitted, key=str) == [None, "highest"]
+
+
 def test_frame_encoder_compiles_without_ynnpack_fusions():
     """cffm_jax.xla_options: on CPU the frame encoder is compiled without XLA's YNNPACK fusions (faster for the
     MiT's thin matrix products), which XLA's default options would use; results stay equal to float32 precision.
-    On GPU/TPU no option is passed."""
+    (GPU: test_gpu_programs_at_highest_precision_use_cublas_gemms.)"""
     if jax.default_backend() != "cpu":
-        assert xla_options.compiler_options("encoder") is None
         return
     config, variables = tiny_model("cffm_tiny.npz")
     model = build_model(config)

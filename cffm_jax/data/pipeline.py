@@ -281,8 +281,10 @@ class EvalFrame:
     """One frame in the test pipeline.
 
     Attributes:
-      image: (H', W', 3) float32 normalised network input (H', W' multiples of 32).
-      label: (H, W) int32 labels at the original size (255 = ignore), or None without masks.
+      image: (H', W', 3) uint8 RGB network input (H', W' multiples of 32; ``transforms.test_resize``): the networks
+        normalise uint8 frames themselves, on the device. A float32 image, normalised already
+        (``transforms.test_transform``), is taken as well.
+      label: (H, W) uint8 labels at the original size (255 = ignore), or None without masks.
       original_size: (H, W) of the frame, to resize predictions back.
     """
 
@@ -360,8 +362,8 @@ def load_eval_frame(
     """Frame t of ``video`` through the test transform (see :class:`EvalFrame`)."""
     image, label = video.source.load_frame(video.info, t)
     return EvalFrame(
-        image=transforms.test_transform(image, img_scale=img_scale, size_divisor=size_divisor),
-        label=None if label is None else label.astype(np.int32),
+        image=transforms.test_resize(image, img_scale=img_scale, size_divisor=size_divisor),
+        label=label,
         original_size=(int(image.shape[0]), int(image.shape[1])),
     )
 
@@ -400,8 +402,8 @@ def make_eval_dataset(
 ) -> grain.MapDataset:
     """A grain ``MapDataset``: one unbatched item per frame of every video (videos and frames in order).
 
-    Items: ``image`` (H', W', 3) float32, ``label`` (H, W) int32 (absent without masks), ``video_index``,
-    ``frame_index``, ``clip_frame_indices`` (1 or 4,) int32 and ``original_size`` (2,) int32.
+    Items: ``image`` (H', W', 3) uint8 (see :class:`EvalFrame`), ``label`` (H, W) uint8 (absent without masks),
+    ``video_index``, ``frame_index``, ``clip_frame_indices`` (1 or 4,) int32 and ``original_size`` (2,) int32.
     """
     source = open_source(root, split, skip_bad_videos=skip_bad_videos, num_classes=num_classes)
     keys = [(v, t) for v, info in enumerate(source.videos) for t in range(info.num_frames)]

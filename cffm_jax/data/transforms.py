@@ -5,7 +5,8 @@ ratio resize of (853, 480) with ratio in [0.5, 2.0) and keep-ratio (mmcv ``imres
 480x480 crop drawn on the target frame with the ``cat_max_ratio=0.75`` redraw rule, horizontal flip with
 p=0.5, photometric distortion drawn independently for every frame, ImageNet normalisation (RGB), padding to
 the crop size (image 0 after normalisation, label 255). Test (:func:`test_transform`): keep-ratio rescale to
-fit (853, 480), then a bilinear resize to the next multiples of 32 (853x480 -> 864x480, W x H), normalise.
+fit (853, 480), then a bilinear resize to the next multiples of 32 (853x480 -> 864x480, W x H), normalise
+(evaluation takes the uint8 frames of :func:`test_resize` and normalises them on the device).
 
 Every random draw comes from the ``np.random.Generator`` passed in; the pipeline seeds one per record, so
 results are reproducible and independent of worker count. Draw order of :func:`train_transform`: resize
@@ -424,13 +425,33 @@ def test_size(
     return math.ceil(w / size_divisor) * size_divisor, math.ceil(h / size_divisor) * size_divisor
 
 
+def test_resize(
+    image: np.ndarray, *, img_scale: tuple[int, int] = IMG_SCALE, size_divisor: int = SIZE_DIVISOR
+) -> np.ndarray:
+    """The resizes of the test pipeline (``AlignedResize_clips``, no flip) on one frame: what
+    :func:`test_transform` normalises.
+
+    Keep-ratio rescale to fit ``img_scale``, then bilinear resize (not pad) of each side to the next multiple
+    of ``size_divisor``: a 853x480 (W x H) frame becomes 864x480.
+
+    Args:
+      image: (H, W, 3) uint8 RGB.
+
+    Returns:
+      (H', W', 3) uint8 RGB. Evaluation hands it to the networks as it is: they normalise uint8 frames on the
+      device (``cffm_jax.models.layers.normalize_images``, equal to :func:`normalize` to the bit).
+    """
+    h, w = image.shape[:2]
+    rw, rh = rescale_size((w, h), img_scale)
+    img = resize_bilinear(image, (rw, rh))
+    aw, ah = math.ceil(rw / size_divisor) * size_divisor, math.ceil(rh / size_divisor) * size_divisor
+    return resize_bilinear(img, (aw, ah))
+
+
 def test_transform(
     image: np.ndarray, *, img_scale: tuple[int, int] = IMG_SCALE, size_divisor: int = SIZE_DIVISOR
 ) -> np.ndarray:
-    """The test pipeline (``AlignedResize_clips``, no flip) on one frame.
-
-    Keep-ratio rescale to fit ``img_scale``, then bilinear resize (not pad) of each side to the next multiple
-    of ``size_divisor``, then normalise: a 853x480 (W x H) frame becomes 864x480.
+    """The test pipeline (``AlignedResize_clips``, no flip) on one frame: :func:`test_resize`, then normalise.
 
     Args:
       image: (H, W, 3) uint8 RGB.
@@ -438,8 +459,4 @@ def test_transform(
     Returns:
       (H', W', 3) float32.
     """
-    h, w = image.shape[:2]
-    rw, rh = rescale_size((w, h), img_scale)
-    img = resize_bilinear(image, (rw, rh))
-    aw, ah = math.ceil(rw / size_divisor) * size_divisor, math.ceil(rh / size_divisor) * size_divisor
-    return normalize(resize_bilinear(img, (aw, ah)))
+    return normalize(test_resize(image, img_scale=img_scale, size_divisor=size_divisor))

@@ -169,10 +169,15 @@ def init_variables(config, seed: int = 0) -> dict:
     import jax
     import numpy as np
 
+    from cffm_jax import xla_options
+
     model = build_model(config)
     args, kwargs = example_inputs(config)
     key = jax.random.key(seed, impl="threefry2x32")
     init = jax.jit(lambda key: model.init(key, *args, **kwargs))
-    options = _FAST_COMPILE if jax.default_backend() == "cpu" else None
+    if jax.default_backend() == "cpu":
+        options = _FAST_COMPILE
+    else:
+        options = xla_options.compiler_options("default", xla_options.model_precision(model))
     variables = jax.tree.map(np.asarray, dict(init.lower(key).compile(compiler_options=options)(key)))
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}

@@ -26,6 +26,7 @@ from cffm_jax.models.layers import (
     conv_fan_out_init,
     gelu,
     in_matmul_precision_scope,
+    normalize_images,
     trunc_normal_init,
 )
 
@@ -379,7 +380,8 @@ class Block(nn.Module):
 
 
 class MixVisionTransformer(nn.Module):
-    """MiT backbone. Call with frames (N, H, W, 3); returns the four stage outputs (N, H_s, W_s, C_s).
+    """MiT backbone. Call with frames (N, H, W, 3), float32 normalised or uint8 RGB (normalised first,
+    :func:`~cffm_jax.models.layers.normalize_images`); returns the four stage outputs (N, H_s, W_s, C_s).
 
     Stage outputs are also sown as intermediates ``stage1``..``stage4`` (collection ``'intermediates'``).
     """
@@ -396,6 +398,7 @@ class MixVisionTransformer(nn.Module):
     @nn.compact
     @in_matmul_precision_scope
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
+        x = normalize_images(x)
         rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths))
         outputs = []
         block_index = 0
