@@ -573,7 +573,8 @@ def prefetch(iterable: Iterable[Any], size: int = 4) -> Iterator[Any]:
 def loader_threads() -> int:
     """Default number of frame-loading threads: min(8, CPU count). Decoding and the test transform (numpy, Pillow)
     release the GIL: on a 2-core Zen 4 one thread loads ~110 480x853 VSPW frames/s, two threads 1.2-1.7x as many;
-    an H100 segments 341 frames/s with CFFM-B1."""
+    an H100 segments 341 frames/s with CFFM-B1 at TF32. On an H200 machine's 16-core Xeon, evaluation made 158 frames/s
+    with 8 threads and 143 with 16 (BENCHMARKS.md)."""
     return min(8, os.cpu_count() or 1)
 
 

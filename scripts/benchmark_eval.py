@@ -1,7 +1,7 @@
 """End-to-end evaluation throughput (``cffm_jax.evaluate.evaluate_videos``): frames per second with N loader threads.
 
     python scripts/benchmark_eval.py [--model cffm_b1] [--videos 2] [--frames 40] [--size 480x853]
-        [--loader-threads 1 8] [--matmul-precision default] [--root DIR] [--sample-main]
+        [--loader-threads 1 8] [--matmul-precision default] [--root DIR] [--sample-main] [--without-metrics]
 
 Writes a synthetic VSPW-layout validation split of ``--videos`` videos (``--size`` frames, the model's class count)
 into a temporary folder (or ``--root``, kept, and reused when it is there already) and evaluates a model with
@@ -11,6 +11,9 @@ cache is on, as in the entry points). The figures are the evaluation's own frame
 metrics). On a GPU they show whether loading frames keeps up with the device (one thread loads ~110 480x853 frames/s
 on a 2-core Zen 4, ~45 on the H200 machine's Xeon; the H200 segments ~238 frames/s with CFFM-B1 at float32
 'highest').
+
+``--without-metrics``: also the same frames through the same segmenter with nothing scored (loading and the model
+alone): the difference is what the metrics cost.
 
 ``--sample-main``: where the main thread (the one that feeds the device and scores) spends the timed runs: its
 innermost frame sampled every millisecond, the most frequent lines printed with their share.
@@ -73,6 +76,7 @@ def main() -> None:
     parser.add_argument("--matmul-precision", help="the model's float32 matmul precision (default: the config's)")
     parser.add_argument("--root", help="the synthetic split's folder: kept, and reused when it exists")
     parser.add_argument("--sample-main", action="store_true", help="where the main thread's time goes")
+    parser.add_argument("--without-metrics", action="store_true", help="also time loading + model, nothing scored")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     host_memory.retain_freed_memory()
@@ -82,8 +86,20 @@ def main() -> None:
 
     from cffm_jax.benchmark import random_variables
     from cffm_jax.data import synthetic
+    from cffm_jax.data.pipeline import list_eval_videos
     from cffm_jax.evaluate import evaluate_videos
     from cffm_jax.models import model_config
+    from cffm_jax.streaming import VideoSegmenter, ordered_map
+
+    def segment_only(threads: int) -> tuple[float, float]:
+        """(frames/s, s) of loading + segmenting every video, nothing scored."""
+        segmenter = VideoSegmenter(config, variables)
+        start, frames = time.perf_counter(), 0
+        for video in list_eval_videos(root, "val", num_classes=config.num_classes):
+            for _ in segmenter.segment(ordered_map(video.load, range(video.num_frames), threads)):
+                frames += 1
+        seconds = time.perf_counter() - start
+        return frames / seconds, seconds
 
     overrides = {"matmul_precision": args.matmul_precision} if args.matmul_precision else {}
     config = model_config(args.model, **overrides)
@@ -109,12 +125,17 @@ def main() -> None:
         start = time.perf_counter()
         evaluate_videos(config, variables, root, max_videos=1, progress=False)
         print(f"warm-up on one video (compilation): {time.perf_counter() - start:.1f} s")  # noqa: T201
-        print("| loader threads | frames/s | s |")  # noqa: T201
-        print("|---|---|---|")  # noqa: T201
+        print("| loader threads | what | frames/s | s |")  # noqa: T201
+        print("|---|---|---|---|")  # noqa: T201
         for threads in args.loader_threads:
             with sample_main_thread(args.sample_main):
                 scores = evaluate_videos(config, variables, root, progress=False, num_loaders=threads)
-            print(f"| {threads} | {scores['frames_per_second']:.1f} | {scores['seconds']:.2f} |", flush=True)  # noqa: T201
+            rate, seconds = scores["frames_per_second"], scores["seconds"]
+            print(f"| {threads} | evaluation | {rate:.1f} | {seconds:.2f} |", flush=True)  # noqa: T201
+            if args.without_metrics:
+                with sample_main_thread(args.sample_main):
+                    rate, seconds = segment_only(threads)
+                print(f"| {threads} | loading + model, nothing scored | {rate:.1f} | {seconds:.2f} |", flush=True)  # noqa: T201
 
 
 if __name__ == "__main__":

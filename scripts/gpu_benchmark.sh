@@ -2,32 +2,30 @@
 # The GPU run of project issue 8 (item 5) in one prepared script: parity on the GPU, then the benchmark suite's
 # GPU cases, each step under its own time limit so that one slow or failing step leaves the others' results.
 #
-#     OUT=gpu_out bash scripts/gpu_benchmark.sh [inference|train|all|highest|diag|eval|cublas]      (default: all)
+#     OUT=gpu_out bash scripts/gpu_benchmark.sh [inference|train|all|highest|diag|eval]      (default: all)
+#
+# Float32 programs run at 'highest' (the default) compile with cuBLAS GEMMs only (cffm_jax/xla_options.py): on an H200
+# the CFFM-B1 encoder compiles in 2.5 s, the B1 training step in 63 s. Before (2026-11-27, H100), XLA's Triton GEMM
+# autotuning at 'highest' took 63 s for the encoder alone, and no B1 step compiled within 90-100 s.
 #
 # inference: parity (the official fixtures at float32 'highest' and at XLA's default precision), CFFM-B1 streaming
 #   and CFFM/CFFM++-B1 clip mode at 480x864 in float32 and bfloat16, the clip mode also at XLA's default float32
 #   precision (TF32), MiT/clip/streaming of B0 at 480x480 (the CPU table's shapes), and B1 streaming in chunks of 16
-#   frames instead of 4 (throughput; the 4-frame rows are latency-bound there). ~6 minutes on an H100 when
-#   float32 ran at TF32; at 'highest' (the default since) compiling takes several times longer (see 'highest'),
-#   hence limits of 5 minutes on the B1 steps: more than one lease of 15 minutes.
-# train: the training step of B0 and B1 at 480x480 in float32 and bfloat16 (each compiled in ~50-65 s there at TF32;
-#   at 'highest' float32 will take longer, not measured yet), then B1's on a batch of 8 clips (--train-batch 8:
-#   clips/s; one clip per step leaves most of an H100 idle).
-# highest: what a short lease (one call of <= 10 minutes) can add to the first GPU run, which timed float32 at TF32
-#   only: parity, then in float32 at 'highest' (the default) CFFM-B1 streaming as VSPW_480p evaluation runs it
-#   (480x853 frames entering the network at 480x864; its compile counts show what another original frame size
-#   costs with the labels in a program of their own), CFFM/CFFM++-B1 clip mode at 480x864, and last the B1
-#   training step at 480x480 (it gets what the call's limit leaves). At 'highest' XLA autotunes every float32
-#   product for much longer: the B1 encoder compiles in 63 s (15 s at TF32; scripts/gpu_diag_precision.py,
-#   BENCHMARKS.md), so a lease of 2026-11-27 whose limits were 90-100 s per step got no row at all.
+#   frames instead of 4 (throughput; the 4-frame rows are latency-bound there). ~6 minutes on an H100 at TF32.
+# train: the training step of B0 and B1 at 480x480 in float32 and bfloat16 (each compiled in ~50-65 s), then B1's on
+#   a batch of 8 clips (--train-batch 8: clips/s; one clip per step leaves most of the GPU idle).
+# highest: one call of <= 10 minutes, float32 at 'highest' (the default): parity, CFFM/CFFM++-B1 clip mode at
+#   480x864 (not measured at 'highest' yet), CFFM-B1 streaming as VSPW_480p evaluation runs it (480x853 frames
+#   entering the network at 480x864: 238 frames/s on the H200), the B1 training step at 480x480 (35 ms there).
 # eval: evaluation as users run it (scripts/benchmark_eval.py: loading, CFFM-B1 streaming, metrics) on 4 synthetic
-#   480x853 videos of 60 frames, with 1 and 8 frame-loading threads, at TF32 ('default', short compiles): does
-#   loading keep up with the GPU? (One loading thread managed ~110 frames/s on the 2-core development CPU; the H100
-#   segments ~341 frames/s.) ~2 minutes.
+#   480x853 videos of 60 frames, with 8 and 16 frame-loading threads, each run also without the metrics, with the main
+#   thread sampled. On the H200 (2026-11-28) evaluation made 158 frames/s with 8 threads, 143 with 16, where the model
+#   alone streams 238: the question for the next lease is which of loading, the main thread's dispatches and the
+#   metrics' device programs takes the difference. ~2.5 minutes.
 # diag: where compile and run time go at each float32 precision (scripts/gpu_diag_precision.py: a matmul, a
-#   convolution, the CFFM-B1 encoder and decoder at 480x864), at 'highest' also with XLA's Triton GEMMs off
-#   (cuBLAS only: fewer candidates to autotune; not tried yet); then 'high' (three bfloat16 passes per float32
-#   product: does it keep the fixtures within tolerance, and how fast is it?), ~8 minutes.
+#   convolution, the CFFM-B1 encoder and decoder at 480x864), at 'highest' with the project's options (cuBLAS) and
+#   with XLA's own (Triton GEMMs, autotuned for minutes); then 'high' (three bfloat16 passes per float32 product:
+#   does it keep the fixtures within tolerance, and how fast is it?), ~8 minutes.
 #
 # Writes into $OUT: all.log (every step's output) and one JSON per benchmark step (gpu_*.json); a JSON is rewritten
 # after every row, so a step stopped by its limit keeps the rows it finished. Wheels in .whl/ (packages missing on
@@ -87,32 +85,18 @@ if [ "$PART" = train ] || [ "$PART" = all ]; then
 fi
 if [ "$PART" = highest ]; then
     step parity 40 $PY -m cffm_jax.parity tests/fixtures/cffm_tiny.npz tests/fixtures/cffmpp_tiny.npz
-    step b1_stream_vspw 240 $BENCH --cases stream --models b1 --sizes 480x864 --original-sizes 480x853 \
+    step b1_clip 120 $BENCH --cases clip --models b1 --sizes 480x864 --json "$OUT/gpu_b1_clip.json"
+    step b1_stream_vspw 120 $BENCH --cases stream --models b1 --sizes 480x864 --original-sizes 480x853 \
         --json "$OUT/gpu_b1_stream_vspw.json"
-    step b1_clip 200 $BENCH --cases clip --models b1 --sizes 480x864 --json "$OUT/gpu_b1_clip.json"
-    step train_b1 240 $BENCH --cases train --models b1 --sizes 480x480 --json "$OUT/gpu_train_b1.json"
-fi
-if [ "$PART" = cublas ]; then
-    # One call of <= 9.5 minutes (a 15-minute lease): parity at 'highest', then does XLA's cuBLAS-only GEMM path
-    # (--xla_gpu_enable_triton_gemm=false, fewer candidates to autotune) make float32 at 'highest' compile in
-    # seconds instead of minutes, and how fast does it run? Then the VSPW-sized B1 streaming evaluation at 'highest'
-    # on that path, and evaluation as users run it (loading, TF32).
-    NOTRITON="env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false"
-    step parity 40 $PY -m cffm_jax.parity tests/fixtures/cffm_tiny.npz tests/fixtures/cffmpp_tiny.npz
-    step diag_highest_cublas 140 $NOTRITON $PY scripts/gpu_diag_precision.py highest
-    step b1_stream_vspw_cublas 150 $NOTRITON $BENCH --cases stream --models b1 --sizes 480x864 \
-        --original-sizes 480x853 --json "$OUT/gpu_b1_stream_vspw_cublas.json"
-    step eval_loading 130 $PY scripts/benchmark_eval.py --model cffm_b1 --videos 4 --frames 60 --loader-threads 1 8 \
-        --matmul-precision default
+    step train_b1 150 $BENCH --cases train --models b1 --sizes 480x480 --json "$OUT/gpu_train_b1.json"
 fi
 if [ "$PART" = eval ]; then
-    step eval_loading 420 $PY scripts/benchmark_eval.py --model cffm_b1 --videos 4 --frames 60 --loader-threads 1 8 \
-        --matmul-precision default
+    step eval_loading 200 $PY scripts/benchmark_eval.py --model cffm_b1 --videos 4 --frames 60 --loader-threads 8 16 \
+        --without-metrics --sample-main
 fi
 if [ "$PART" = diag ]; then
-    step diag_highest 150 $PY scripts/gpu_diag_precision.py highest
-    step diag_highest_cublas 150 env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false $PY scripts/gpu_diag_precision.py \
-        highest
+    step diag_highest 100 $PY scripts/gpu_diag_precision.py highest
+    step diag_highest_triton 150 $PY scripts/gpu_diag_precision.py highest --xla-defaults
     step diag_default 60 $PY scripts/gpu_diag_precision.py default
     step parity_high 40 $PY -m cffm_jax.parity --matmul-precision high tests/fixtures/cffm_tiny.npz \
         tests/fixtures/cffmpp_tiny.npz

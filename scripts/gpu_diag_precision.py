@@ -1,9 +1,11 @@
 """Where the time goes for float32 at a given matmul precision on an accelerator (one-off diagnostic).
 
-    python scripts/gpu_diag_precision.py highest|default
+    python scripts/gpu_diag_precision.py highest|high|default [--xla-defaults]
 
 Prints, with timestamps: an 8192^3 matmul and a 7x7/4 convolution (compile, run), then CFFM-B1 clip mode at
-480x864 (encoder and decoder: compile, first run, best of 3).
+480x864 (encoder and decoder: compile, first run, best of 3). Every program compiles with the project's options for
+its precision (``cffm_jax.xla_options``: at 'highest' on a GPU, cuBLAS GEMMs only), or with ``--xla-defaults``
+with XLA's own (Triton GEMMs, autotuned).
 """
 
 import functools
@@ -39,10 +41,13 @@ def compile_(name, fn, *args, options=None):
 
 
 precision = sys.argv[1]
-say(f"precision {precision}, jax {jax.__version__}, {jax.devices()}")
+if "--xla-defaults" in sys.argv[2:]:
+    xla_options.use_xla_defaults()
+OPTIONS = xla_options.compiler_options("default", precision)
+say(f"precision {precision}, jax {jax.__version__}, {jax.devices()}, options {OPTIONS}")
 a = jnp.asarray(np.random.default_rng(0).standard_normal((8192, 8192), np.float32))
 with matmul_precision_scope(precision):
-    mm = compile_("matmul 8192^3", lambda x, y: x @ y, a, a)
+    mm = compile_("matmul 8192^3", lambda x, y: x @ y, a, a, options=OPTIONS)
 timed("matmul 8192^3", mm, a, a)
 x = jnp.ones((4, 480, 864, 3), jnp.float32)
 w = jnp.ones((7, 7, 3, 64), jnp.float32)
@@ -53,7 +58,7 @@ conv_fn = functools.partial(
     dimension_numbers=("NHWC", "HWIO", "NHWC"),
 )
 with matmul_precision_scope(precision):
-    conv = compile_("conv 7x7/4", conv_fn, x, w)
+    conv = compile_("conv 7x7/4", conv_fn, x, w, options=OPTIONS)
 timed("conv 7x7/4", conv, x, w)
 
 config = model_config("cffm_b1", dtype="float32", matmul_precision=precision)
@@ -66,7 +71,7 @@ encode = compile_(
     functools.partial(streaming.encode_clips, model, None, False),
     variables,
     clip,
-    options=xla_options.compiler_options("encoder"),
+    options=xla_options.compiler_options("encoder", precision),
 )
 timed("encoder", encode, variables, clip)
 feats = encode(variables, clip)[1]
@@ -76,7 +81,7 @@ decode = compile_(
     variables,
     feats,
     None,
-    options=xla_options.compiler_options("default"),
+    options=xla_options.compiler_options("default", precision),
 )
 timed("decoder", decode, variables, feats, None)
 say("done")
