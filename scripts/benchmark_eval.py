@@ -2,6 +2,7 @@
 
     python scripts/benchmark_eval.py [--model cffm_b1] [--videos 2] [--frames 40] [--size 480x853]
         [--loader-threads 1 8] [--matmul-precision default] [--root DIR] [--sample-main] [--without-metrics]
+        [--loader-processes 8 16]
 
 Writes a synthetic VSPW-layout validation split of ``--videos`` videos (``--size`` frames, the model's class count)
 into a temporary folder (or ``--root``, kept, and reused when it is there already) and evaluates a model with
@@ -15,6 +16,10 @@ on a 2-core Zen 4, ~45 on the H200 machine's Xeon; the H200 segments ~238 frames
 ``--without-metrics``: also the same frames through the same segmenter with nothing scored (loading and the model
 alone): the difference is what the metrics cost.
 
+``--loader-processes N ...``: loading + model, nothing scored, with the frames loaded by N processes instead of
+threads (an experiment: on a 2-core machine a trivial device_put + jitted call on the main thread took 48 us alone and
+1.4 ms next to 8 loading threads; processes take no share of the main process's GIL).
+
 ``--sample-main``: where the main thread (the one that feeds the device and scores) spends the timed runs: its
 innermost frame sampled every millisecond, the most frequent lines printed with their share.
 """
@@ -23,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import contextlib
 import logging
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -66,6 +73,20 @@ def sample_main_thread(enabled: bool, interval: float = 0.001, top: int = 15):
             print(f"  {100 * n / total:5.1f}%  {path}:{line} ({name})")  # noqa: T201
 
 
+_worker_videos: list = []
+
+
+def _init_loader_process(root: str, num_classes: int) -> None:
+    from cffm_jax.data.pipeline import list_eval_videos
+
+    _worker_videos[:] = list_eval_videos(root, "val", num_classes=num_classes)
+
+
+def _load_in_process(key: tuple[int, int]):
+    video, t = key
+    return _worker_videos[video].load(t)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="cffm_b1")
@@ -77,6 +98,7 @@ def main() -> None:
     parser.add_argument("--root", help="the synthetic split's folder: kept, and reused when it exists")
     parser.add_argument("--sample-main", action="store_true", help="where the main thread's time goes")
     parser.add_argument("--without-metrics", action="store_true", help="also time loading + model, nothing scored")
+    parser.add_argument("--loader-processes", type=int, nargs="*", default=[], help="loading + model on N processes")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     host_memory.retain_freed_memory()
@@ -99,6 +121,22 @@ def main() -> None:
             for _ in segmenter.segment(ordered_map(video.load, range(video.num_frames), threads)):
                 frames += 1
         seconds = time.perf_counter() - start
+        return frames / seconds, seconds
+
+    def segment_only_processes(processes: int) -> tuple[float, float]:
+        """:func:`segment_only` with the frames loaded by ``processes`` spawned processes (started, untimed, first)."""
+        segmenter = VideoSegmenter(config, variables)
+        videos = list_eval_videos(root, "val", num_classes=config.num_classes)
+        context = multiprocessing.get_context("spawn")
+        init = (root, config.num_classes)
+        with concurrent.futures.ProcessPoolExecutor(processes, context, _init_loader_process, init) as pool:
+            list(pool.map(_load_in_process, [(0, 0)] * processes * 2))  # every process started
+            start, frames = time.perf_counter(), 0
+            for v, video in enumerate(videos):
+                loaded = pool.map(_load_in_process, [(v, t) for t in range(video.num_frames)], chunksize=2)
+                for _ in segmenter.segment(loaded):
+                    frames += 1
+            seconds = time.perf_counter() - start
         return frames / seconds, seconds
 
     overrides = {"matmul_precision": args.matmul_precision} if args.matmul_precision else {}
@@ -136,6 +174,10 @@ def main() -> None:
                 with sample_main_thread(args.sample_main):
                     rate, seconds = segment_only(threads)
                 print(f"| {threads} | loading + model, nothing scored | {rate:.1f} | {seconds:.2f} |", flush=True)  # noqa: T201
+        for processes in args.loader_processes:
+            with sample_main_thread(args.sample_main):
+                rate, seconds = segment_only_processes(processes)
+            print(f"| {processes} processes | loading + model, nothing scored | {rate:.1f} | {seconds:.2f} |")  # noqa: T201
 
 
 if __name__ == "__main__":

@@ -18,10 +18,11 @@
 #   480x864 (not measured at 'highest' yet), CFFM-B1 streaming as VSPW_480p evaluation runs it (480x853 frames
 #   entering the network at 480x864: 238 frames/s on the H200), the B1 training step at 480x480 (35 ms there).
 # eval: evaluation as users run it (scripts/benchmark_eval.py: loading, CFFM-B1 streaming, metrics) on 4 synthetic
-#   480x853 videos of 60 frames, with 8 and 16 frame-loading threads, each run also without the metrics, with the main
-#   thread sampled. On the H200 (2026-11-28) evaluation made 158 frames/s with 8 threads, 143 with 16, where the model
-#   alone streams 238: the question for the next lease is which of loading, the main thread's dispatches and the
-#   metrics' device programs takes the difference. ~2.5 minutes.
+#   480x853 videos of 60 frames, with 8 and 16 frame-loading threads, each run also without the metrics, then without
+#   metrics with 8 and 16 loading processes instead of threads, the main thread sampled throughout. On the H200
+#   (2026-11-28) evaluation made 158 frames/s with 8 threads, 143 with 16, where the model alone streams 238: the
+#   question for the next lease is which of loading, the main thread's dispatches (the loading threads share its GIL)
+#   and the metrics' device programs takes the difference. ~3 minutes.
 # diag: where compile and run time go at each float32 precision (scripts/gpu_diag_precision.py: a matmul, a
 #   convolution, the CFFM-B1 encoder and decoder at 480x864), at 'highest' with the project's options (cuBLAS) and
 #   with XLA's own (Triton GEMMs, autotuned for minutes); then 'high' (three bfloat16 passes per float32 product:
@@ -91,8 +92,8 @@ if [ "$PART" = highest ]; then
     step train_b1 150 $BENCH --cases train --models b1 --sizes 480x480 --json "$OUT/gpu_train_b1.json"
 fi
 if [ "$PART" = eval ]; then
-    step eval_loading 200 $PY scripts/benchmark_eval.py --model cffm_b1 --videos 4 --frames 60 --loader-threads 8 16 \
-        --without-metrics --sample-main
+    step eval_loading 240 $PY scripts/benchmark_eval.py --model cffm_b1 --videos 4 --frames 60 --loader-threads 8 16 \
+        --without-metrics --loader-processes 8 16 --sample-main
 fi
 if [ "$PART" = diag ]; then
     step diag_highest 100 $PY scripts/gpu_diag_precision.py highest
