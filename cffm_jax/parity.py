@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cffm_jax import xla_options
 from cffm_jax.checkpoint import config_from_json
 from cffm_jax.convert import convert_state_dict
 from cffm_jax.models import build_model, model_config
@@ -99,9 +100,13 @@ def _torch_layout(x: jax.Array) -> np.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def _runner(config_json: str):
-    """A jitted forward pass returning the intermediates, one per model config (so repeated checks compile once)."""
+    """A jitted forward pass returning the intermediates, one per model config (so repeated checks compile once),
+    with the XLA options evaluation and training use (``cffm_jax.xla_options``: cuBLAS GEMMs at 'highest' on GPUs)."""
     model = build_model(config_from_json(json.loads(config_json)))
-    return jax.jit(lambda variables, clip, kwargs: model.apply(variables, clip, mutable=["intermediates"], **kwargs))
+    return jax.jit(
+        lambda variables, clip, kwargs: model.apply(variables, clip, mutable=["intermediates"], **kwargs),
+        compiler_options=xla_options.compiler_options("default", model.matmul_precision),
+    )
 
 
 def fixture_state_dict(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
