@@ -22,7 +22,9 @@
 #   metrics with 8 and 16 loading processes instead of threads, the main thread sampled throughout. On the H200
 #   (2026-11-28) evaluation made 158 frames/s with 8 threads, 143 with 16, where the model alone streams 238: the
 #   question for the next lease is which of loading, the main thread's dispatches (the loading threads share its GIL)
-#   and the metrics' device programs takes the difference. ~3 minutes.
+#   and the metrics' device programs takes the difference. First scripts/benchmark_main_thread.py: a trivial
+#   device_put + jitted call on the main thread next to 0-16 loading threads (on 16 cores, GIL without the cores'
+#   oversubscription of the 2-core development VM). ~3.5 minutes.
 # diag: where compile and run time go at each float32 precision (scripts/gpu_diag_precision.py: a matmul, a
 #   convolution, the CFFM-B1 encoder and decoder at 480x864), at 'highest' with the project's options (cuBLAS) and
 #   with XLA's own (Triton GEMMs, autotuned for minutes); then 'high' (three bfloat16 passes per float32 product:
@@ -92,6 +94,7 @@ if [ "$PART" = highest ]; then
     step train_b1 150 $BENCH --cases train --models b1 --sizes 480x480 --json "$OUT/gpu_train_b1.json"
 fi
 if [ "$PART" = eval ]; then
+    step main_thread 60 $PY scripts/benchmark_main_thread.py --threads 0 2 8 16
     step eval_loading 240 $PY scripts/benchmark_eval.py --model cffm_b1 --videos 4 --frames 60 --loader-threads 8 16 \
         --without-metrics --loader-processes 8 16 --sample-main
 fi

@@ -1,0 +1,69 @@
+"""How frame-loading threads slow the thread that feeds the device: a trivial ``jax.device_put`` + jitted call on the
+main thread, timed alone and next to N threads that load evaluation frames in a loop (they share its GIL and cores).
+
+    python scripts/benchmark_main_thread.py [--root DIR] [--threads 0 1 2 4 8] [--calls 2000]
+
+``--root``: a VSPW-layout folder with a 'val' split (default: a fresh synthetic one of 480x853 frames). Evaluation's
+main thread makes a few dozen such calls per chunk of frames (``scripts/benchmark_eval.py --sample-main``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", help="VSPW-layout folder (default: synthetic 480x853 frames)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[0, 1, 2, 4, 8])
+    parser.add_argument("--calls", type=int, default=2000)
+    args = parser.parse_args()
+
+    import jax
+    import numpy as np
+
+    from cffm_jax.data import synthetic
+    from cffm_jax.data.pipeline import list_eval_videos
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.root or synthetic.generate(
+            os.path.join(tmp, "vspw"), videos=0, val_videos=1, test_videos=0, frames=20, size=(480, 853)
+        )
+        video = list_eval_videos(root, "val")[0]
+        step = jax.jit(lambda x: x + 1)
+        x = np.ones((4, 4), np.float32)
+        jax.block_until_ready(step(jax.device_put(x)))
+        print(f"{os.cpu_count()} CPU cores, {jax.devices()}")  # noqa: T201
+        for n in args.threads:
+            stop = threading.Event()
+
+            def load(stop: threading.Event = stop) -> None:
+                t = 0
+                while not stop.is_set():
+                    video.load(t % video.num_frames)
+                    t += 1
+
+            loaders = [threading.Thread(target=load, daemon=True) for _ in range(n)]
+            for thread in loaders:
+                thread.start()
+            time.sleep(0.5)
+            start = time.perf_counter()
+            for _ in range(args.calls):
+                y = step(jax.device_put(x))
+            jax.block_until_ready(y)
+            micros = (time.perf_counter() - start) / args.calls * 1e6
+            stop.set()
+            for thread in loaders:
+                thread.join()
+            print(f"{n} loading threads: device_put + jitted call on the main thread {micros:.0f} us")  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()
