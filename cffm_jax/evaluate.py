@@ -346,6 +346,7 @@ def evaluate_videos(
                         writer.write(video.name, video.info.frame_names[result.index], result.pred)
                     predicted += 1
                     bar.update()
+                accumulator.end_video()  # scores its last frames (buffered in groups)
         if writer is not None:
             _commit_writer(writer, all_videos)
     except BaseException:
@@ -424,6 +425,7 @@ def score_predictions(
             for t, (pred, label) in enumerate(frames):
                 accumulator.update(video.name, t, pred, label)
                 bar.update()
+            accumulator.end_video()
     return accumulator.compute()
 
 

@@ -40,16 +40,18 @@ Video consistency (``VideoConsistency``, the official ``VC_perclip.py``), for wi
   acc_i = sum(G & P) / sum(G), NaN when sum(G) = 0. The ignore label 255 is compared like any other value;
 * mVC_n = nanmean of acc_i over all windows of all videos pooled together (not a mean of per-video means).
 
-The streaming implementation keeps a ring buffer of the last max(n) = 16 frames: when frame f arrives, frame
-f-1 is known not to be the last one, so the windows ending at f-1 are evaluated (by a jitted kernel); windows
-ending at the final frame are thus never evaluated, which is exactly the off-by-one range above. Per-window
-counts are kept per video and committed to the pooled totals when the video turns out to have >= 17 frames.
-Memory is bounded by the window (16 frames of predictions and GT), not by the video length.
+The streaming implementation uses that every frame of a window equals its first one exactly when every frame
+equals the one before it: it keeps, per pixel, the length of the current run of equal GT values (and of equal
+predictions) and the last frame, so G of the window of length n ending at frame q is ``run_gt[q] >= n - 1``.
+When frame f arrives, frame f-1 is known not to be the last one, so the windows ending at f-1 are evaluated (by a
+jitted kernel, for a group of frames at a time); windows ending at the final frame are thus never evaluated, which
+is exactly the off-by-one range above. Per-window counts are kept per video and committed to the pooled totals
+when the video turns out to have >= 17 frames. Memory: four (H, W) arrays on the device, whatever n and the video
+length.
 """
 
 from __future__ import annotations
 
-import collections
 import functools
 import math
 from collections.abc import Sequence
@@ -219,12 +221,40 @@ def vc_window_accuracies(preds: np.ndarray, gts: np.ndarray, window: int) -> np.
     return np.asarray(accs, np.float64)
 
 
-@jax.jit
-def _window_counts(preds: Sequence[jax.Array], gts: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """(sum(G & P), sum(G)) as int32 for one window given as n frames of (H, W) predictions and GT."""
-    gt_common = jnp.all(jnp.stack(gts[1:]) == gts[0], axis=0)
-    pred_common = jnp.all(jnp.stack(preds[1:]) == preds[0], axis=0)
-    return jnp.sum(gt_common & pred_common, dtype=jnp.int32), jnp.sum(gt_common, dtype=jnp.int32)
+@functools.partial(jax.jit, static_argnames=("windows",), donate_argnums=(0,))
+def _window_counts(
+    state: tuple[jax.Array, ...], fresh: jax.Array, preds: jax.Array, gts: jax.Array, windows: tuple[int, ...]
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """The windows that end at the frame before each of B new frames, by run lengths.
+
+    A window of frames i..q has G = AND_j (gt_i == gt_{i+j}) where every frame equals the first, i.e. where every
+    frame equals the one before it: where the run of equal consecutive GT values ending at frame q is at least
+    n - 1 long (the same for P). So one (H, W) run length per label map replaces a buffer of n frames.
+
+    Args:
+      state: the last frame's (pred, gt) and their run lengths (uint8, saturating at 255), all (H, W).
+      fresh: True when the state holds no frame yet (a video's first batch).
+      preds, gts: (B, H, W) the next B frames.
+      windows: the window lengths n (static).
+    Returns:
+      (B, len(windows), 2) int32 (sum(G & P), sum(G)) of the window of length n ending at the frame before new
+      frame j, and the state after the B frames.
+    """
+    last_pred, last_gt, run_pred, run_gt = state
+    counts = []
+    for j in range(preds.shape[0]):
+        per_window = []
+        for n in windows:
+            gt_common = run_gt >= n - 1
+            both = gt_common & (run_pred >= n - 1)
+            per_window.append(jnp.stack([jnp.sum(both, dtype=jnp.int32), jnp.sum(gt_common, dtype=jnp.int32)]))
+        counts.append(jnp.stack(per_window))
+        follows = jnp.logical_not(fresh) if j == 0 else True
+        pred, gt = preds[j].astype(last_pred.dtype), gts[j].astype(last_gt.dtype)
+        run_pred = jnp.where((pred == last_pred) & follows, jnp.minimum(run_pred, 254) + 1, 0).astype(jnp.uint8)
+        run_gt = jnp.where((gt == last_gt) & follows, jnp.minimum(run_gt, 254) + 1, 0).astype(jnp.uint8)
+        last_pred, last_gt = pred, gt
+    return jnp.stack(counts), (last_pred, last_gt, run_pred, run_gt)
 
 
 class _Pooled:
@@ -254,11 +284,12 @@ class _Pooled:
 class VideoConsistency:
     """Streaming mVC_n (``VC_perclip.py``): feed the frames of each video in order, videos one after another.
 
-    Usage: ``add_frame(pred, gt)`` for every frame of a video, then ``end_video()``; or
-    ``add_video(preds, gts)`` for a whole video. ``result()`` gives ``{'mvc8': ..., 'mvc16': ...}`` in percent
-    (NaN when no window is defined). Frames are stored as device arrays in a ring buffer of ``max(windows)``
-    frames; per-window counts stay on device until ``_flush_every`` of them are pending, then move to host
-    floats.
+    Usage: ``add_frame(pred, gt)`` (or ``add_frames`` of several) for every frame of a video, then
+    ``end_video()``; or ``add_video(preds, gts)`` for a whole video. ``result()`` gives ``{'mvc8': ..., 'mvc16': ...}``
+    in percent (NaN when no window is defined). The device keeps the last frame and, per pixel, how many frames in a
+    row have had its value (predictions and GT: four (H, W) arrays, whatever the window lengths); each
+    ``add_frames`` call is one device program for all its frames and windows; per-window counts stay on device until
+    ``_flush_every`` of them are pending, then move to host floats.
 
     Args:
       windows: window lengths n (default (8, 16)).
@@ -266,11 +297,12 @@ class VideoConsistency:
     """
 
     _flush_every = 64
+    _add_video_chunk = 8  # frames per add_frames call of add_video (the program unrolls its frames and windows)
 
     def __init__(self, windows: Sequence[int] = VC_WINDOWS, min_frames: int = VC_MIN_FRAMES) -> None:
         self.windows = tuple(int(n) for n in windows)
-        if not self.windows or min(self.windows) < 2:
-            raise ValueError(f"window lengths must be >= 2, got {windows}")
+        if not self.windows or min(self.windows) < 2 or max(self.windows) > 256:
+            raise ValueError(f"window lengths must be in [2, 256] (uint8 run lengths), got {windows}")
         self.min_frames = int(min_frames)
         self._pooled = {n: _Pooled() for n in self.windows}
         self.num_videos = 0
@@ -278,19 +310,21 @@ class VideoConsistency:
         self._start_video()
 
     def _start_video(self) -> None:
-        self._buffer: collections.deque[tuple[jax.Array, jax.Array]] = collections.deque(maxlen=max(self.windows))
+        self._state: tuple[jax.Array, ...] | None = None  # last (pred, gt) and their run lengths (_window_counts)
         self._num_frames = 0
         self._frame_shape: tuple[int, ...] | None = None
         self._video = {n: _Pooled() for n in self.windows}
-        self._pending: list[tuple[int, jax.Array, jax.Array]] = []
+        self._pending: list[tuple[list[tuple[int, int, int]], jax.Array]] = []  # (valid (j, i, n), counts)
+        self._pending_windows = 0
 
     def _flush_pending(self) -> None:
         if not self._pending:
             return
-        counts = jax.device_get([(num, den) for _, num, den in self._pending])
-        for (n, _, _), (num, den) in zip(self._pending, counts, strict=True):
-            self._video[n].add_counts(int(num), int(den))
-        self._pending = []
+        counts = jax.device_get([c for _, c in self._pending])
+        for (valid, _), batch in zip(self._pending, counts, strict=True):
+            for j, i, n in valid:
+                self._video[n].add_counts(int(batch[j, i, 0]), int(batch[j, i, 1]))
+        self._pending, self._pending_windows = [], 0
 
     def add_frame(self, pred: Any, gt: Any) -> None:
         """Append the next frame of the current video.
@@ -301,22 +335,43 @@ class VideoConsistency:
         """
         if np.shape(pred) != np.shape(gt) or len(np.shape(pred)) != 2:
             raise ValueError(f"prediction shape {np.shape(pred)} != GT shape {np.shape(gt)} (want equal (H, W))")
-        if self._frame_shape is not None and np.shape(pred) != self._frame_shape:
+        self.add_frames(jnp.asarray(pred)[None], jnp.asarray(gt)[None])
+
+    def add_frames(self, preds: Any, gts: Any, real: int | None = None) -> None:
+        """Append the next B frames of the current video: ``preds``, ``gts`` (B, H, W), one device program for all.
+
+        Equal to B calls of :meth:`add_frame` (the same windows, pooled in the same order). ``real``: only the first
+        ``real`` frames belong to the video, the rest pads the batch to a size compiled already; the video must end
+        next (:meth:`end_video`).
+        """
+        if np.shape(preds) != np.shape(gts) or len(np.shape(preds)) != 3:
+            raise ValueError(f"prediction shape {np.shape(preds)} != GT shape {np.shape(gts)} (want equal (B, H, W))")
+        shape = tuple(np.shape(preds)[1:])
+        if self._frame_shape is not None and shape != self._frame_shape:
             raise ValueError(
-                f"frame {self._num_frames} has shape {np.shape(pred)} but earlier frames of this video have "
-                f"{self._frame_shape}"
+                f"frame {self._num_frames} has shape {shape} but earlier frames of this video have {self._frame_shape}"
             )
-        self._frame_shape = tuple(np.shape(pred))
-        # The previous frame is not the last one: evaluate the windows that end at it.
-        for n in self.windows:
-            if len(self._buffer) >= n:
-                frames = list(self._buffer)[-n:]
-                num, den = _window_counts(tuple(p for p, _ in frames), tuple(g for _, g in frames))
-                self._pending.append((n, num, den))
-        if len(self._pending) >= self._flush_every:
+        self._frame_shape = shape
+        preds, gts = jnp.asarray(preds), jnp.asarray(gts)
+        fresh = self._state is None
+        if fresh:
+            runs = jnp.zeros(shape, jnp.uint8), jnp.zeros(shape, jnp.uint8)  # two buffers: both are donated
+            self._state = (jnp.zeros(shape, preds.dtype), jnp.zeros(shape, gts.dtype), *runs)
+        last_pred, last_gt, run_pred, run_gt = self._state
+        dtypes = jnp.promote_types(last_pred.dtype, preds.dtype), jnp.promote_types(last_gt.dtype, gts.dtype)
+        if (last_pred.dtype, last_gt.dtype) != dtypes:  # a wider integer type than the video's first frames
+            last_pred, last_gt = last_pred.astype(dtypes[0]), last_gt.astype(dtypes[1])
+        state = (last_pred, last_gt, run_pred, run_gt)
+        counts, self._state = _window_counts(state, jnp.asarray(fresh), preds, gts, self.windows)
+        # Frame j of the batch closes the windows that end at the frame before it: those with n frames before it.
+        real = preds.shape[0] if real is None else int(real)
+        valid = [(j, i, n) for j in range(real) for i, n in enumerate(self.windows) if self._num_frames + j >= n]
+        if valid:
+            self._pending.append((valid, counts))
+            self._pending_windows += len(valid)
+        if self._pending_windows >= self._flush_every:
             self._flush_pending()
-        self._buffer.append((jnp.asarray(pred), jnp.asarray(gt)))
-        self._num_frames += 1
+        self._num_frames += real
 
     def end_video(self) -> None:
         """Finish the current video: its windows count if it has >= ``min_frames`` frames."""
@@ -336,8 +391,8 @@ class VideoConsistency:
         self.end_video()
         if np.shape(preds) != np.shape(gts) or len(np.shape(preds)) != 3:
             raise ValueError(f"expected preds and gts of equal shape (F, H, W), got {np.shape(preds)}, {np.shape(gts)}")
-        for pred, gt in zip(preds, gts, strict=True):
-            self.add_frame(pred, gt)
+        for start in range(0, len(preds), self._add_video_chunk):
+            self.add_frames(preds[start : start + self._add_video_chunk], gts[start : start + self._add_video_chunk])
         self.end_video()
 
     def state(self) -> list[float]:
@@ -384,15 +439,19 @@ class MetricsAccumulator:
     """Confusion matrix and video consistency over a streamed evaluation.
 
     Call ``update(video, frame_idx, pred, label)`` for every frame: the frames of a video in order with
-    consecutive indices, videos one after another (a video may not come back). The confusion matrix is
-    accumulated on device in int32 and moved to a host int64 total before 2**31 pixels are reached; the video
-    consistency keeps 16 frames at a time (see ``VideoConsistency``).
+    consecutive indices, videos one after another (a video may not come back). Frames are scored in groups of
+    ``batch_frames`` (one copy to the device and two device programs per group instead of five calls per frame: the
+    evaluation loop's thread, which also feeds the model, shares the GIL with the frame loaders); a video's last
+    group is padded with ignored frames. The confusion matrix is accumulated on device in int32 and moved to a host
+    int64 total before 2**31 pixels are reached; the video consistency keeps 16 frames at a time (see
+    ``VideoConsistency``).
 
     Args:
       num_classes: K (124 for VSPW).
       ignore_index: label ignored by the confusion matrix (compared like a label by the VC).
       vc_windows: VC window lengths.
       vc_min_frames: shorter videos are skipped by the VC.
+      batch_frames: frames per group.
     """
 
     def __init__(
@@ -401,6 +460,7 @@ class MetricsAccumulator:
         ignore_index: int = 255,
         vc_windows: Sequence[int] = VC_WINDOWS,
         vc_min_frames: int = VC_MIN_FRAMES,
+        batch_frames: int = 4,
     ) -> None:
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
@@ -413,6 +473,34 @@ class MetricsAccumulator:
         self._finished: set[str] = set()
         self._merged_videos = 0
         self.num_frames = 0
+        self.batch_frames = max(1, int(batch_frames))
+        self._frames: list[tuple[np.ndarray, np.ndarray]] = []  # the current video's frames not scored yet
+        self._frame_shape: tuple[int, ...] | None = None
+
+    def _flush_frames(self, video_ends: bool) -> None:
+        """Scores the buffered frames: padded to ``batch_frames`` with ignored frames when the video ends (its last
+        windows and ring are not needed), as they are otherwise (another program size, only when scores are asked
+        for in the middle of a video)."""
+        if not self._frames:
+            return
+        preds = np.stack([p for p, _ in self._frames])
+        labels = np.stack([g for _, g in self._frames])
+        count = len(self._frames)
+        self._frames = []
+        if video_ends and count < self.batch_frames:
+            pad = self.batch_frames - count
+            preds = np.concatenate([preds, np.zeros((pad, *preds.shape[1:]), preds.dtype)])
+            fill = np.full((pad, *labels.shape[1:]), self.ignore_index, np.promote_types(labels.dtype, np.uint8))
+            labels = np.concatenate([labels.astype(fill.dtype), fill])
+        pixels = int(preds.size)
+        if self._device_pixels + pixels > _INT32_MAX:
+            self._flush_confusion()
+        if self._cm_device is None:
+            self._cm_device = jnp.zeros((self.num_classes, self.num_classes), jnp.int32)
+        preds, labels = jnp.asarray(preds), jnp.asarray(labels)
+        self._cm_device = _add_confusion(self._cm_device, preds, labels, self.num_classes, self.ignore_index)
+        self._device_pixels += pixels
+        self._vc.add_frames(preds, labels, real=count)
 
     def _flush_confusion(self) -> None:
         if self._cm_device is not None:
@@ -437,30 +525,28 @@ class MetricsAccumulator:
         if video != self._video:
             if video in self._finished:
                 raise ValueError(f"video {video!r} was already finished; frames of a video must be contiguous")
-            if self._video is not None:
-                self._finished.add(self._video)
-            self._vc.end_video()
+            self.end_video()
             self._video = video
             self._last_frame = frame_idx - 1
+            self._frame_shape = tuple(np.shape(pred))
         if frame_idx != self._last_frame + 1:
             raise ValueError(
                 f"video {video!r}: frame {frame_idx} follows frame {self._last_frame}; frames must be consecutive"
             )
+        if tuple(np.shape(pred)) != self._frame_shape:
+            raise ValueError(
+                f"video {video!r} frame {frame_idx} has shape {np.shape(pred)}, its first frame {self._frame_shape}: "
+                "all frames of a video must have one size"
+            )
         self._last_frame = frame_idx
-
-        pixels = int(np.prod(np.shape(pred)))
-        if self._device_pixels + pixels > _INT32_MAX:
-            self._flush_confusion()
-        if self._cm_device is None:
-            self._cm_device = jnp.zeros((self.num_classes, self.num_classes), jnp.int32)
-        pred, label = jnp.asarray(pred), jnp.asarray(label)
-        self._cm_device = _add_confusion(self._cm_device, pred, label, self.num_classes, self.ignore_index)
-        self._device_pixels += pixels
-        self._vc.add_frame(pred, label)
+        self._frames.append((np.asarray(pred), np.asarray(label)))
         self.num_frames += 1
+        if len(self._frames) >= self.batch_frames:
+            self._flush_frames(video_ends=False)
 
     def end_video(self) -> None:
         """Ends the video in progress (its VC windows count from now on; it may not come back)."""
+        self._flush_frames(video_ends=True)
         if self._video is not None:
             self._finished.add(self._video)
             self._video = None
@@ -491,6 +577,7 @@ class MetricsAccumulator:
 
     def confusion_matrix(self) -> np.ndarray:
         """The accumulated (K, K) int64 confusion matrix (rows = GT, columns = prediction)."""
+        self._flush_frames(video_ends=False)
         self._flush_confusion()
         return self._cm_host.copy()
 
@@ -502,7 +589,7 @@ class MetricsAccumulator:
           lists ``per_class_iou`` and ``per_class_acc`` (K floats, NaN where undefined) and ints
           ``num_frames``, ``num_videos``.
         """
-        scores = summarize_confusion(self.confusion_matrix())
+        scores = summarize_confusion(self.confusion_matrix())  # scores the buffered frames too
         scores["per_class_iou"] = scores["per_class_iou"].tolist()
         scores["per_class_acc"] = scores["per_class_acc"].tolist()
         scores.update(self._vc.result())

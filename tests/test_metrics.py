@@ -156,7 +156,10 @@ def test_ignore_label_is_a_label_for_vc_but_dropped_from_confusion():
     assert scores["miou"] == 100.0 and scores["aacc"] == 100.0
 
 
-def test_streaming_accumulator_equals_whole_video_computation():
+@pytest.mark.parametrize("batch_frames", [1, 3, 4])
+def test_streaming_accumulator_equals_whole_video_computation(batch_frames):
+    """Frames scored in groups of 1, 3 or 4 (the last group of a video padded with ignored frames) give the whole-
+    video numpy computation's scores."""
     rng = np.random.default_rng(2)
     k, lengths = 4, (17, 10, 23, 30)
     videos = []
@@ -168,7 +171,7 @@ def test_streaming_accumulator_equals_whole_video_computation():
         pred = np.where(rng.random(gt.shape) < 0.03, rng.integers(0, k, gt.shape), np.minimum(gt, k - 1))
         videos.append((pred.astype(np.uint8), gt.astype(np.uint8)))
 
-    acc = MetricsAccumulator(num_classes=k)
+    acc = MetricsAccumulator(num_classes=k, batch_frames=batch_frames)
     for v, (pred, gt) in enumerate(videos):
         for f in range(len(pred)):
             acc.update(f"video{v}", f, pred[f], gt[f])
@@ -200,6 +203,27 @@ def test_streaming_accumulator_equals_whole_video_computation():
         MetricsAccumulator(num_classes=5).merge_state(parts[0].state())
 
 
+def test_windows_by_run_length_equal_the_official_loop_in_any_grouping():
+    """The VC counts windows from per-pixel run lengths of equal values (no buffer of n frames): equal to the
+    official loop for frames added one by one or in groups, over runs longer than the uint8 run counter's 255, and
+    when a video's label maps widen from uint8 to int32 midway."""
+    rng = np.random.default_rng(5)
+    gts = np.repeat(rng.integers(0, 3, size=(1, 4, 5)), 300, axis=0)
+    gts[100:110, 0, 0] = 255
+    gts[rng.random(gts.shape) < 0.01] = 2
+    preds = np.where(rng.random(gts.shape) < 0.005, 1, gts).astype(np.int32)
+    expected = {n: vc_window_accuracies(preds, gts, n) for n in (8, 16)}
+    for group in (1, 5, 16):
+        vc = VideoConsistency()
+        for start in range(0, len(gts), group):
+            cast = np.uint8 if start < 150 else np.int32
+            vc.add_frames(preds[start : start + group].astype(cast), gts[start : start + group].astype(cast))
+        vc.end_video()
+        for n in (8, 16):
+            assert vc.num_windows()[n] == len(expected[n]) == 300 - n
+            assert vc.result()[f"mvc{n}"] == pytest.approx(100 * np.nanmean(expected[n]), rel=1e-12), (group, n)
+
+
 def test_result_mid_video_equals_result_after_end():
     preds, gts = _video(20, lambda f: [0, f // 9], lambda f: [0, 0])
     vc = VideoConsistency()
@@ -216,6 +240,8 @@ def test_size_mismatch_names_video_and_frame():
     acc.update("bike", 0, np.zeros((4, 6), np.int32), np.zeros((4, 6), np.uint8))
     with pytest.raises(ValueError, match="video 'bike' frame 1: prediction shape \\(4, 5\\)"):
         acc.update("bike", 1, np.zeros((4, 5), np.int32), np.zeros((4, 6), np.uint8))
+    with pytest.raises(ValueError, match="video 'bike' frame 1 has shape \\(4, 5\\), its first frame \\(4, 6\\)"):
+        acc.update("bike", 1, np.zeros((4, 5), np.int32), np.zeros((4, 5), np.uint8))
 
 
 def test_frame_order_errors():
