@@ -490,7 +490,8 @@ class MetricsAccumulator:
         if video_ends and count < self.batch_frames:
             pad = self.batch_frames - count
             preds = np.concatenate([preds, np.zeros((pad, *preds.shape[1:]), preds.dtype)])
-            fill = np.full((pad, *labels.shape[1:]), self.ignore_index, np.promote_types(labels.dtype, np.uint8))
+            dtype = np.promote_types(labels.dtype, np.min_scalar_type(self.ignore_index))
+            fill = np.full((pad, *labels.shape[1:]), self.ignore_index, dtype)
             labels = np.concatenate([labels.astype(fill.dtype), fill])
         pixels = int(preds.size)
         if self._device_pixels + pixels > _INT32_MAX:
