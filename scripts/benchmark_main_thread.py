@@ -1,10 +1,14 @@
 """How frame-loading threads slow the thread that feeds the device: a trivial ``jax.device_put`` + jitted call on the
 main thread, timed alone and next to N threads that load evaluation frames in a loop (they share its GIL and cores).
 
-    python scripts/benchmark_main_thread.py [--root DIR] [--threads 0 1 2 4 8] [--calls 2000]
+    python scripts/benchmark_main_thread.py [--root DIR] [--threads 0 1 2 4 8] [--calls 2000] [--metrics-only]
 
 ``--root``: a VSPW-layout folder with a 'val' split (default: a fresh synthetic one of 480x853 frames). Evaluation's
 main thread makes a few dozen such calls per chunk of frames (``scripts/benchmark_eval.py --sample-main``).
+
+Then the main thread's cost of scoring one frame (``cffm_jax.metrics.MetricsAccumulator.update``, 200 frames of one
+video after 40 of warm-up) for 8x8 frames (the calls alone) and 480x853 frames (with the device work: on a CPU
+backend that is this CPU's). ``--metrics-only``: only that.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ def main() -> None:
     parser.add_argument("--root", help="VSPW-layout folder (default: synthetic 480x853 frames)")
     parser.add_argument("--threads", type=int, nargs="+", default=[0, 1, 2, 4, 8])
     parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--metrics-only", action="store_true", help="only the cost of scoring a frame")
     args = parser.parse_args()
 
     import jax
@@ -31,6 +36,28 @@ def main() -> None:
 
     from cffm_jax.data import synthetic
     from cffm_jax.data.pipeline import list_eval_videos
+    from cffm_jax.metrics import MetricsAccumulator
+
+    rng = np.random.default_rng(0)
+    for hw in ((8, 8), (480, 853)):
+        accumulator = MetricsAccumulator(num_classes=124)
+        pred = rng.integers(0, 124, hw).astype(np.uint8)
+        label = rng.integers(0, 124, hw).astype(np.uint8)
+        for t in range(40):
+            accumulator.update("video", t, pred, label)
+        accumulator.confusion_matrix()
+        start = time.perf_counter()
+        for t in range(40, 240):
+            accumulator.update("video", t, pred, label)
+        calls = time.perf_counter() - start
+        accumulator.compute()
+        done = time.perf_counter() - start
+        print(  # noqa: T201
+            f"scoring {hw[0]}x{hw[1]} frames: {calls / 200 * 1e3:.3f} ms per frame on the main thread, "
+            f"{done / 200 * 1e3:.3f} ms with the device work finished"
+        )
+    if args.metrics_only:
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root or synthetic.generate(
