@@ -478,9 +478,9 @@ class MetricsAccumulator:
         self._frame_shape: tuple[int, ...] | None = None
 
     def _flush_frames(self, video_ends: bool) -> None:
-        """Scores the buffered frames: padded to ``batch_frames`` with ignored frames when the video ends (its last
-        windows and ring are not needed), as they are otherwise (another program size, only when scores are asked
-        for in the middle of a video)."""
+        """Scores the buffered frames: padded to ``batch_frames`` with ignored frames when the video ends (the padding
+        closes no window that counts, and the video consistency's state after it is dropped), as they are otherwise
+        (another program size, only when scores are asked for in the middle of a video)."""
         if not self._frames:
             return
         preds = np.stack([p for p, _ in self._frames])
