@@ -223,7 +223,7 @@ def vc_window_accuracies(preds: np.ndarray, gts: np.ndarray, window: int) -> np.
 
 @functools.partial(jax.jit, static_argnames=("windows",), donate_argnums=(0,))
 def _window_counts(
-    state: tuple[jax.Array, ...], fresh: jax.Array, preds: jax.Array, gts: jax.Array, windows: tuple[int, ...]
+    state: tuple[jax.Array, ...], preds: jax.Array, gts: jax.Array, windows: tuple[int, ...]
 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     """The windows that end at the frame before each of B new frames, by run lengths.
 
@@ -231,9 +231,11 @@ def _window_counts(
     frame equals the one before it: where the run of equal consecutive GT values ending at frame q is at least
     n - 1 long (the same for P). So one (H, W) run length per label map replaces a buffer of n frames.
 
+    A video's first frame is compared with the zeros of a fresh state. That lengthens only runs that reach back to
+    frame 0, whose windows (ending at q >= n - 1 with a run of q) count either way.
+
     Args:
       state: the last frame's (pred, gt) and their run lengths (uint8, saturating at 255), all (H, W).
-      fresh: True when the state holds no frame yet (a video's first batch).
       preds, gts: (B, H, W) the next B frames.
       windows: the window lengths n (static).
     Returns:
@@ -249,10 +251,9 @@ def _window_counts(
             both = gt_common & (run_pred >= n - 1)
             per_window.append(jnp.stack([jnp.sum(both, dtype=jnp.int32), jnp.sum(gt_common, dtype=jnp.int32)]))
         counts.append(jnp.stack(per_window))
-        follows = jnp.logical_not(fresh) if j == 0 else True
         pred, gt = preds[j].astype(last_pred.dtype), gts[j].astype(last_gt.dtype)
-        run_pred = jnp.where((pred == last_pred) & follows, jnp.minimum(run_pred, 254) + 1, 0).astype(jnp.uint8)
-        run_gt = jnp.where((gt == last_gt) & follows, jnp.minimum(run_gt, 254) + 1, 0).astype(jnp.uint8)
+        run_pred = jnp.where(pred == last_pred, jnp.minimum(run_pred, 254) + 1, 0).astype(jnp.uint8)
+        run_gt = jnp.where(gt == last_gt, jnp.minimum(run_gt, 254) + 1, 0).astype(jnp.uint8)
         last_pred, last_gt = pred, gt
     return jnp.stack(counts), (last_pred, last_gt, run_pred, run_gt)
 
@@ -353,8 +354,7 @@ class VideoConsistency:
             )
         self._frame_shape = shape
         preds, gts = jnp.asarray(preds), jnp.asarray(gts)
-        fresh = self._state is None
-        if fresh:
+        if self._state is None:
             runs = jnp.zeros(shape, jnp.uint8), jnp.zeros(shape, jnp.uint8)  # two buffers: both are donated
             self._state = (jnp.zeros(shape, preds.dtype), jnp.zeros(shape, gts.dtype), *runs)
         last_pred, last_gt, run_pred, run_gt = self._state
@@ -362,7 +362,7 @@ class VideoConsistency:
         if (last_pred.dtype, last_gt.dtype) != dtypes:  # a wider integer type than the video's first frames
             last_pred, last_gt = last_pred.astype(dtypes[0]), last_gt.astype(dtypes[1])
         state = (last_pred, last_gt, run_pred, run_gt)
-        counts, self._state = _window_counts(state, jnp.asarray(fresh), preds, gts, self.windows)
+        counts, self._state = _window_counts(state, preds, gts, self.windows)
         # Frame j of the batch closes the windows that end at the frame before it: those with n frames before it.
         real = preds.shape[0] if real is None else int(real)
         valid = [(j, i, n) for j in range(real) for i, n in enumerate(self.windows) if self._num_frames + j >= n]
@@ -443,8 +443,8 @@ class MetricsAccumulator:
     ``batch_frames`` (one copy to the device and two device programs per group instead of five calls per frame: the
     evaluation loop's thread, which also feeds the model, shares the GIL with the frame loaders); a video's last
     group is padded with ignored frames. The confusion matrix is accumulated on device in int32 and moved to a host
-    int64 total before 2**31 pixels are reached; the video consistency keeps 16 frames at a time (see
-    ``VideoConsistency``).
+    int64 total before 2**31 pixels are reached; the video consistency keeps the last frame and per-pixel run
+    lengths (see ``VideoConsistency``).
 
     Args:
       num_classes: K (124 for VSPW).

@@ -68,11 +68,6 @@ def compiler_options(kind: str, precision: str | None = None) -> dict[str, Any] 
     return None
 
 
-def model_precision(model: Any) -> str | None:
-    """The float32 matmul precision of a model (``matmul_precision`` of the CFFM/MiT module; None if it has none)."""
-    return getattr(model, "matmul_precision", None)
-
-
 class _LazyJit:
     """``jax.jit(fun, compiler_options=compiler_options(kind, precision), **kwargs)``, built on first use.
 
@@ -91,7 +86,7 @@ class _LazyJit:
 
     def jitted(self, *args: Any) -> Any:
         """The ``jax.jit`` of ``fun`` for a call with ``args``."""
-        precision = self._precision if self._model_argnum is None else model_precision(args[self._model_argnum])
+        precision = self._precision if self._model_argnum is None else args[self._model_argnum].matmul_precision
         if precision not in self._jitted:
             options = compiler_options(self._kind, precision)
             self._jitted[precision] = jax.jit(self._fun, compiler_options=options, **self._jit_kwargs)

@@ -37,6 +37,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -113,31 +115,26 @@ def main() -> None:
     from cffm_jax.models import model_config
     from cffm_jax.streaming import VideoSegmenter, ordered_map
 
-    def segment_only(threads: int) -> tuple[float, float]:
-        """(frames/s, s) of loading + segmenting every video, nothing scored."""
+    def segment_only(load_video: Callable[[int, Any], Iterable[Any]]) -> tuple[float, float]:
+        """(frames/s, s) of loading + segmenting every video, nothing scored; ``load_video(v, video)`` gives the
+        frames of video v in order."""
         segmenter = VideoSegmenter(config, variables)
         start, frames = time.perf_counter(), 0
-        for video in list_eval_videos(root, "val", num_classes=config.num_classes):
-            for _ in segmenter.segment(ordered_map(video.load, range(video.num_frames), threads)):
+        for v, video in enumerate(list_eval_videos(root, "val", num_classes=config.num_classes)):
+            for _ in segmenter.segment(load_video(v, video)):
                 frames += 1
         seconds = time.perf_counter() - start
         return frames / seconds, seconds
 
     def segment_only_processes(processes: int) -> tuple[float, float]:
         """:func:`segment_only` with the frames loaded by ``processes`` spawned processes (started, untimed, first)."""
-        segmenter = VideoSegmenter(config, variables)
-        videos = list_eval_videos(root, "val", num_classes=config.num_classes)
         context = multiprocessing.get_context("spawn")
         init = (root, config.num_classes)
         with concurrent.futures.ProcessPoolExecutor(processes, context, _init_loader_process, init) as pool:
             list(pool.map(_load_in_process, [(0, 0)] * processes * 2))  # every process started
-            start, frames = time.perf_counter(), 0
-            for v, video in enumerate(videos):
-                loaded = pool.map(_load_in_process, [(v, t) for t in range(video.num_frames)], chunksize=2)
-                for _ in segmenter.segment(loaded):
-                    frames += 1
-            seconds = time.perf_counter() - start
-        return frames / seconds, seconds
+            return segment_only(
+                lambda v, video: pool.map(_load_in_process, [(v, t) for t in range(video.num_frames)], chunksize=2)
+            )
 
     overrides = {"matmul_precision": args.matmul_precision} if args.matmul_precision else {}
     config = model_config(args.model, **overrides)
@@ -172,7 +169,9 @@ def main() -> None:
             print(f"| {threads} | evaluation | {rate:.1f} | {seconds:.2f} |", flush=True)  # noqa: T201
             if args.without_metrics:
                 with sample_main_thread(args.sample_main):
-                    rate, seconds = segment_only(threads)
+                    rate, seconds = segment_only(
+                        lambda v, video, n=threads: ordered_map(video.load, range(video.num_frames), n)
+                    )
                 print(f"| {threads} | loading + model, nothing scored | {rate:.1f} | {seconds:.2f} |", flush=True)  # noqa: T201
         for processes in args.loader_processes:
             with sample_main_thread(args.sample_main):

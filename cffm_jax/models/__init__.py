@@ -178,6 +178,6 @@ def init_variables(config, seed: int = 0) -> dict:
     if jax.default_backend() == "cpu":
         options = _FAST_COMPILE
     else:
-        options = xla_options.compiler_options("default", xla_options.model_precision(model))
+        options = xla_options.compiler_options("default", model.matmul_precision)
     variables = jax.tree.map(np.asarray, dict(init.lower(key).compile(compiler_options=options)(key)))
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
