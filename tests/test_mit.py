@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from conftest import run_on_fake_devices
 
+from cffm_jax import xla_options
 from cffm_jax.convert import convert_state_dict, load_state_dict
 from cffm_jax.data import transforms
 from cffm_jax.models import build_model, model_config
@@ -215,6 +216,17 @@ def test_row_max_and_softmax_equal_jax_bit_for_bit(n):
         np.testing.assert_array_equal(fn(max_last)(x), jnp.max(x, axis=-1, keepdims=True, initial=-np.inf))
         np.testing.assert_array_equal(fn(softmax_last)(x), jax.nn.softmax(x, axis=-1))
     assert "reduce-window" not in jax.jit(max_last).lower(x).compile().as_text()
+
+
+def test_row_max_slices_stay_fused_with_ynnpack():
+    """In a program with XLA:CPU's default YNNPACK fusions (the training step's) the slices of max_last stay
+    inside one XLA fusion: with ``jnp.maximum`` YNNPACK took the maxima and XLA wrote out every slice of the
+    scores (8 copies for 225 keys); without YNNPACK (the encoder's option) nothing is written out either."""
+    scores = jnp.zeros((4, 64, 225), jnp.float32)
+    for kind in ("default", "encoder"):
+        program = jax.jit(lambda x: jnp.exp(x - max_last(x)), compiler_options=xla_options.compiler_options(kind))
+        text = program.lower(scores).compile().as_text()
+        assert "wrapped_slice" not in text and "reduce-window" not in text, kind
 
 
 @pytest.mark.parametrize("shape", [(3, 37, 11, 8), (2, 64, 64, 4), (1, 5, 1, 3)])
