@@ -352,6 +352,66 @@ def _eval_row(metrics: Mapping[str, Any]) -> dict[str, Any]:
 # Main
 
 
+def _model_changes(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> list[str]:
+    """The model fields that differ from the workdir's ``model.json`` (the run that made its checkpoints)."""
+    from cffm_jax.checkpoint import config_to_json
+
+    try:
+        saved = json.loads((workdir / MODEL_FILE).read_text())["model"]
+    except (OSError, ValueError, KeyError):
+        return []
+    now = config_to_json(config.model)
+    return [
+        f"model.{key}: {saved.get(key, '(unset)')!r} in the workdir, {now.get(key, '(unset)')!r} now"
+        for key in sorted(set(saved) | set(now))
+        if saved.get(key) != now.get(key)
+    ]
+
+
+def _resume(manager, abstract_state, data_iterator: Callable[[int], Any], config, workdir: pathlib.Path) -> tuple:
+    """(train state, training data iterator) of the workdir's latest checkpoint.
+
+    A state that does not fit the configured model is a :class:`ConfigError` naming the model fields that changed
+    (before the run files are rewritten: the workdir keeps describing its checkpoints). The data stream does not
+    depend on ``data.num_workers`` but grain's saved iterator state does; when it does not fit (the worker count
+    changed), the stream restarts at the checkpoint's batch (one batch per step), which is the same position.
+    """
+    from cffm_jax.data.pipeline import close_train_iterator
+
+    step = manager.latest_step()
+    where = workdir / ts.CHECKPOINT_DIR / str(step)
+    mismatches = ts.variable_mismatches(
+        where, {"params": abstract_state.params, "batch_stats": abstract_state.batch_stats}
+    )
+    if mismatches:
+        manager.close()
+        raise ConfigError(
+            f"cannot resume from {where}: its variables do not fit the configured model ("
+            + "; ".join(_model_changes(config, workdir) or mismatches)
+            + f"). Resume with the settings the run was started with (in {workdir / CONFIG_FILE}), or train in "
+            "another --workdir."
+        )
+    state = ts.restore_state(manager, abstract_state, step)
+    train_iter = data_iterator(0)
+    try:
+        ts.restore_data_iterator(manager, train_iter, step)
+    except Exception as err:  # grain's own errors (IndexError, KeyError, ...) for a state of another layout
+        close_train_iterator(train_iter)
+        batches = int(jax.device_get(state.step))
+        log.warning(
+            "the data-iterator state saved in %s does not fit this pipeline (data.num_workers=%d; %s: %s); the data "
+            "stream continues at batch %d, where the run left it (the batches do not depend on the worker count)",
+            where,
+            config.data.num_workers,
+            type(err).__name__,
+            err,
+            batches,
+        )
+        train_iter = data_iterator(batches)
+    log.info("resumed from %s at step %d", workdir / ts.CHECKPOINT_DIR, int(state.step))
+    return state, train_iter
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> TrainResult:
     """Trains (resuming whatever ``workdir`` holds), evaluates, returns the final state and metrics."""
     from tqdm import tqdm
@@ -364,8 +424,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     workdir = pathlib.Path(workdir).absolute()
     is_main = jax.process_index() == 0
     if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        write_run_files(config, workdir)
+        workdir.mkdir(parents=True, exist_ok=True)  # the run files are written once the state fits (below)
     _barrier("workdir")
 
     # --- Mesh and batch sizes -------------------------------------------------------------------------------
@@ -388,21 +447,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         from cffm_jax.prototype_store import PrototypeStore
 
         prototype_lookup = PrototypeStore(config.data.prototypes_dir)
-    train_iter = make_train_iterator(
-        data_root,
-        split=config.data.train_split,
-        batch_size=local_batch,
-        crop_size=tuple(config.data.crop_size),
-        seed=config.seed,
-        num_workers=config.data.num_workers,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
-        prototype_lookup=prototype_lookup,
-        repeat=config.data.repeat,
-        skip_bad_videos=config.data.skip_bad_videos,
-        num_classes=config.model.num_classes,
-        transform_kwargs={"img_scale": tuple(config.data.img_scale)},
-    )
+
+    def data_iterator(start_batch: int = 0):
+        return make_train_iterator(
+            data_root,
+            split=config.data.train_split,
+            batch_size=local_batch,
+            crop_size=tuple(config.data.crop_size),
+            seed=config.seed,
+            num_workers=config.data.num_workers,
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+            prototype_lookup=prototype_lookup,
+            repeat=config.data.repeat,
+            skip_bad_videos=config.data.skip_bad_videos,
+            num_classes=config.model.num_classes,
+            transform_kwargs={"img_scale": tuple(config.data.img_scale)},
+            start_batch=start_batch,
+        )
 
     # --- Model, optimiser and state shapes ------------------------------------------------------------------
     model = build_model(config.model)
@@ -439,8 +501,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     # --- Resume: workdir checkpoint > config.init_from > scratch --------------------------------------------
     manager = ts.checkpoint_manager(workdir, config.keep_checkpoints)
     if manager.latest_step() is not None:
-        state = ts.restore_checkpoint(manager, abstract_state, train_iter)
-        log.info("resumed from %s at step %d", workdir / ts.CHECKPOINT_DIR, int(state.step))
+        state, train_iter = _resume(manager, abstract_state, data_iterator, config, workdir)
     else:
         if config.model.arch == "cffmpp" and not config.init_from:
             raise ConfigError("CFFM++ fine-tunes a trained CFFM: set --config.init_from (e.g. runs/cffm_vspw_b1)")
@@ -448,7 +509,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         state = jax.jit(
             functools.partial(ts.create_train_state, tx=tx, seed=config.seed), out_shardings=state_sharding
         )(variables)
+        train_iter = data_iterator()
     del fresh
+    if is_main:
+        write_run_files(config, workdir)
     start_step = int(state.step)
     log.info("train state ready at step %d (%.1f s after initialisation)", start_step, time.time() - t0)
 

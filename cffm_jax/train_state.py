@@ -211,20 +211,63 @@ def restore_checkpoint(manager, abstract_state: TrainState, data_iterator, step:
       data_iterator: the freshly built grain iterator; its state is set in place.
       step: which checkpoint (default: the latest).
     """
+    step = manager.latest_step() if step is None else step
+    state = restore_state(manager, abstract_state, step)
+    restore_data_iterator(manager, data_iterator, step)
+    return state
+
+
+def restore_state(manager, abstract_state: TrainState, step: int) -> TrainState:
+    """The train state of checkpoint ``step`` alone, placed as ``abstract_state``'s shardings."""
+    import orbax.checkpoint as ocp
+
+    restored = manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))
+    return restored[STATE_ITEM]
+
+
+def variable_mismatches(step_dir: pathlib.Path, variables: Mapping[str, Any], limit: int = 5) -> list[str]:
+    """How the parameters and BatchNorm statistics saved in ``step_dir`` differ from ``variables`` (shapes):
+    ``[]`` when they fit. Read from the checkpoint's metadata, before any restore (orbax's failed restore of a
+    tree that does not fit leaves its background tasks to print tracebacks at exit)."""
+    import orbax.checkpoint as ocp
+
+    metadata = ocp.PyTreeCheckpointHandler().metadata(step_dir / STATE_ITEM)
+    tree = getattr(metadata, "tree", metadata)
+    saved = {
+        "/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path({c: tree.get(c, {}) for c in ("params", "batch_stats")})[
+            0
+        ]
+    }
+    wanted = {
+        name: tuple(leaf.shape)
+        for name, leaf in traverse_util.flatten_dict(
+            {c: variables.get(c, {}) for c in ("params", "batch_stats")}, sep="/"
+        ).items()
+    }
+    missing = sorted(set(wanted) - set(saved))
+    unexpected = sorted(set(saved) - set(wanted))
+    shapes = [
+        f"{n} {saved[n]} saved, {wanted[n]} now" for n in sorted(set(saved) & set(wanted)) if saved[n] != wanted[n]
+    ]
+    out = []
+    for what, items in (("not in the checkpoint", missing), ("only in the checkpoint", unexpected), ("shape", shapes)):
+        if items:
+            more = f", ... ({len(items)} in all)" if len(items) > limit else ""
+            out.append(f"{what}: " + ", ".join(items[:limit]) + more)
+    return out
+
+
+def restore_data_iterator(manager, data_iterator, step: int) -> None:
+    """Sets ``data_iterator`` (freshly built) to the position saved with checkpoint ``step``.
+
+    The saved state is grain's and holds one entry per data worker process: it fits only a pipeline with the
+    ``data.num_workers`` it was saved with (grain raises otherwise).
+    """
     import grain
     import orbax.checkpoint as ocp
 
-    step = manager.latest_step() if step is None else step
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            **{
-                STATE_ITEM: ocp.args.StandardRestore(abstract_state),
-                DATA_ITEM: grain.checkpoint.CheckpointRestore(data_iterator),
-            }
-        ),
-    )
-    return restored[STATE_ITEM]
+    manager.restore(step, args=ocp.args.Composite(**{DATA_ITEM: grain.checkpoint.CheckpointRestore(data_iterator)}))
 
 
 def _step_dir_of(path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:

@@ -76,6 +76,19 @@ def test_multi_worker_equals_single_worker(root):
         assert_batches_equal(x, y)
 
 
+def test_start_batch_continues_the_stream_with_any_worker_count(root):
+    """A pipeline that skips k batches delivers what one that delivered k batches delivers next (also past an
+    epoch and with worker processes): how a run resumes when its saved iterator state fits another worker count."""
+    full = _take(_iterator(root), 5)
+    it = _iterator(root, start_batch=2, num_workers=2)
+    try:
+        skipped = _take(it, 3)
+    finally:
+        it.close()
+    for x, y in zip(full[2:], skipped, strict=True):
+        assert_batches_equal(x, y)
+
+
 def test_shards_split_the_stream(root):
     full = _take(_iterator(root, batch_size=1), 6)
     for index in range(2):

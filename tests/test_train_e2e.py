@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -214,6 +215,35 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path, reference_
     expected, _ = load_training_checkpoint_for_inference(reference_run)
     jax.tree.map(np.testing.assert_array_equal, final, expected)
     print(f"killed after step {max(rows_before)} (checkpoint in flight: {killed_while_saving})")
+
+
+def test_resume_checks_the_model_and_takes_another_worker_count(tmp_path, reference_run, env, data_root):
+    """Resuming with another model is refused with the fields that changed, before the workdir's run files are
+    rewritten (evaluate and predict keep reading the model its checkpoints hold); resuming with another
+    ``data.num_workers`` (grain's saved state does not fit) continues the data stream at the checkpoint's batch
+    and ends exactly as the uninterrupted run."""
+    workdir = tmp_path / "run"
+    run(train_cmd(workdir, data_root, "--config.data.num_workers=2"), env)
+    shutil.rmtree(workdir / "checkpoints" / str(STEPS))  # as if stopped after the checkpoint of step 9
+    run_files = {name: (workdir / name).read_bytes() for name in ("model.json", "config.json")}
+
+    other_model = train_cmd(workdir, data_root, "--config.model.decoder_embed_dim=16")
+    out = subprocess.run(other_model, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "cannot resume from" in out.stderr and "model.decoder_embed_dim: 32 in the workdir, 16 now" in out.stderr
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert {name: (workdir / name).read_bytes() for name in run_files} == run_files
+
+    out = run(train_cmd(workdir, data_root, "--config.data.num_workers=0"), env)
+    assert "the data stream continues at batch 9" in out.stderr, out.stderr[-3000:]
+    rows, ref = rows_by_step(workdir), rows_by_step(reference_run)
+    assert sorted(rows) == sorted(ref)
+    for step in sorted(ref):
+        for key in COMPARED:
+            assert rows[step][key] == ref[step][key], (step, key, rows[step][key], ref[step][key])
+    final, _ = load_training_checkpoint_for_inference(workdir)
+    expected, _ = load_training_checkpoint_for_inference(reference_run)
+    jax.tree.map(np.testing.assert_array_equal, final, expected)
 
 
 def _eight_devices_script() -> None:

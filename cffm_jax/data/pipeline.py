@@ -159,6 +159,7 @@ def make_train_dataset(
     prefetch_buffer_size: int = 2,
     worker_buffer_size: int = 2,
     transform_kwargs: dict | None = None,
+    start_batch: int = 0,
 ) -> grain.IterDataset:
     """The training pipeline as a grain ``IterDataset`` (see the module docstring).
 
@@ -179,6 +180,9 @@ def make_train_dataset(
       num_threads, prefetch_buffer_size: grain ``ReadOptions`` of each process.
       worker_buffer_size: batches buffered per worker process.
       transform_kwargs: overrides for :func:`cffm_jax.data.transforms.train_transform`.
+      start_batch: the index of the first batch in this process's stream: a pipeline that skips ``k`` batches
+        continues exactly where one that delivered ``k`` left off, with any ``num_workers`` (resuming a run whose
+        saved iterator state was made with another worker count).
 
     Returns:
       An ``IterDataset`` of batch dicts.
@@ -207,6 +211,8 @@ def make_train_dataset(
     ds = ds.map_with_index(loader)
     ds = ds[shard_index::shard_count]
     ds = ds.batch(batch_size, drop_remainder=True)
+    if start_batch:
+        ds = ds[start_batch:]
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
     if num_workers > 0:
         _mark_flags_parsed()
