@@ -169,3 +169,65 @@ def test_validate_cli_reports_every_bad_file(root, capsys):
         assert text in out
     assert validate.main([root, "--split", "train"]) == 1
     assert "1 problem(s)" in capsys.readouterr().out
+
+
+def test_validate_notes_an_empty_split_file_but_fails_on_an_empty_split_asked_for(root, capsys):
+    """Older synthetic datasets (0 test videos) have an empty test.txt: not a problem unless that split is asked
+    for; a split file listing a missing video stays one."""
+    test_split = os.path.join(root, "test.txt")
+    open(test_split, "w").close()
+    assert validate.main([root, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"note: {test_split} lists no videos" in out and "OK: no problems found" in out
+    assert validate.main([root, "--no-progress", "--split", "test"]) == 1
+    assert f"{test_split}: empty split" in capsys.readouterr().out
+    with open(test_split, "w") as f:
+        f.write("ghost\n")
+    assert validate.main([root, "--no-progress"]) == 1
+    assert "ghost" in capsys.readouterr().out
+
+
+def test_validate_reports_every_problem_in_one_run(root):
+    """A video whose frames and masks do not pair up still gets its masks' sizes checked; a frame that does not
+    decode does not hide a bad mask."""
+    os.remove(frame_file(root, "train", 0, 5))  # the masks of video 0 no longer pair up with its frames
+    small = frame_file(root, "train", 0, 2, "mask")
+    write_mask(small, np.ones((40, 64)))
+    jpeg = frame_file(root, "train", 1, 3)
+    _truncate(jpeg)
+    mask = frame_file(root, "train", 1, 3, "mask")
+    bad = np.ones((48, 64))
+    bad[0, 0] = 150
+    write_mask(mask, bad)
+    report = validate.validate_dataset(root, ["train"])
+    assert len(report.problems) == 4, report.format()
+    problems = "\n".join(report.problems)
+    assert "frame/mask mismatch in video" in problems
+    assert small + ": mask size 64x40 (WxH) differs from its frame" in problems
+    assert jpeg + ": cannot decode image" in problems
+    assert mask + ": mask values [150]" in problems
+
+
+def test_corrupt_file_messages_name_the_file_not_a_buffer(root):
+    jpeg = frame_file(root, "val", 0, 1)
+    with open(jpeg, "wb") as f:
+        f.write(b"not a jpeg")
+    with pytest.raises(DatasetError) as error:
+        _load_all(FolderSource(root, "val"))
+    assert "BytesIO" not in str(error.value)
+    assert str(error.value) == f"{jpeg}: cannot decode image (corrupt or truncated?): cannot identify image file {jpeg}"
+    mask = frame_file(root, "train", 0, 0, "mask")
+    with open(mask, "wb") as f:
+        f.write(b"not a png")
+    report = validate.validate_dataset(root, ["train"])
+    assert report.problems == [f"{mask}: cannot decode mask (corrupt or truncated?): cannot identify image file {mask}"]
+
+
+def test_validate_shows_progress_on_stderr(root, capsys):
+    """Full VSPW takes minutes: videos done, frames/s and the ETA go to stderr (the report alone to stdout)."""
+    assert validate.main([root]) == 0
+    captured = capsys.readouterr()
+    assert "6/6 videos" in captured.err and "frame/s" in captured.err and "72/72" in captured.err
+    assert "frame/s" not in captured.out
+    assert validate.main([root, "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""

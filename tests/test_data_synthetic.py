@@ -63,3 +63,11 @@ def test_cli(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
     assert "wrote 2 videos x 3 frames (24x40)" in result.stdout
     assert len(os.listdir(out / "data" / "000_syn_train" / "origin")) == 3
+
+
+def test_a_split_of_no_videos_gets_no_file_and_the_dataset_validates(tmp_path):
+    """configs/demo.py asks for 0 test videos: the folder must pass validate and pack into TFDS as it is."""
+    root = make_dataset(tmp_path / "demo")  # an earlier run into the same folder, with test videos
+    make_dataset(root, test_videos=0)
+    assert not os.path.exists(os.path.join(root, "test.txt"))
+    assert validate.main([root, "--no-progress"]) == 0

@@ -2,7 +2,7 @@
 
 ``python -m cffm_jax.data.synthetic --out DIR [--videos N --frames F --size HxW --seed S]`` writes::
 
-    DIR/{train,val,test}.txt
+    DIR/{train,val,test}.txt                 (not for a split of 0 videos)
     DIR/data/<video>/origin/<frame>.jpg     JPEG frames
     DIR/data/<video>/mask/<frame>.png       palette PNG masks with *raw* VSPW values
 
@@ -223,7 +223,7 @@ def generate(
 
     Args:
       out_dir: output folder (created; existing files of the same names are overwritten).
-      videos, val_videos, test_videos: number of videos per split.
+      videos, val_videos, test_videos: number of videos per split; a split of 0 videos gets no split file.
       frames: frames per video.
       size: (H, W) of the frames.
       seed: generation seed (output is deterministic for a seed).
@@ -257,8 +257,14 @@ def generate(
                     with open(os.path.join(out_dir, "data", name, "mask", f"{t:08d}.png"), "wb") as f:
                         f.write(encode_mask(mask))
             index += 1
-        with open(os.path.join(out_dir, f"{split}.txt"), "w", encoding="utf-8") as f:
-            f.write("".join(n + "\n" for n in names))
+        # A split of 0 videos gets no file (and loses one of an earlier run into out_dir): the dataset has no such
+        # split, and an empty split file is an error to a reader asking for it (``read_split``).
+        path = os.path.join(out_dir, f"{split}.txt")
+        if names:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write("".join(n + "\n" for n in names))
+        elif os.path.exists(path):
+            os.remove(path)
     return out_dir
 
 

@@ -8,21 +8,25 @@ SPEC.md section 10.1. VSPW cannot be downloaded automatically: point ``manual_di
 One example per frame, in split-file order then frame order (``disable_shuffling=True``, keys
 ``<video_index>_<frame>``): ``video``, ``video_index``, ``frame_index``, ``frame_name``, ``image`` (the
 original JPEG bytes, not re-encoded), ``mask`` (the original raw PNG bytes; a 1x1 placeholder when
-``has_mask`` is False, e.g. VSPW test) and ``has_mask``. Every frame and mask is decoded and checked
-while writing, so a bad file stops the build with a :class:`~cffm_jax.data.vspw.DatasetError` naming it.
+``has_mask`` is False, e.g. VSPW test) and ``has_mask``. A split file that lists no videos gives no split.
+Every frame and mask is decoded and checked while writing, so a bad file stops the build with a
+:class:`~cffm_jax.data.vspw.DatasetError` naming it (the command prints ``error: <file>: <problem>``).
 The per-split video table (names, frame names, has-mask) is stored in the dataset's metadata, so readers
 need not scan the records.
 
-:class:`TfdsSource` reads a prepared version folder (``<data_dir>/vspw/1.0.0``) as a frame source; it yields
-exactly the records of :class:`~cffm_jax.data.vspw.FolderSource` on the folder it was built from, so the grain
-pipelines accept either (:func:`cffm_jax.data.vspw.open_source` picks by looking for ``dataset_info.json``).
+:class:`TfdsSource` reads a prepared version folder (``<data_dir>/vspw/1.0.0``; ``<data_dir>`` or
+``<data_dir>/vspw`` when they hold that one version) as a frame source; it yields exactly the records of
+:class:`~cffm_jax.data.vspw.FolderSource` on the folder it was built from, so the grain pipelines accept either
+(:func:`cffm_jax.data.vspw.open_source` picks by looking for ``dataset_info.json``).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import logging
 import os
+import sys
 import threading
 
 import numpy as np
@@ -43,7 +47,11 @@ from cffm_jax.data.vspw import (
     reduce_zero_label,
     select_videos,
     split_file,
+    splits_with_videos,
+    tfds_version_dir,
 )
+
+logger = logging.getLogger("cffm_jax.data.tfds_vspw")  # this name also when run as __main__ (-m)
 
 _PLACEHOLDER_MASK: bytes | None = None
 _OPENING = threading.Lock()  # TfdsSource opens its data source once when several loader threads start together
@@ -94,9 +102,11 @@ class Vspw(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         root = os.fspath(dl_manager.manual_dir)
-        splits = [s for s in SPLITS if os.path.isfile(split_file(root, s))]
+        splits, empty = splits_with_videos(root)
+        for split in empty:
+            logger.info("%s lists no videos: the dataset gets no %r split", split_file(root, split), split)
         if not splits:
-            raise DatasetError(f"{root}: no split file ({', '.join(s + '.txt' for s in SPLITS)}) found")
+            raise DatasetError(f"{root}: no split file ({', '.join(s + '.txt' for s in SPLITS)}) lists a video")
         generators = {}
         for split in splits:
             source = FolderSource(root, split, num_classes=NUM_CLASSES)
@@ -148,7 +158,8 @@ def build(manual_dir: str, data_dir: str) -> str:
 
 
 def _split_metadata(path: str, split: str) -> dict:
-    metadata = tfds.builder_from_directory(os.fspath(path)).info.metadata
+    path = tfds_version_dir(path)
+    metadata = tfds.builder_from_directory(path).info.metadata
     if split not in metadata:
         raise DatasetError(f"{path}: no split {split!r} in this TFDS dataset (has {sorted(metadata)})")
     return metadata[split]
@@ -162,7 +173,8 @@ def tfds_split_names(path: str, split: str) -> list[str]:
 class TfdsSource:
     """Frames of one split read from a prepared TFDS ``vspw`` version folder (array_record).
 
-    Arguments as :class:`cffm_jax.data.vspw.FolderSource`, with ``path`` the version folder.
+    Arguments as :class:`cffm_jax.data.vspw.FolderSource`, with ``path`` the version folder, or the dataset folder or
+    data directory above it when they hold one version (:func:`cffm_jax.data.vspw.tfds_versions`).
     """
 
     def __init__(
@@ -175,7 +187,7 @@ class TfdsSource:
         skip_bad_videos: bool = False,
         num_classes: int = NUM_CLASSES,
     ):
-        self.path = os.fspath(path)
+        self.path = tfds_version_dir(path)
         self.split = split
         self.num_classes = num_classes
         meta = _split_metadata(self.path, split)
@@ -239,13 +251,23 @@ class TfdsSource:
         return image, reduce_zero_label(mask)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description="Pack a VSPW-layout folder into TFDS array_record shards.")
     parser.add_argument("--manual_dir", required=True, help="VSPW folder with train.txt and data/")
     parser.add_argument("--data_dir", required=True, help="TFDS data directory to write into")
     args = parser.parse_args(argv)
-    print(build(args.manual_dir, args.data_dir))  # noqa: T201
+    path = build(args.manual_dir, args.data_dir)
+    print(path)  # noqa: T201
+    return path
+
+
+def _cli() -> int:
+    from cffm_jax.logging_utils import run_cli
+
+    return run_cli(
+        main, (DatasetError,), "nothing prepared (TFDS writes into a temporary folder, removed); run the command again"
+    )
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(_cli())

@@ -28,6 +28,7 @@ import dataclasses
 import io
 import logging
 import os
+import re
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -44,6 +45,8 @@ DILATIONS = (-9, -6, -3)
 MIN_TRAIN_FRAMES = 1 - DILATIONS[0]  # 10: the earliest possible target is position 9.
 FRAME_SUFFIX = ".jpg"
 MASK_SUFFIX = ".png"
+TFDS_NAME = "vspw"  # the TFDS builder's name: <data_dir>/vspw/<version>/
+_TFDS_VERSION = re.compile(r"\d+\.\d+\.\d+")
 
 # Reference frames used for the evaluation targets 3..8, which have fewer than 9 predecessors.
 _EVAL_EARLY_CLIPS = {
@@ -129,6 +132,12 @@ def reduce_zero_label(mask: np.ndarray) -> np.ndarray:
 _REDUCED = np.concatenate([[IGNORE_INDEX], np.arange(254), [IGNORE_INDEX]]).astype(np.uint8)
 
 
+def _pil_error(error: Exception, buf: io.BytesIO, name: str) -> str:
+    """PIL's message with the in-memory buffer it names (``<_io.BytesIO object at 0x...>``, decoding from bytes
+    read earlier or from a TFDS record) replaced by the file's name."""
+    return str(error).replace(repr(buf), name)
+
+
 def decode_image(data: bytes, name: str) -> np.ndarray:
     """Decodes a JPEG (or any PIL-readable) frame to RGB.
 
@@ -139,13 +148,14 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
     Returns:
       (H, W, 3) uint8 RGB.
     """
+    buf = io.BytesIO(data)
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(buf) as im:
             im.load()
             rgb = im if im.mode == "RGB" else im.convert("RGB")  # convert copies even an RGB image
             array = np.asarray(rgb, dtype=np.uint8)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DatasetError(f"{name}: cannot decode image (corrupt or truncated?): {e}") from e
+        raise DatasetError(f"{name}: cannot decode image (corrupt or truncated?): {_pil_error(e, buf, name)}") from e
     return array
 
 
@@ -160,13 +170,14 @@ def decode_mask(data: bytes, name: str, num_classes: int = NUM_CLASSES) -> np.nd
     Returns:
       (H, W) uint8 *raw* mask (apply :func:`reduce_zero_label` for training labels).
     """
+    buf = io.BytesIO(data)
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(buf) as im:
             im.load()
             mode = im.mode
             arr = np.asarray(im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DatasetError(f"{name}: cannot decode mask (corrupt or truncated?): {e}") from e
+        raise DatasetError(f"{name}: cannot decode mask (corrupt or truncated?): {_pil_error(e, buf, name)}") from e
     if arr.ndim != 2:
         raise DatasetError(f"{name}: mask must be single-channel (palette or greyscale), got PIL mode {mode}")
     if arr.dtype == np.uint8:  # the values present, by counting (np.unique sorts: 3x slower)
@@ -251,6 +262,13 @@ def read_split(root: str, split: str) -> list[str]:
     """
     path = split_file(root, split)
     if not os.path.isfile(path):
+        versions = tfds_versions(root)
+        if versions:  # a data root with one version is read as TFDS; validate reads only folders
+            pick = "; pass one of them" if len(versions) > 1 else ""
+            raise DatasetError(
+                f"{path}: split file not found: {root!r} is not a VSPW folder, it holds {len(versions)} prepared "
+                f"TFDS version(s) ({', '.join(versions)}){pick}"
+            )
         raise DatasetError(f"{path}: split file not found (is {root!r} a VSPW folder?)")
     with open(path, encoding="utf-8") as f:
         names = [line.strip() for line in f if line.strip()]
@@ -262,6 +280,22 @@ def read_split(root: str, split: str) -> list[str]:
             raise DatasetError(f"{path}: video {name!r} is listed twice")
         seen.add(name)
     return names
+
+
+def splits_with_videos(root: str) -> tuple[list[str], list[str]]:
+    """The splits of ``root`` among train/val/test: (those whose file lists videos, those whose file lists none).
+
+    An empty split file stands for a split the dataset does not have (:mod:`cffm_jax.data.synthetic` wrote one for a
+    split of 0 videos before it wrote none): what takes "every split present" skips it, while a split asked for by
+    name must list videos (:func:`read_split`).
+    """
+    listed, empty = [], []
+    for split in SPLITS:
+        path = split_file(root, split)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                (listed if any(line.strip() for line in f) else empty).append(split)
+    return listed, empty
 
 
 def _list_files(folder: str, suffix: str) -> list[str]:
@@ -430,9 +464,48 @@ def load_folder_frame(
     return image, reduce_zero_label(mask)
 
 
+def tfds_versions(path: str) -> list[str]:
+    """The prepared TFDS ``vspw`` version folders that ``path`` names, so that a data root may be any of the folders
+    :mod:`cffm_jax.data.tfds_vspw` writes: the version folder itself (``<data_dir>/vspw/1.0.0``, it holds
+    ``dataset_info.json``), the dataset folder (``<data_dir>/vspw``) or the TFDS data directory (``<data_dir>``).
+
+    Only complete versions count: TFDS prepares into a temporary folder and gives it its version name at the end.
+    """
+    path = os.fspath(path)
+    if os.path.isfile(os.path.join(path, "dataset_info.json")):
+        return [path]
+    found = []
+    for parent in (path, os.path.join(path, TFDS_NAME)):
+        if os.path.isdir(parent):
+            for name in sorted(os.listdir(parent)):
+                version = os.path.join(parent, name)
+                if _TFDS_VERSION.fullmatch(name) and os.path.isfile(os.path.join(version, "dataset_info.json")):
+                    found.append(version)
+    return found
+
+
+def tfds_version_dir(path: str) -> str:
+    """The one prepared TFDS ``vspw`` version folder that ``path`` names (see :func:`tfds_versions`).
+
+    Raises:
+      DatasetError: ``path`` holds no prepared version, or several (listing them: the caller must pick).
+    """
+    versions = tfds_versions(path)
+    if len(versions) == 1:
+        return versions[0]
+    if versions:
+        raise DatasetError(
+            f"{path}: holds {len(versions)} prepared TFDS version(s) ({', '.join(versions)}); pass one of them"
+        )
+    raise DatasetError(
+        f"{path}: no prepared TFDS dataset: expected {TFDS_NAME}/<version>/dataset_info.json (the --data_dir of "
+        f"cffm_jax.data.tfds_vspw), <version>/dataset_info.json or dataset_info.json in it"
+    )
+
+
 def is_tfds_dir(path: str) -> bool:
-    """Whether ``path`` is a prepared TFDS dataset version folder (has ``dataset_info.json``)."""
-    return os.path.isfile(os.path.join(os.fspath(path), "dataset_info.json"))
+    """Whether ``path`` names exactly one prepared TFDS ``vspw`` version (see :func:`tfds_versions`)."""
+    return len(tfds_versions(path)) == 1
 
 
 def open_source(
@@ -444,7 +517,8 @@ def open_source(
     skip_bad_videos: bool = False,
     num_classes: int = NUM_CLASSES,
 ) -> FrameSource:
-    """Opens a split of a VSPW folder, or of a prepared TFDS ``vspw`` folder (``.../vspw/1.0.0``).
+    """Opens a split of a VSPW folder, or of a prepared TFDS ``vspw`` dataset: its version folder
+    (``<data_dir>/vspw/1.0.0``), or the dataset folder or data directory above it when they hold one version.
 
     Arguments as :class:`FolderSource`.
     """
