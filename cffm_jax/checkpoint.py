@@ -17,7 +17,7 @@ import logging
 import os
 import pathlib
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -153,6 +153,55 @@ def load_for_inference(
     if expected is not None:
         check_compatible(config, expected, path)
     return variables, config
+
+
+def trained_img_scale(path: str | os.PathLike) -> tuple[tuple[int, int], pathlib.Path] | None:
+    """(``data.img_scale``, the file it is from) of the training run that wrote checkpoint ``path``: a training
+    workdir, or one of its step directories, holds the run's ``config.json``. None for other checkpoints.
+
+    The scale a model was trained at is the one to test it at (its clips were cropped from frames rescaled to it):
+    the evaluation, prediction and prototype commands take it as their default for such a checkpoint, instead of
+    the official 853x480.
+    """
+    path = pathlib.Path(path)
+    for folder in (path, path.parent.parent):
+        file = folder / "config.json"
+        if folder.is_dir() and (folder / "checkpoints").is_dir() and file.is_file():
+            try:
+                scale = json.loads(file.read_text())["data"]["img_scale"]
+                return (int(scale[0]), int(scale[1])), file
+            except (ValueError, KeyError, TypeError, IndexError):
+                return None
+    return None
+
+
+def default_img_scale(
+    given: Sequence[int] | None, config_scale: Sequence[int] | None, checkpoint: str | os.PathLike | None
+) -> tuple[int, int]:
+    """The test rescale bound (W, H) of the command-line tools, logged with where it comes from: the command
+    line's, else the experiment config's, else the one the checkpoint's training run used
+    (:func:`trained_img_scale`), else the official one."""
+    from cffm_jax.data.transforms import IMG_SCALE
+
+    trained = trained_img_scale(checkpoint) if checkpoint else None
+    if given:
+        scale, origin = tuple(given), "--img-scale"
+    elif config_scale:
+        scale, origin = tuple(config_scale), "config.data.img_scale"
+    elif trained:
+        scale, origin = trained[0], f"{trained[1]}: the scale the model was trained at"
+    else:
+        scale, origin = tuple(IMG_SCALE), "the official test scale"
+    scale = (int(scale[0]), int(scale[1]))
+    log.info("frames rescaled to fit %dx%d (%s)", *scale, origin)
+    if trained and trained[0] != scale:
+        log.warning(
+            "the checkpoint was trained at img_scale %dx%d (%s), this run tests it at %dx%d",
+            *trained[0],
+            trained[1],
+            *scale,
+        )
+    return scale
 
 
 def check_compatible(found: ml_collections.ConfigDict, expected: ml_collections.ConfigDict, path) -> None:

@@ -76,7 +76,7 @@ from cffm_jax.metrics import MetricsAccumulator
 from cffm_jax.streaming import VideoSegmenter, compute_prototypes, loader_threads, ordered_map
 from cffm_jax.visualize import ids_to_raw, save_palette_png
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("cffm_jax.evaluate")  # the same name under python -m
 
 METRIC_KEYS = ("miou", "miou_gt_present", "aacc", "macc", "fwiou", "mvc8", "mvc16")
 PrototypeSource = Callable[[str], np.ndarray] | str | None
@@ -547,7 +547,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _model_run(args: argparse.Namespace, config: ml_collections.ConfigDict | None) -> tuple[dict, dict]:
-    from cffm_jax.checkpoint import load_for_inference
+    from cffm_jax.checkpoint import CheckpointError, default_img_scale, load_for_inference
     from cffm_jax.prototype_store import PrototypeStore
 
     checkpoint = args.checkpoint or (config.workdir if config is not None else None)
@@ -555,6 +555,10 @@ def _model_run(args: argparse.Namespace, config: ml_collections.ConfigDict | Non
         raise ValueError("--checkpoint is required without --config")
     expected = config.model if config is not None else args.model
     variables, model_config = load_for_inference(checkpoint, model=expected)
+    if model_config.arch not in ("cffm", "cffmpp"):
+        raise CheckpointError(
+            f"{checkpoint} holds a {model_config.name} model; video segmentation needs CFFM or CFFM++"
+        )
     if config is not None:
         model_config = config.model  # same architecture (checked); keeps e.g. the computation dtype
     if args.data_root:
@@ -564,7 +568,7 @@ def _model_run(args: argparse.Namespace, config: ml_collections.ConfigDict | Non
     else:
         raise ValueError("--data-root is required without --config")
     split = args.split or (config.data.val_split if config is not None else "val")
-    img_scale = tuple(args.img_scale or (config.data.img_scale if config is not None else IMG_SCALE))
+    img_scale = default_img_scale(args.img_scale, config.data.img_scale if config is not None else None, checkpoint)
     source = args.prototypes or (config.data.get("prototypes_dir", "") if config is not None else "")
     prototypes: PrototypeSource = None
     if model_config.arch == "cffmpp":
@@ -572,6 +576,17 @@ def _model_run(args: argparse.Namespace, config: ml_collections.ConfigDict | Non
             prototypes = "auto"
         elif source:
             prototypes = PrototypeStore(source)
+            made_at = prototypes.info.get("img_scale")
+            if made_at is not None and tuple(made_at) != tuple(img_scale):
+                log.warning(
+                    "the prototypes in %s were computed from frames rescaled to fit %dx%d, this evaluation rescales "
+                    "to %dx%d: regenerate them at this scale (python -m cffm_jax.prototypes --img-scale ...) or "
+                    "evaluate with --img-scale %d %d",
+                    source,
+                    *made_at,
+                    *img_scale,
+                    *made_at,
+                )
     elif source:
         log.warning("ignoring prototypes %r: %s is not a CFFM++ model", source, model_config.name)
     scores = evaluate_videos(

@@ -46,11 +46,12 @@ from PIL import Image, ImageSequence, UnidentifiedImageError
 from tqdm import tqdm
 
 from cffm_jax import compilation_cache, host_memory
+from cffm_jax.checkpoint import default_img_scale
 from cffm_jax.data.pipeline import EvalFrame
 from cffm_jax.data.transforms import IMG_SCALE, test_resize
 from cffm_jax.visualize import colorize, overlay, save_gif, save_gray_png, save_rgb_png, thumbnail
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("cffm_jax.predict")  # the same name under python -m
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 PIL_ANIMATIONS = ("GIF", "WEBP", "PNG")
@@ -356,7 +357,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-classes", type=int, help="expected number of classes (default: the model's)")
     parser.add_argument("--input", required=True, help="video file, animated GIF/WebP, or folder of frames")
     parser.add_argument("--output", required=True, help="output folder")
-    parser.add_argument("--img-scale", nargs=2, type=int, default=IMG_SCALE, metavar=("W", "H"))
+    parser.add_argument(
+        "--img-scale",
+        nargs=2,
+        type=int,
+        metavar=("W", "H"),
+        help="test rescale bound (default: a training workdir's own, else the official 853 480)",
+    )
     parser.add_argument("--prototypes", help="CFFM++: prototype store dir (default: computed on the fly)")
     parser.add_argument("--prototype-seed", type=int, default=0, help="k-means seed for on-the-fly prototypes")
     parser.add_argument("--batch-size", type=int, help="frames per batch (multiple of the device count)")
@@ -377,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     args = _parser().parse_args(argv)
     host_memory.retain_freed_memory()  # before jax starts its threads
     compilation_cache.enable()
-    img_scale = tuple(args.img_scale)
+    img_scale = default_img_scale(args.img_scale, None, args.checkpoint)
     _check_output(Path(args.output), args.overwrite)
     reader = open_input(args.input)
     variables, config = load_model(args.checkpoint, args.model, args.num_classes)

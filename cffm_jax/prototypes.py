@@ -72,6 +72,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from cffm_jax import compilation_cache, host_memory, xla_options
+from cffm_jax.checkpoint import default_img_scale
 from cffm_jax.data.pipeline import EvalVideo, list_eval_videos, load_eval_frame, video_names
 from cffm_jax.data.transforms import IMG_SCALE
 from cffm_jax.data.vspw import DatasetError, is_tfds_dir, split_file
@@ -631,7 +632,7 @@ def main(argv: Sequence[str] | None = None) -> GenerationSummary:
     out = args.out or data.get("prototypes_dir", "")
     if not out:
         parser.error("--out is required (or config.data.prototypes_dir)")
-    img_scale = tuple(args.img_scale or data.get("img_scale", IMG_SCALE))
+    img_scale = default_img_scale(args.img_scale, data.get("img_scale") if config is not None else None, checkpoint)
     seed = args.seed if args.seed is not None else int(config.get("seed", 0) if config is not None else 0)
     num_prototypes = args.num_prototypes or int(proto.get("num_prototypes", NUM_PROTOTYPES))
 

@@ -179,6 +179,31 @@ def test_checkpoint_for_another_class_count_is_rejected(setup):
         evaluate.main(argv)
 
 
+def test_backbone_checkpoint_is_rejected(setup):
+    """A MiT (ImageNet backbone) weights directory: a CheckpointError naming it, not an AttributeError."""
+    from cffm_jax.models import init_variables, model_config
+
+    config = model_config("mit_b0", embed_dims=(8, 16, 40, 64), depths=(1, 1, 1, 1))
+    weights = save_variables(setup["tmp"] / "mit_weights", init_variables(config, 0), config)
+    argv = ["--checkpoint", str(weights), "--data-root", setup["root"], "--no-progress"]
+    with pytest.raises(CheckpointError, match="holds a mit_b0 model; video segmentation needs CFFM or CFFM"):
+        evaluate.main(argv)
+
+
+def test_prototypes_of_another_scale_are_named(setup, caplog):
+    """CFFM++ with a store whose manifest says its prototypes came from frames at another scale: a warning with
+    both scales (the store is still used: the user may mean it)."""
+    store = PrototypeStore(setup["tmp"] / "protos_scaled", embed_dim=32, num_prototypes=100, source="generated",
+                           info={"img_scale": [160, 96]})  # fmt: skip
+    store.put("unused", np.zeros((100, 32), np.float32))
+    argv = ["--config", f"{setup['config']}:cffmpp_b0", f"--config.data.root={setup['root']}",
+            "--checkpoint", setup["weights"]["cffmpp"], "--prototypes", str(store.root), "--no-progress"]  # fmt: skip
+    with caplog.at_level("WARNING"), pytest.raises(FileNotFoundError, match="no prototypes for video"):
+        evaluate.main(argv)  # the store holds none of the val videos: the warning came before
+    scale = "x".join(map(str, IMG_SCALE))
+    assert any(f"fit 160x96, this evaluation rescales to {scale}" in r.getMessage() for r in caplog.records)
+
+
 def test_videos_are_split_between_processes_by_frame_count():
     assert evaluate.split_videos([10, 50, 20, 30, 40], 1) == [0] * 5
     # longest first to the least loaded: 50 -> 0, 40 -> 1, 30 -> 1, 20 -> 0, 10 -> 0 (80 and 70 frames)

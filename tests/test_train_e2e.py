@@ -246,6 +246,24 @@ def test_resume_checks_the_model_and_takes_another_worker_count(tmp_path, refere
     jax.tree.map(np.testing.assert_array_equal, final, expected)
 
 
+def test_evaluate_and_predict_test_a_training_workdir_at_its_scale(tmp_path, reference_run, data_root, caplog):
+    """Without --config (or --img-scale) a training workdir is tested at the scale it was trained at (its
+    config.json), not at the official 853x480, and the log says so."""
+    from cffm_jax import evaluate, predict
+
+    trained = list(smoke.get_config().data.img_scale)
+    assert trained != [853, 480]
+    argv = ["--checkpoint", str(reference_run), "--data-root", data_root, "--max-videos", "1", "--no-progress"]
+    with caplog.at_level(logging.INFO):
+        evaluate.main([*argv, "--json", str(tmp_path / "metrics.json")])
+    assert json.loads((tmp_path / "metrics.json").read_text())["run"]["img_scale"] == trained
+    assert any("the scale the model was trained at" in r.getMessage() for r in caplog.records)
+    frames = pathlib.Path(data_root) / "data" / (pathlib.Path(data_root) / "val.txt").read_text().split()[0] / "origin"
+    out = predict.main(["--checkpoint", str(reference_run / "checkpoints" / str(STEPS)), "--input", str(frames),
+                        "--output", str(tmp_path / "pred"), "--no-progress"])  # fmt: skip
+    assert json.loads((out / predict.MANIFEST).read_text())["img_scale"] == trained
+
+
 def _eight_devices_script() -> None:
     """Run in a subprocess with 8 fake CPU devices; prints the largest differences as JSON."""
     import functools
