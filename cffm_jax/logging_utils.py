@@ -15,16 +15,20 @@ summary=5}``, ``Summary{value=1 (repeated)}``, ``Summary.Value{tag=1 (string), s
 
 from __future__ import annotations
 
+import _thread
 import json
 import logging
 import math
 import os
 import pathlib
+import signal
 import socket
 import struct
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -40,16 +44,62 @@ def configure_cli_logging() -> None:
     logging.getLogger("cffm_jax").setLevel(logging.INFO)
 
 
+class InterruptUntilCaught:
+    """Ctrl-C as Python's default (``KeyboardInterrupt`` in the main thread), repeated every ``interval`` seconds
+    until the ``with`` block is left.
+
+    Python drops an exception raised while it runs certain callbacks (``__del__``, jax's garbage-collection
+    callback: "Exception ignored in ..."): a Ctrl-C that arrived there was lost and the command ran on to its end,
+    once in several tries during the set-up of a training run or an evaluation. The first SIGINT starts a thread
+    that interrupts the main thread again while it is not handling a ``KeyboardInterrupt`` (cleanups in ``finally``
+    blocks run undisturbed). In threads other than the main one (where signals cannot be handled) it does nothing.
+    """
+
+    def __init__(self, interval: float = 1.0):
+        self.interval = interval
+        self._left = threading.Event()
+        self._repeater: threading.Thread | None = None
+        self._previous: Any = None
+        self._active = False
+
+    def __enter__(self) -> InterruptUntilCaught:
+        self._active = threading.current_thread() is threading.main_thread()
+        if self._active:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._left.set()
+        if self._active:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self._repeater is None:
+            self._repeater = threading.Thread(target=self._repeat, name="interrupt-until-caught", daemon=True)
+            self._repeater.start()
+        raise KeyboardInterrupt
+
+    def _repeat(self) -> None:
+        main = threading.main_thread().ident
+        while not self._left.wait(self.interval):
+            handling = sys._current_exceptions().get(main)
+            if isinstance(handling, tuple):  # Python < 3.12: exc_info triples
+                handling = handling[1]
+            if not isinstance(handling, KeyboardInterrupt):
+                _thread.interrupt_main(signal.SIGINT)
+
+
 def run_cli(main: Callable[[], object], user_errors: tuple[type[BaseException], ...], interrupted: str) -> int:
     """A command line's exit status: ``main()`` with logging set up; 0 when it returns.
 
     ``user_errors`` (a setting, file or dataset to fix: their messages say which) print ``error: <message>``
     without a traceback, status 1. Ctrl-C prints ``interrupted: <interrupted>`` (what was kept and how to go on),
-    status 130 as the shell's.
+    status 130 as the shell's; :class:`InterruptUntilCaught` makes sure that a Ctrl-C is not lost.
     """
     configure_cli_logging()
     try:
-        main()
+        with InterruptUntilCaught():
+            main()
     except user_errors as e:
         print(f"error: {e}", file=sys.stderr)  # noqa: T201
         return 1

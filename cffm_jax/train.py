@@ -61,6 +61,7 @@ from cffm_jax.convert import ConversionError
 from cffm_jax.data.vspw import DatasetError
 from cffm_jax.evaluate import evaluate_videos
 from cffm_jax.experiment_config import ConfigError, config_error_message
+from cffm_jax.logging_utils import InterruptUntilCaught
 from cffm_jax.losses import segmentation_loss
 from cffm_jax.models import build_model, init_variables, trainable_mask
 from cffm_jax.models.layers import matmul_precision_scope
@@ -650,7 +651,8 @@ def main(argv: list[str]) -> None:
     flags_ = flags.FLAGS
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax and grain log every file they write at INFO
     try:
-        result = _run(argv, flags_)
+        with InterruptUntilCaught():  # a Ctrl-C outside the training loop (which has its own) is never lost
+            result = _run(argv, flags_)
     except USER_ERRORS as e:  # a setting, file or dataset to fix: the message says which, a traceback would not
         print(f"error: {e}", file=sys.stderr)  # noqa: T201
         sys.exit(1)
