@@ -72,7 +72,7 @@ from cffm_jax.data.pipeline import EvalVideo, list_eval_videos
 from cffm_jax.data.transforms import IMG_SCALE
 from cffm_jax.data.vspw import NUM_CLASSES, DatasetError, decode_mask, read_bytes, reduce_zero_label
 from cffm_jax.experiment_config import ConfigError, config_error_message
-from cffm_jax.metrics import MetricsAccumulator
+from cffm_jax.metrics import VC_MIN_FRAMES, MetricsAccumulator
 from cffm_jax.streaming import VideoSegmenter, compute_prototypes, loader_threads, ordered_map
 from cffm_jax.visualize import ids_to_raw, save_palette_png
 
@@ -442,6 +442,10 @@ def format_table(scores: dict[str, Any]) -> str:
     for key, value in rows:
         text = f"{value:.2f}" if isinstance(value, float) else str(value)
         lines.append(f"{key:<{width}}  {text}")
+    if any(isinstance(scores.get(k), float) and math.isnan(scores[k]) for k in ("mvc8", "mvc16")):
+        lines.append(
+            f"(mVC nan: no video has {VC_MIN_FRAMES} frames or more; the official consistency script skips the others)"
+        )
     return "\n".join(lines)
 
 

@@ -304,25 +304,39 @@ def run_evaluation(
     variables: Mapping[str, Any],
     data_root: str,
     predictions_dir: pathlib.Path | None = None,
+    saved: pathlib.Path | None = None,
 ) -> dict[str, Any] | None:
-    """Evaluation on ``config.data.val_split`` (every process scores a share of the videos; pooled metrics)."""
+    """Evaluation on ``config.data.val_split`` (every process scores a share of the videos; pooled metrics).
+
+    ``saved``: the checkpoint of the evaluated state, named in the message of a dataset error (a corrupt validation
+    frame is found only here, possibly after the whole training run: nothing of it is lost).
+    """
     prototypes = None
     if config.data.prototypes_dir:
         from cffm_jax.prototype_store import PrototypeStore
 
         prototypes = PrototypeStore(config.data.prototypes_dir)
-    return evaluate_videos(
-        config.model,
-        shd.to_host(dict(variables)),
-        data_root,
-        split=config.data.val_split,
-        img_scale=tuple(config.data.img_scale),
-        prototypes=prototypes,
-        max_videos=config.eval_max_videos,
-        predictions_dir=None if predictions_dir is None else str(predictions_dir),
-        progress=config.progress,
-        overwrite=True,
-    )
+    try:
+        return evaluate_videos(
+            config.model,
+            shd.to_host(dict(variables)),
+            data_root,
+            split=config.data.val_split,
+            img_scale=tuple(config.data.img_scale),
+            prototypes=prototypes,
+            max_videos=config.eval_max_videos,
+            predictions_dir=None if predictions_dir is None else str(predictions_dir),
+            progress=config.progress,
+            overwrite=True,
+        )
+    except DatasetError as e:
+        if saved is None:
+            raise
+        raise DatasetError(
+            f"{e}\n(while evaluating; the training state is saved in {saved}: fix the data, `python -m "
+            f"cffm_jax.data.validate {data_root} --split {config.data.val_split}` lists every problem, and run the "
+            "same command again: it resumes from there)"
+        ) from e
 
 
 #: ``data_wait`` above which training on an accelerator says to add data workers (once per run).
@@ -529,7 +543,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     pending = None  # (step, metrics) of the previous update, fetched after the next one is dispatched
     last_time, last_step = time.time(), start_step
     data_wait_s, advised = 0.0, False  # time blocked on the next batch since the last row; advice given
-    if start_step < config.total_steps:
+    if start_step >= config.total_steps:
+        log.info(
+            "the run is complete (step %d of total_steps=%d)%s",
+            start_step,
+            config.total_steps,
+            "; its final evaluation runs again" if config.eval_at_end else "",
+        )
+    else:
         cache = jax.config.jax_compilation_cache_dir
         log.info(
             "compiling the training step (this can take minutes, e.g. on a GPU at float32 'highest'; %s)",
@@ -589,7 +610,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     )
                     break
                 if evaluating:
-                    metrics_eval = run_evaluation(config, state.variables, data_root)
+                    metrics_eval = run_evaluation(
+                        config, state.variables, data_root, saved=workdir / ts.CHECKPOINT_DIR / str(step)
+                    )
                     if metrics_eval is not None:
                         writer.write(step, _eval_row(metrics_eval))
                         log.info("step %d: mIoU %.2f", step, metrics_eval["miou"])
@@ -606,7 +629,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     eval_metrics, predictions_dir = None, None
     if config.eval_at_end and stop.signal is None:
         predictions_dir = workdir / "predictions"
-        eval_metrics = run_evaluation(config, state.variables, data_root, predictions_dir)
+        saved = workdir / ts.CHECKPOINT_DIR / str(int(state.step))
+        eval_metrics = run_evaluation(config, state.variables, data_root, predictions_dir, saved=saved)
         if eval_metrics is not None:
             writer.write(int(state.step), _eval_row(eval_metrics))
         else:
@@ -657,10 +681,14 @@ def main(argv: list[str]) -> None:
         print(f"error: {e}", file=sys.stderr)  # noqa: T201
         sys.exit(1)
     except KeyboardInterrupt:  # outside the training loop (set-up, final evaluation), or a second Ctrl-C
-        workdir = flags_.workdir or flags_.config.workdir
-        print(  # noqa: T201
-            f"\ninterrupted: the same command resumes from the latest checkpoint in {workdir}", file=sys.stderr
+        workdir = pathlib.Path(flags_.workdir or flags_.config.workdir)
+        saved = any(p.name.isdigit() for p in (workdir / ts.CHECKPOINT_DIR).glob("*"))  # finished ones only
+        kept = (
+            f"the same command resumes from the latest checkpoint in {workdir}"
+            if saved
+            else f"no checkpoint in {workdir} yet: the same command starts the run again"
         )
+        print(f"\ninterrupted: {kept}", file=sys.stderr)  # noqa: T201
         sys.exit(preemption.EXIT_BASE + signal.SIGINT)
     if jax.process_index() == 0:
         _print_summary(result, flags_.config)

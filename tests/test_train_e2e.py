@@ -264,6 +264,24 @@ def test_evaluate_and_predict_test_a_training_workdir_at_its_scale(tmp_path, ref
     assert json.loads((out / predict.MANIFEST).read_text())["img_scale"] == trained
 
 
+def test_a_corrupt_validation_mask_names_the_saved_checkpoint(tmp_path, env, data_root):
+    """A validation mask that cannot be decoded is found by the final evaluation, after training: the error (no
+    traceback) names the file and says where the trained state is saved; the same command resumes there."""
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    video = (root / "val.txt").read_text().split()[0]
+    mask = sorted((root / "data" / video / "mask").iterdir())[5]
+    mask.write_bytes(b"not a png")
+    workdir = tmp_path / "run"
+    cmd = train_cmd(workdir, root, "--config.total_steps=3", "--config.eval_at_end=True")
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert f"{mask}: cannot decode mask" in out.stderr, out.stderr[-3000:]
+    assert f"the training state is saved in {workdir / 'checkpoints' / '3'}" in out.stderr, out.stderr[-3000:]
+    assert (workdir / "checkpoints" / "3").is_dir()
+
+
 def _eight_devices_script() -> None:
     """Run in a subprocess with 8 fake CPU devices; prints the largest differences as JSON."""
     import functools
