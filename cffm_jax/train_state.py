@@ -201,22 +201,6 @@ def save_checkpoint(manager, state: TrainState, data_iterator) -> None:
     )
 
 
-def restore_checkpoint(manager, abstract_state: TrainState, data_iterator, step: int | None = None) -> TrainState:
-    """Restores the train state (placed as ``abstract_state``'s shardings) and sets the iterator's position.
-
-    Args:
-      manager: from :func:`checkpoint_manager`.
-      abstract_state: ``jax.ShapeDtypeStruct`` tree with shardings (optax states need a target to keep their
-        types).
-      data_iterator: the freshly built grain iterator; its state is set in place.
-      step: which checkpoint (default: the latest).
-    """
-    step = manager.latest_step() if step is None else step
-    state = restore_state(manager, abstract_state, step)
-    restore_data_iterator(manager, data_iterator, step)
-    return state
-
-
 def restore_state(manager, abstract_state: TrainState, step: int) -> TrainState:
     """The train state of checkpoint ``step`` alone, placed as ``abstract_state``'s shardings."""
     import orbax.checkpoint as ocp

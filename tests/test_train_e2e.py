@@ -233,6 +233,11 @@ def test_resume_checks_the_model_and_takes_another_worker_count(tmp_path, refere
     assert "cannot resume from" in out.stderr and "model.decoder_embed_dim: 32 in the workdir, 16 now" in out.stderr
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
     assert {name: (workdir / name).read_bytes() for name in run_files} == run_files
+    (workdir / "model.json").rename(workdir / "model.json.bak")  # without it: the variables that do not fit
+    out = subprocess.run(other_model, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "cannot resume from" in out.stderr, out.stderr[-3000:]
+    assert "shape: batch_stats/decode_head/linear_fuse/bn/mean (32,) saved, (16,) now" in out.stderr, out.stderr[-3000:]
+    (workdir / "model.json.bak").rename(workdir / "model.json")
 
     out = run(train_cmd(workdir, data_root, "--config.data.num_workers=0"), env)
     assert "the data stream continues at batch 9" in out.stderr, out.stderr[-3000:]
