@@ -23,6 +23,22 @@ from cffm_jax.convert import ConversionError, convert_state_dict_with_report, lo
 from cffm_jax.models import MODEL_NAMES, init_variables, model_config
 
 
+def _hint(error: Exception, args: argparse.Namespace) -> str:
+    """The one remedy worth repeating below a long key list, or ''.
+
+    A model that the checkpoint fits comes first (the key list is then noise); ``--init-missing`` only when missing
+    leaves are the whole problem, since it cannot fix an unexpected or mis-shaped key.
+    """
+    fits = getattr(error, "fits", None)
+    if fits:
+        flags = f"--model {fits}" + (" --init-missing" if getattr(error, "fits_fresh", 0) else "")
+        return f"({args.src} fits model {fits}: convert it with {flags})"
+    only_missing = getattr(error, "missing", None) and not (error.unexpected or error.misshaped)
+    if only_missing and not args.init_missing:
+        return "(use --init-missing to initialise the missing parts freshly)"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="PyTorch / Hugging Face / npz checkpoint")
@@ -43,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         variables, report = convert_state_dict_with_report(state_dict, config, init_variables=init)
     except (ConversionError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        if not args.init_missing and "missing" in str(e):
-            print("(use --init-missing to initialise the missing parts freshly)", file=sys.stderr)
+        hint = _hint(e, args)
+        if hint:
+            print(hint, file=sys.stderr)
         return 1
     try:
         save_variables(

@@ -15,7 +15,8 @@ The mapping is one rule plus a short table, because the Flax modules keep the of
 Source keys that are deliberately not converted (``IGNORED``, each with its reason) are reported, never silently
 dropped; anything else that does not map onto a Flax leaf is an error, as is a Flax leaf that no source key fills
 (unless ``init_variables`` supplies fresh values for it) and any shape mismatch. All problems are collected and raised
-together in one ``ConversionError``.
+together in one ``ConversionError``, which first names the model the checkpoint does fit when it is another size or
+kind (``_closest_model``): with the wrong model name every key is reported, and that list alone does not say why.
 
 Hugging Face SegFormer names are first renamed to the official ones (``hf_to_official``), for both the published
 checkpoint naming (``segformer.encoder.block.0.0.attention.self.query``, transformers 4.x) and the transformers 5.x
@@ -51,7 +52,30 @@ IGNORED_HF_HEAD = r"^(decode_head|classifier)\."  # Hugging Face segmentation/cl
 
 
 class ConversionError(ValueError):
-    """A checkpoint does not match the model: lists every missing, unexpected and mis-shaped key."""
+    """A checkpoint does not match the model: lists every missing, unexpected and mis-shaped key.
+
+    The lists are also attributes (empty for an unreadable file), because the remedies differ: only missing leaves
+    are fixed by fresh values (``init_variables``, the CLI's ``--init-missing``); unexpected and mis-shaped keys
+    usually mean the wrong model name. ``fits`` is then the name of a model the checkpoint does fit, and
+    ``fits_fresh`` how many of that model's leaves it lacks (> 0: it needs ``--init-missing`` too).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        missing: list[str] | None = None,
+        unexpected: list[str] | None = None,
+        misshaped: list[str] | None = None,
+        fits: str | None = None,
+        fits_fresh: int = 0,
+    ):
+        super().__init__(message)
+        self.missing = missing or []
+        self.unexpected = unexpected or []
+        self.misshaped = misshaped or []
+        self.fits = fits
+        self.fits_fresh = fits_fresh
 
 
 @dataclasses.dataclass
@@ -288,8 +312,11 @@ def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
     return out
 
 
-def _to_flax(value: np.ndarray, target_shape: tuple[int, ...], leaf: str) -> np.ndarray | None:
-    """Re-lays a torch tensor for a Flax leaf; None when the shapes cannot correspond."""
+def _relaid(value: np.ndarray, target_shape: tuple[int, ...], leaf: str) -> np.ndarray | None:
+    """A torch tensor re-laid for a Flax leaf, as a view (nothing copied); None when the shapes cannot correspond.
+
+    Views keep the shape checks free, which lets a failed conversion try other models (``_closest_model``).
+    """
     if leaf == "kernel":
         if value.ndim == 2 and len(target_shape) == 2:
             value = value.T
@@ -301,7 +328,7 @@ def _to_flax(value: np.ndarray, target_shape: tuple[int, ...], leaf: str) -> np.
             return None
     if tuple(value.shape) != tuple(target_shape):
         return None
-    return np.ascontiguousarray(value, dtype=np.float32)
+    return value
 
 
 def model_shapes(config) -> dict[str, dict[tuple[str, ...], tuple[int, ...]]]:
@@ -382,13 +409,21 @@ def convert_state_dict(
     return convert_state_dict_with_report(state_dict, config, init_variables=init_variables)[0]
 
 
-def convert_state_dict_with_report(
-    state_dict: Mapping[str, np.ndarray],
-    config,
-    *,
-    init_variables: Mapping[str, Any] | None = None,
-) -> tuple[dict[str, Any], ConversionReport]:
-    """As ``convert_state_dict``, also returning a ``ConversionReport``."""
+@dataclasses.dataclass
+class _Match:
+    """Where each source key of a checkpoint lands in one model, before any value is copied."""
+
+    filled: dict[str, dict[tuple[str, ...], np.ndarray]]  # collection -> path -> view in the Flax layout
+    converted: list[str]
+    ignored: dict[str, str]
+    source: str
+    unexpected: list[str]
+    misshaped: list[str]
+    unfilled: dict[str, dict[tuple[str, ...], tuple[int, ...]]]  # collection -> path -> shape no key fills
+
+
+def _match(state_dict: Mapping[str, np.ndarray], config) -> _Match:
+    """Maps a state dict onto ``config``'s variables by name and shape (shapes only: values stay views)."""
     canonical, ignored, source = canonicalize(state_dict, config)
     targets = model_shapes(config)
     params_t = targets.get("params", {})
@@ -427,7 +462,7 @@ def convert_state_dict_with_report(
         if not np.issubdtype(value.dtype, np.floating):
             misshaped.append(f"{key}: dtype {value.dtype}, expected a floating-point tensor")
             continue
-        new = _to_flax(value.astype(np.float32), shapes[path], path[-1])
+        new = _relaid(value, shapes[path], path[-1])
         if new is None:
             targeted.add((collection, path))
             misshaped.append(f"{key}: shape {tuple(value.shape)} does not fit {'/'.join(path)} {shapes[path]}")
@@ -435,29 +470,110 @@ def convert_state_dict_with_report(
         filled[collection][path] = new
         converted.append(key)
 
+    unfilled = {
+        collection: {
+            path: shape
+            for path, shape in shapes.items()
+            if path not in filled[collection] and (collection, path) not in targeted
+        }
+        for collection, shapes in (("params", params_t), ("batch_stats", stats_t))
+    }
+    return _Match(filled, converted, ignored, source, unexpected, misshaped, unfilled)
+
+
+def _closest_model(state_dict: Mapping[str, np.ndarray], config) -> tuple[str, int] | None:
+    """The named model other than ``config.name`` that a checkpoint fits, and how many of its leaves it lacks.
+
+    Fits means no unexpected and no mis-shaped key. The backbone's stage widths and depths (from the
+    ``patch_embed*``/``block*`` keys) pick the size, so only the three architectures of that size are checked
+    (each an abstract ``jax.eval_shape`` init, about a second). Of those that fit, the one converting the most keys
+    wins, then ``config``'s architecture, then the fewest lacking leaves: a CFFM checkpoint asked for as CFFM++
+    yields the CFFM++ model (its prototype branch fresh), not the bare CFFM. Heads keep ``config``'s class count.
+    None when no named model fits (e.g. a custom-sized backbone).
+    """
+    from cffm_jax.models import ARCHS, model_config
+    from cffm_jax.models.mit import VARIANTS
+
+    backbone, _, _ = canonicalize(state_dict, model_config("mit_b0"))
+    widths: dict[int, int] = {}
+    blocks: dict[int, set[int]] = {}
+    for key, value in backbone.items():
+        if m := re.match(r"^patch_embed(\d+)\.proj\.weight$", key):
+            widths[int(m[1])] = int(np.shape(value)[0])
+        elif m := re.match(r"^block(\d+)\.(\d+)\.", key):
+            blocks.setdefault(int(m[1]), set()).add(int(m[2]))
+    stages = sorted(widths)
+    found = {
+        "embed_dims": tuple(widths[s] for s in stages),
+        "depths": tuple(len(blocks.get(s, ())) for s in stages),
+    }
+    sizes = [name.split("_")[1] for name, variant in VARIANTS.items() if variant == found]
+    overrides = {"num_classes": config.num_classes} if "num_classes" in config else {}
+    best = None
+    for size in sizes:
+        for arch in ARCHS:
+            name = f"{arch}_{size}"
+            if name == config.name:
+                continue
+            candidate = model_config(name, **(overrides if arch != "mit" else {}))
+            m = _match(state_dict, candidate)
+            if m.unexpected or m.misshaped or not m.converted:
+                continue
+            lacking = sum(len(shapes) for shapes in m.unfilled.values())
+            rank = (-len(m.converted), arch != config.arch, lacking)
+            if best is None or rank < best[0]:
+                best = (rank, name, lacking)
+    return None if best is None else (best[1], best[2])
+
+
+def convert_state_dict_with_report(
+    state_dict: Mapping[str, np.ndarray],
+    config,
+    *,
+    init_variables: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Any], ConversionReport]:
+    """As ``convert_state_dict``, also returning a ``ConversionReport``."""
+    m = _match(state_dict, config)
     fresh: list[str] = []
     missing: list[str] = []
     init_flat = {col: _flatten(tree) for col, tree in (init_variables or {}).items()}
-    for collection, shapes in (("params", params_t), ("batch_stats", stats_t)):
+    for collection, shapes in m.unfilled.items():
         for path, shape in shapes.items():
-            if path in filled[collection] or (collection, path) in targeted:
-                continue
             if init_variables is not None and path in init_flat.get(collection, {}):
-                filled[collection][path] = np.asarray(init_flat[collection][path], dtype=np.float32)
+                m.filled[collection][path] = np.asarray(init_flat[collection][path], dtype=np.float32)
                 fresh.append(f"{collection}/{'/'.join(path)}")
             else:
                 missing.append(f"{collection}/{'/'.join(path)} {shape}")
 
-    if missing or unexpected or misshaped:
-        parts = [f"Checkpoint does not match model {config.name!r}:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+    if missing or m.unexpected or m.misshaped:
+        # Only worth a look when the name looks wrong: keys that are merely missing are --init-missing's job.
+        closest = _closest_model(state_dict, config) if m.unexpected or m.misshaped else None
+        headline = f"Checkpoint does not match model {config.name!r}"
+        if closest is not None:
+            name, lacking = closest
+            flags = f"--model {name}" + (" --init-missing" if lacking else "")
+            fresh_note = f", with {lacking} leaves initialised fresh" if lacking else ""
+            headline += f"; its keys and shapes fit model {name!r}{fresh_note} (convert with {flags})"
+        parts = [headline + ":"]
+        for title, items in (("missing", missing), ("unexpected", m.unexpected), ("mis-shaped", m.misshaped)):
             if items:
                 parts.append(f"  {len(items)} {title}:")
                 parts += [f"    {item}" for item in items]
-        raise ConversionError("\n".join(parts))
+        raise ConversionError(
+            "\n".join(parts),
+            missing=missing,
+            unexpected=m.unexpected,
+            misshaped=m.misshaped,
+            fits=closest[0] if closest else None,
+            fits_fresh=closest[1] if closest else 0,
+        )
 
+    filled = {
+        col: {path: np.ascontiguousarray(value, dtype=np.float32) for path, value in flat.items()}
+        for col, flat in m.filled.items()
+    }
     variables = {col: _unflatten(flat) for col, flat in filled.items() if flat or col == "params"}
     variables.setdefault("batch_stats", {})
     num_params = int(sum(v.size for v in filled["params"].values()))
-    report = ConversionReport(sorted(converted), ignored, sorted(fresh), source, num_params)
+    report = ConversionReport(sorted(m.converted), m.ignored, sorted(fresh), m.source, num_params)
     return variables, report

@@ -424,7 +424,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         manifest=manifest,
         num_loaders=args.loader_threads,
     )
-    print(f"wrote {reader.num_frames} frames of {reader.name!r} to {out}")  # noqa: T201
+    frames = "frame" if reader.num_frames == 1 else "frames"
+    print(f"wrote {reader.num_frames} {frames} of {reader.name!r} to {out}")  # noqa: T201
     return out
 
 

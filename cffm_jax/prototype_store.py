@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import tempfile
 import zipfile
 from collections.abc import Iterable, Sequence
@@ -86,6 +87,27 @@ def _check_video_name(video: str) -> None:
         raise ValueError(f"invalid video name {video!r}: must be a non-empty file name not starting with '.'")
 
 
+def _no_store_message(root: Path) -> str:
+    """Why ``root`` cannot be opened, with the command that fills it.
+
+    Users meet this through training, evaluation or prediction given a prototypes folder, so the remedy is a
+    command; the API call that creates an empty store comes last, for library users.
+    """
+    state = "the folder does not exist" if not root.exists() else f"the folder has no {MANIFEST}"
+    lines = [
+        f"no prototype store at {root} ({state}); generate the CFFM++ prototypes there from a trained CFFM:",
+        f"  python -m cffm_jax.prototypes --checkpoint <CFFM checkpoint> --data-root <VSPW root> "
+        f"--out {shlex.quote(str(root))}",
+    ]
+    if any(root.glob(f"*/{OFFICIAL_FILE}")):
+        lines += [
+            f"or, since it holds the official <video>/{OFFICIAL_FILE} files, import them into a new folder:",
+            f"  python -m cffm_jax.prototype_store import {shlex.quote(str(root))} <new folder>",
+        ]
+    lines.append("(library: PrototypeStore(dir, embed_dim=..., num_prototypes=..., source=...) creates an empty store)")
+    return "\n".join(lines)
+
+
 class PrototypeStore:
     """A directory of per-video (Kp, E) float32 prototypes with a manifest (format in the module docstring).
 
@@ -126,10 +148,7 @@ class PrototypeStore:
                     )
             return
         if embed_dim is None or num_prototypes is None or source is None:
-            raise FileNotFoundError(
-                f"no prototype store at {self.root} ({MANIFEST} missing); to create one pass embed_dim, "
-                "num_prototypes and source"
-            )
+            raise FileNotFoundError(_no_store_message(self.root))
         if source not in SOURCES:
             raise ValueError(f"unknown source {source!r}; valid: {', '.join(SOURCES)}")
         if embed_dim < 1 or num_prototypes < 1:

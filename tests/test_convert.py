@@ -15,6 +15,7 @@ from cffm_jax.convert import (
     convert_state_dict,
     convert_state_dict_with_report,
     load_state_dict,
+    model_shapes,
 )
 from cffm_jax.models import build_model, init_variables, model_config
 from cffm_jax.parity import config_from_meta
@@ -275,3 +276,58 @@ def _official_mit_names(params):
         name = ".".join(re.sub(r"_(\d+)$", r".\1", p) for p in parts[:-1])
         out[f"{name}.{ {'kernel': 'weight', 'scale': 'weight'}.get(leaf, leaf) }"] = value
     return out
+
+
+def _official_zeros(name):
+    """A zero state dict with the official names and torch layouts of a named model (from shapes, no init)."""
+    out = {}
+    for flat in model_shapes(model_config(name)).values():
+        for path, shape in flat.items():
+            leaf = path[-1]
+            if leaf == "kernel":
+                shape = shape[::-1] if len(shape) == 2 else (shape[3], shape[2], shape[0], shape[1])
+            leaf = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}.get(leaf, leaf)
+            stem = ".".join(re.sub(r"_(\d+)$", r".\1", p) for p in path[:-1])
+            out[f"{stem}.{leaf}"] = torch.zeros(shape)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("source", "model", "flags"),
+    [
+        ("mit_b0", "mit_b1", "--model mit_b0"),  # ImageNet backbone, wrong size
+        ("cffm_b0", "cffm_b1", "--model cffm_b0"),  # CFFM checkpoint, wrong size
+        ("mit_b0", "cffm_b1", "--model cffm_b0 --init-missing"),  # ImageNet backbone under a head of another size
+        ("cffm_b0", "cffmpp_b1", "--model cffmpp_b0 --init-missing"),  # CFFM into CFFM++ of another size
+    ],
+)
+def test_cli_names_the_model_a_checkpoint_of_another_size_fits(tmp_path, capsys, source, model, flags):
+    src = tmp_path / f"{source}.pth"
+    torch.save({"state_dict": _official_zeros(source)}, src)
+    assert convert_torch_weights.main([str(src), str(tmp_path / "w"), "--model", model]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    fits = flags.split()[1]
+    assert lines[0].startswith(f"error: Checkpoint does not match model {model!r}; its keys and shapes fit model")
+    assert f"model {fits!r}" in lines[0] and f"convert with {flags})" in lines[0]
+    assert any(line.strip().endswith("mis-shaped:") for line in lines)  # the key list is still there
+    assert lines[-1] == f"({src} fits model {fits}: convert it with {flags})"
+    assert not any("initialise the missing parts" in line for line in lines)
+
+
+def test_cli_suggests_init_missing_only_when_missing_keys_are_the_only_problem(tmp_path, capsys):
+    only_missing = _official_zeros("mit_b0")
+    del only_missing["block1.0.mlp.fc1.bias"]
+    src = tmp_path / "only_missing.pth"
+    torch.save(only_missing, src)
+    assert convert_torch_weights.main([str(src), str(tmp_path / "w"), "--model", "mit_b0"]) == 1
+    err = capsys.readouterr().err
+    assert "1 missing" in err and err.splitlines()[-1] == "(use --init-missing to initialise the missing parts freshly)"
+
+    also_unexpected = dict(only_missing, **{"block1.0.mlp.fc3.weight": torch.zeros(4, 4)})
+    torch.save(also_unexpected, src)
+    assert convert_torch_weights.main([str(src), str(tmp_path / "w"), "--model", "mit_b0"]) == 1
+    err = capsys.readouterr().err
+    assert "1 missing" in err and "1 unexpected" in err and "--init-missing" not in err
+    # ... since with it the unexpected key still fails the conversion
+    assert convert_torch_weights.main([str(src), str(tmp_path / "w"), "--model", "mit_b0", "--init-missing"]) == 1
+    assert "block1.0.mlp.fc3.weight" in capsys.readouterr().err

@@ -91,12 +91,24 @@ def test_colorize_is_the_palette_of_the_raw_values():
     assert colorize(ids).dtype == np.uint8 and colorize(ids).shape == (16, 16, 3)
 
 
-def test_folder_of_frames(setup):
+def test_folder_of_frames(setup, capsys):
     out = setup["tmp"] / "out_folder"
     assert _run(setup, setup["frames_dir"], out) == out
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {NUM_FRAMES} frames of 'my_video' to {out}"
     names = [f"{t:08d}" for t in range(NUM_FRAMES)]
     _check_outputs(out, names, setup["rgb"])
     assert not (setup["tmp"] / ".out_folder.partial").exists()
+
+
+def test_a_single_frame(setup, capsys):
+    """One image is a video of one frame (its prototypes come from that frame ten times); the summary says 'frame'."""
+    single = setup["tmp"] / "single"
+    single.mkdir()
+    first = sorted(os.listdir(setup["frames_dir"]))[0]
+    shutil.copy(setup["frames_dir"] / first, single / first)
+    out = _run(setup, single, setup["tmp"] / "out_single")
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote 1 frame of 'single' to {out}"
+    assert os.listdir(out / "labels") == [first.replace(".jpg", ".png")]
 
 
 def test_prototypes_from_a_store(setup):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 
 import numpy as np
@@ -115,6 +116,31 @@ def test_store_errors(store, tmp_path):
         PrototypeStore(store.root, embed_dim=8)
     with pytest.raises(ValueError, match="unknown source"):
         PrototypeStore(tmp_path / "other", embed_dim=E, num_prototypes=KP, source="mine")
+
+
+def test_a_folder_without_a_store_names_the_command_that_makes_one(tmp_path):
+    """Training/evaluation/prediction users get the generator's command line, not the constructor's arguments."""
+    empty = tmp_path / "my prototypes"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError) as err:
+        PrototypeStore(empty)
+    lines = str(err.value).splitlines()
+    assert lines[0] == (
+        f"no prototype store at {empty} (the folder has no manifest.json); "
+        "generate the CFFM++ prototypes there from a trained CFFM:"
+    )
+    assert lines[1] == (
+        f"  python -m cffm_jax.prototypes --checkpoint <CFFM checkpoint> --data-root <VSPW root> --out '{empty}'"
+    )
+    assert lines[-1].startswith("(library: PrototypeStore(dir, embed_dim=..., num_prototypes=..., source=...)")
+    assert "import" not in str(err.value)
+    # A folder of the official release's files: importing them is the quicker way.
+    (empty / "video_a").mkdir()
+    (empty / "video_a" / "centers.pt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"python -m cffm_jax.prototype_store import '{empty}' <")):
+        PrototypeStore(empty)
+    with pytest.raises(FileNotFoundError, match="the folder does not exist"):
+        PrototypeStore(tmp_path / "nowhere")
 
 
 # ----------------------------------------------------------------------------------------------------
