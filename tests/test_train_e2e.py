@@ -97,6 +97,18 @@ def rows_by_step(workdir) -> dict[int, dict]:
     return {r["step"]: r for r in read_metrics(path) if "loss" in r} if path.exists() else {}
 
 
+def assert_same_run(workdir, reference) -> None:
+    """The same logged values, step for step, and the same final parameters as the ``reference`` run."""
+    rows, ref = rows_by_step(workdir), rows_by_step(reference)
+    assert sorted(rows) == sorted(ref)
+    for step in sorted(ref):
+        for key in COMPARED:
+            assert rows[step][key] == ref[step][key], (step, key, rows[step][key], ref[step][key])
+    final, _ = load_training_checkpoint_for_inference(workdir)
+    expected, _ = load_training_checkpoint_for_inference(reference)
+    jax.tree.map(np.testing.assert_array_equal, final, expected)
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, env, data_root) -> pathlib.Path:
     """An uninterrupted smoke CFFM run of STEPS steps."""
@@ -206,14 +218,7 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path, reference_
 
     out = run(cmd, env)
     assert "resumed from" in out.stderr, out.stderr[-3000:]
-    rows, ref = rows_by_step(workdir), rows_by_step(reference_run)
-    assert sorted(rows) == sorted(ref)
-    for step in sorted(ref):
-        for key in COMPARED:
-            assert rows[step][key] == ref[step][key], (step, key, rows[step][key], ref[step][key])
-    final, _ = load_training_checkpoint_for_inference(workdir)
-    expected, _ = load_training_checkpoint_for_inference(reference_run)
-    jax.tree.map(np.testing.assert_array_equal, final, expected)
+    assert_same_run(workdir, reference_run)
     print(f"killed after step {max(rows_before)} (checkpoint in flight: {killed_while_saving})")
 
 
@@ -241,14 +246,7 @@ def test_resume_checks_the_model_and_takes_another_worker_count(tmp_path, refere
 
     out = run(train_cmd(workdir, data_root, "--config.data.num_workers=2"), env)
     assert "the data stream continues at batch 9" in out.stderr, out.stderr[-3000:]
-    rows, ref = rows_by_step(workdir), rows_by_step(reference_run)
-    assert sorted(rows) == sorted(ref)
-    for step in sorted(ref):
-        for key in COMPARED:
-            assert rows[step][key] == ref[step][key], (step, key, rows[step][key], ref[step][key])
-    final, _ = load_training_checkpoint_for_inference(workdir)
-    expected, _ = load_training_checkpoint_for_inference(reference_run)
-    jax.tree.map(np.testing.assert_array_equal, final, expected)
+    assert_same_run(workdir, reference_run)
 
 
 def test_evaluate_and_predict_test_a_training_workdir_at_its_scale(tmp_path, reference_run, data_root, caplog):
