@@ -210,9 +210,18 @@ class MetricWriter:
       resume_step: when resuming from a checkpoint at this step, rows of later steps (written by the
         interrupted run after its last checkpoint, and about to be recomputed) are removed from
         ``metrics.jsonl``.
+      redo_key: also removed: the rows of ``resume_step`` that have this key (the evaluation of a complete run,
+        which a rerun of the same command computes again).
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True, resume_step: int | None = None):
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        enabled: bool = True,
+        resume_step: int | None = None,
+        redo_key: str | None = None,
+    ):
         self.enabled = enabled
         self.path = pathlib.Path(workdir) / METRICS_FILE
         self._events = None
@@ -221,6 +230,7 @@ class MetricWriter:
         if self.path.exists():
             rows = read_metrics(self.path)
             keep = [r for r in rows if resume_step is not None and r.get("step", 0) <= resume_step]
+            keep = [r for r in keep if not (redo_key in r and r.get("step") == resume_step)]
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
             os.replace(tmp, self.path)

@@ -532,7 +532,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     log.info("train state ready at step %d (%.1f s after initialisation)", start_step, time.time() - t0)
 
     # --- Training loop --------------------------------------------------------------------------------------
-    writer = MetricWriter(workdir, enabled=is_main, resume_step=start_step)
+    complete = start_step >= config.total_steps  # a rerun of a finished run: only its final evaluation runs again
+    writer = MetricWriter(
+        workdir, enabled=is_main, resume_step=start_step, redo_key="miou" if complete and config.eval_at_end else None
+    )
     bar = tqdm(
         total=config.total_steps,
         initial=start_step,
@@ -543,7 +546,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     pending = None  # (step, metrics) of the previous update, fetched after the next one is dispatched
     last_time, last_step = time.time(), start_step
     data_wait_s, advised = 0.0, False  # time blocked on the next batch since the last row; advice given
-    if start_step >= config.total_steps:
+    if complete:
         log.info(
             "the run is complete (step %d of total_steps=%d)%s",
             start_step,

@@ -308,6 +308,13 @@ def test_metric_writer_jsonl_tensorboard_and_resume(tmp_path):
     # resuming at step 2 drops the rows the interrupted run wrote after its checkpoint
     MetricWriter(tmp_path, resume_step=2).close()
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+    # a rerun of a complete run (at step 2) drops that step's evaluation row, which it computes again
+    writer = MetricWriter(tmp_path, resume_step=2)
+    writer.write(2, {"miou": 60.0})
+    writer.close()
+    MetricWriter(tmp_path, resume_step=2, redo_key="miou").close()
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and "miou" not in rows[1]
     # a torn last line (killed writer) is ignored
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "lo')

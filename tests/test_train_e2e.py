@@ -267,6 +267,19 @@ def test_evaluate_and_predict_test_a_training_workdir_at_its_scale(tmp_path, ref
     assert json.loads((out / predict.MANIFEST).read_text())["img_scale"] == trained
 
 
+def test_rerunning_a_complete_run_evaluates_again_without_a_duplicate_row(tmp_path, env, data_root, reference_run):
+    """The same command after the end: it says the run is complete, evaluates the final checkpoint again and
+    leaves one evaluation row for that step in metrics.jsonl (twice in a row)."""
+    workdir = tmp_path / "run"
+    shutil.copytree(reference_run, workdir)
+    for _ in range(2):
+        out = run(train_cmd(workdir, data_root, "--config.eval_at_end=True"), env)
+        assert f"the run is complete (step {STEPS} of total_steps={STEPS})" in out.stderr, out.stderr[-3000:]
+        rows = read_metrics(workdir / "metrics.jsonl")
+        assert [r["step"] for r in rows if "miou" in r] == [STEPS]
+        assert [r["step"] for r in rows if "loss" in r] == list(range(1, STEPS + 1))
+
+
 def test_a_corrupt_validation_mask_names_the_saved_checkpoint(tmp_path, env, data_root):
     """A validation mask that cannot be decoded is found by the final evaluation, after training: the error (no
     traceback) names the file and says where the trained state is saved; the same command resumes there."""
