@@ -72,6 +72,7 @@ from cffm_jax.data.pipeline import EvalVideo, list_eval_videos
 from cffm_jax.data.transforms import IMG_SCALE
 from cffm_jax.data.vspw import NUM_CLASSES, DatasetError, decode_mask, read_bytes, reduce_zero_label
 from cffm_jax.experiment_config import ConfigError, config_error_message
+from cffm_jax.logging_utils import check_replaceable
 from cffm_jax.metrics import VC_MIN_FRAMES, MetricsAccumulator
 from cffm_jax.streaming import VideoSegmenter, compute_prototypes, loader_threads, ordered_map
 from cffm_jax.visualize import ids_to_raw, save_palette_png
@@ -97,11 +98,21 @@ class PredictionWriter:
       overwrite: replace an existing non-empty ``out_dir`` at commit.
       join: write into the ``.partial`` folder that another process created (multi-process evaluation; that
         process checks and commits).
+      keep: paths that ``overwrite`` must not delete (the data root, the checkpoint): an ``out_dir`` that holds one
+        of them, or anything but ``<video>/<frame>.png`` files, is refused.
     """
 
     _max_pending = 32
 
-    def __init__(self, out_dir: str | os.PathLike, *, overwrite: bool = False, workers: int = 2, join: bool = False):
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        *,
+        overwrite: bool = False,
+        workers: int = 2,
+        join: bool = False,
+        keep: Sequence[str | os.PathLike] = (),
+    ):
         self.out = Path(out_dir)
         self.tmp = self.out.with_name(f".{self.out.name}.partial")
         if join:
@@ -115,6 +126,7 @@ class PredictionWriter:
                 raise FileExistsError(f"{self.out} exists and is not a directory")
             if self.out.is_dir() and any(self.out.iterdir()) and not overwrite:
                 raise FileExistsError(f"{self.out} exists and is not empty (pass --overwrite to replace it)")
+            check_replaceable(self.out, _is_submission_layout, *keep)
             if self.tmp.exists():
                 shutil.rmtree(self.tmp)
             self.tmp.mkdir(parents=True)
@@ -189,16 +201,26 @@ def _all_agree(ok: bool) -> bool:
     return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
 
 
-def _open_writer(predictions_dir: str | os.PathLike | None, overwrite: bool) -> PredictionWriter | None:
+def _is_submission_layout(folder: Path) -> bool:
+    """Whether ``folder`` holds only ``<video>/<frame>.png`` files (what :class:`PredictionWriter` writes)."""
+    for video in folder.iterdir():
+        if not video.is_dir() or any(not f.is_file() or f.suffix != ".png" for f in video.iterdir()):
+            return False
+    return True
+
+
+def _open_writer(
+    predictions_dir: str | os.PathLike | None, overwrite: bool, keep: Sequence[str | os.PathLike] = ()
+) -> PredictionWriter | None:
     """The prediction writer of this process: process 0 creates the folder, the others join it."""
     if predictions_dir is None:
         return None
     if jax.process_count() == 1:
-        return PredictionWriter(predictions_dir, overwrite=overwrite)
+        return PredictionWriter(predictions_dir, overwrite=overwrite, keep=keep)
     writer, error = None, ""
     if jax.process_index() == 0:
         try:
-            writer = PredictionWriter(predictions_dir, overwrite=overwrite)
+            writer = PredictionWriter(predictions_dir, overwrite=overwrite, keep=keep)
         except OSError as e:
             error = str(e)
     if not _all_agree(not error):
@@ -284,6 +306,7 @@ def evaluate_videos(
     batch_size: int | None = None,
     overwrite: bool = False,
     num_loaders: int | None = None,
+    keep: Sequence[str | os.PathLike] = (),
 ) -> dict[str, Any]:
     """Evaluates a model on every frame of a split (the official test protocol, see the module docstring).
 
@@ -300,7 +323,9 @@ def evaluate_videos(
       streaming: feature-cache streaming (default) or the clip-by-clip reference.
       batch_size: frames per batch, a multiple of the device count (default 1 per CPU device, 4 per
         accelerator: ``cffm_jax.streaming.default_batch_size``).
-      overwrite: allow replacing a non-empty ``predictions_dir``.
+      overwrite: allow replacing a non-empty ``predictions_dir`` (an earlier output: one that holds anything else,
+        ``data_root`` or a path in ``keep`` is refused).
+      keep: more paths ``overwrite`` must never delete (the CLI's checkpoint and prototype store).
       num_loaders: threads that decode and transform frames ahead of the model, in order (default
         :func:`cffm_jax.streaming.loader_threads`: min(8, CPU count)).
 
@@ -318,7 +343,7 @@ def evaluate_videos(
     videos = [v for v, owner in zip(all_videos, owners, strict=True) if owner == jax.process_index()]
     segmenter = VideoSegmenter(model_config, variables, batch_size=batch_size)
     accumulator = MetricsAccumulator(num_classes=num_classes)
-    writer = _open_writer(predictions_dir, overwrite)
+    writer = _open_writer(predictions_dir, overwrite, keep=(data_root, *keep))
     img_scale = tuple(int(s) for s in img_scale)
     total = sum(v.num_frames for v in videos)
     if jax.process_count() > 1:
@@ -607,6 +632,7 @@ def _model_run(args: argparse.Namespace, config: ml_collections.ConfigDict | Non
         batch_size=args.batch_size,
         overwrite=args.overwrite,
         num_loaders=args.loader_threads,
+        keep=(checkpoint, source if isinstance(source, str) and source != "auto" else ""),
     )
     run = {
         "checkpoint": str(checkpoint),

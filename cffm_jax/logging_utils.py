@@ -89,6 +89,30 @@ class InterruptUntilCaught:
                 _thread.interrupt_main(signal.SIGINT)
 
 
+def check_replaceable(out: str | os.PathLike, own_output: Callable[[pathlib.Path], bool], *keep: Any) -> None:
+    """Refuses to let ``--overwrite`` delete more than an earlier output of the same command.
+
+    ``out`` is about to be replaced (deleted, then written anew). Raises FileExistsError when it holds one of the
+    ``keep`` paths (the command's input, checkpoint or data root: users have passed a parent folder) or anything
+    ``own_output`` does not recognise as what the command writes.
+    """
+    out = pathlib.Path(out)
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    target = out.resolve()
+    for path in keep:
+        if path is None or path == "":
+            continue
+        resolved = pathlib.Path(path).resolve()
+        if resolved == target or target in resolved.parents:
+            raise FileExistsError(f"{out} holds {path}, which --overwrite would delete: write to another folder")
+    if not own_output(out):
+        raise FileExistsError(
+            f"{out} holds files this command did not write; --overwrite replaces only an earlier output of it: "
+            "write to another folder (or empty this one)"
+        )
+
+
 def run_cli(main: Callable[[], object], user_errors: tuple[type[BaseException], ...], interrupted: str) -> int:
     """A command line's exit status: ``main()`` with logging set up; 0 when it returns.
 

@@ -3,16 +3,18 @@
     python -m cffm_jax.predict --checkpoint PATH [--model NAME] [--num-classes K] --input VIDEO_OR_FRAME_DIR
         --output DIR [--img-scale W H] [--prototypes DIR] [--batch-size N] [--overwrite] [--no-streaming]
 
-Input: a folder of frames (``.jpg``/``.jpeg``/``.png``/``.bmp``/``.webp``, sorted by file name), an animated
-GIF / WebP / APNG (read with Pillow), or a video file (``.mp4``, ``.avi``, ...; read with PyAV, the ``av``
-package: ``pip install av``). All frames must have the same size. Frames are processed in temporal
+Input: a folder of frames (``.jpg``/``.jpeg``/``.png``/``.bmp``/``.webp`` in natural order of their names:
+``frame2`` before ``frame10``; hidden files skipped; EXIF orientation applied; 16-bit PNGs read by their top 8
+bits), an animated GIF / WebP / APNG (read with Pillow), or a video file (``.mp4``, ``.avi``, ...; read with PyAV,
+the ``av`` package: ``pip install av``). All frames must have the same size. Frames are processed in temporal
 order with the streaming feature cache (``cffm_jax.streaming``): frames 0-2 without temporal context, then the
 official clips [t-9, t-6, t-3, t] (the special sets for t < 9), at the test size (rescale to fit
 ``img_scale``, default 853x480, sides to multiples of 32), predictions at the original frame size.
 
 CFFM++ needs the video's prototypes: from a prototype store (``--prototypes DIR``, looked up by the video name
 = the folder name or the file name without extension) or, by default, computed on the fly as the official
-generator does (SPEC section 6): the 1/8 features of 10 evenly spaced frames, k-means with K = 100.
+generator does (SPEC section 6): the 1/8 features of 10 evenly spaced frames, k-means with K = 100, initialised with
+the video's own key (``--prototype-seed`` and the video name), so they equal ``python -m cffm_jax.prototypes``' store.
 
 Output (written into ``.DIR.partial`` and renamed to ``DIR`` when everything is written)::
 
@@ -35,6 +37,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 from collections.abc import Iterator, Sequence
@@ -42,13 +45,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageSequence, UnidentifiedImageError
+from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 from tqdm import tqdm
 
 from cffm_jax import compilation_cache, host_memory
 from cffm_jax.checkpoint import default_img_scale
 from cffm_jax.data.pipeline import EvalFrame
 from cffm_jax.data.transforms import IMG_SCALE, test_resize
+from cffm_jax.logging_utils import check_replaceable
 from cffm_jax.visualize import colorize, overlay, save_gif, save_gray_png, save_rgb_png, thumbnail
 
 log = logging.getLogger("cffm_jax.predict")  # the same name under python -m
@@ -89,15 +93,34 @@ class FrameReader:
 
 
 def _rgb(image: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a frame, upright (EXIF orientation applied, as image viewers show phone pictures).
+
+    16-bit greyscale frames keep their top 8 bits (PIL's own conversion clips them to 255: all white); other
+    greyscale images of more than 8 bits (32-bit integer or float) have no one 8-bit reading and are refused.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16"):
+        return np.repeat((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)[..., None], 3, axis=-1)
+    if image.mode in ("I", "F"):
+        raise ValueError(f"{image.mode!r} images (32-bit greyscale) are not frames: save them as 8 or 16 bits")
     return np.asarray(image.convert("RGB"), np.uint8)
 
 
+def _natural_key(name: str) -> list:
+    """Sort key that orders numbers by value: ``2.png`` before ``10.png`` (zero-padded names sort as before)."""
+    return [(0, int(part), part) if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+
 class FolderFrames(FrameReader):
-    """Image files of a folder, sorted by name."""
+    """Image files of a folder in natural order of their names (numbers by value: ``frame2`` before ``frame10``);
+    hidden files (``.`` first, e.g. macOS ``._000.png``) are not frames."""
 
     def __init__(self, path: Path):
         self.path = path
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(
+            (p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.name[0] != "."),
+            key=lambda p: _natural_key(p.name),
+        )
         if not files:
             raise InputError(f"{path}: no frames found (expected image files: {', '.join(IMAGE_SUFFIXES)})")
         stems = [p.stem for p in files]
@@ -247,11 +270,34 @@ def load_model(checkpoint: str, model: str | None = None, num_classes: int | Non
     return variables, config
 
 
-def _check_output(out: Path, overwrite: bool) -> None:
+OUTPUTS = ("labels", "masks", "overlay", "preview.gif", MANIFEST)  # what predict_video writes into its folder
+
+
+def _is_predict_output(folder: Path) -> bool:
+    """Whether ``folder`` holds an earlier output of :func:`predict_video` and nothing else."""
+    names = {p.name for p in folder.iterdir()}
+    return MANIFEST in names and names <= set(OUTPUTS)
+
+
+def video_prototypes(segmenter, reader: FrameReader, img_scale: tuple[int, int], seed: int) -> np.ndarray:
+    """CFFM++ prototypes of a user's video on the fly: those ``python -m cffm_jax.prototypes`` would store for a
+    video of this name with this seed (and ``evaluate --prototypes auto`` computes): the official frames, the
+    video's own k-means key."""
+    from cffm_jax.prototype_store import prototype_frame_indices
+    from cffm_jax.streaming import compute_prototypes
+
+    images = [test_resize(f, img_scale=img_scale) for f in reader.read(prototype_frame_indices(reader.num_frames))]
+    return compute_prototypes(segmenter, images, seed=seed, video=reader.name)
+
+
+def _check_output(out: Path, overwrite: bool, *keep: Any) -> None:
+    """A usable ``--output``: absent, empty, or with ``overwrite`` an earlier output of this command that holds none
+    of the ``keep`` paths (input, checkpoint, prototypes)."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+    check_replaceable(out, _is_predict_output, *keep)
 
 
 def predict_video(
@@ -355,7 +401,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="weights dir, training workdir or raw .pth")
     parser.add_argument("--model", help="expected model name (e.g. cffm_b1); required for a raw .pth")
     parser.add_argument("--num-classes", type=int, help="expected number of classes (default: the model's)")
-    parser.add_argument("--input", required=True, help="video file, animated GIF/WebP, or folder of frames")
+    parser.add_argument(
+        "--input",
+        required=True,
+        help="video file, animated GIF/WebP, or folder of frames (natural name order: 2.png before 10.png)",
+    )
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument(
         "--img-scale",
@@ -379,13 +429,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> Path:
     """Runs the command line (module docstring); returns the output folder. Errors raise exceptions."""
     from cffm_jax.prototype_store import PrototypeStore, prototype_frame_indices
-    from cffm_jax.streaming import VideoSegmenter, compute_prototypes
+    from cffm_jax.streaming import VideoSegmenter
 
     args = _parser().parse_args(argv)
     host_memory.retain_freed_memory()  # before jax starts its threads
     compilation_cache.enable()
     img_scale = default_img_scale(args.img_scale, None, args.checkpoint)
-    _check_output(Path(args.output), args.overwrite)
+    _check_output(Path(args.output), args.overwrite, args.input, args.checkpoint, args.prototypes)
     reader = open_input(args.input)
     variables, config = load_model(args.checkpoint, args.model, args.num_classes)
     segmenter = VideoSegmenter(config, variables, batch_size=args.batch_size)
@@ -396,9 +446,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
             prototypes = PrototypeStore(args.prototypes).get(reader.name)
             prototype_source = f"store {args.prototypes}"
         else:
+            prototypes = video_prototypes(segmenter, reader, img_scale, args.prototype_seed)
             indices = prototype_frame_indices(reader.num_frames)
-            images = [test_resize(f, img_scale=img_scale) for f in reader.read(indices)]
-            prototypes = compute_prototypes(segmenter, images, seed=args.prototype_seed)
             prototype_source = f"on the fly: frames {indices}, k-means K=100, seed {args.prototype_seed}"
     elif args.prototypes:
         log.warning("ignoring --prototypes: %s is not a CFFM++ model", config.name)

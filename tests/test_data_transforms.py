@@ -352,3 +352,10 @@ def test_resizes_match_opencv_when_installed():
             T.resize_nearest(img, (ow, oh)), cv2.resize(img, (ow, oh), interpolation=cv2.INTER_NEAREST)
         )
         np.testing.assert_array_equal(T.rgb_to_hsv(img), cv2.cvtColor(img, cv2.COLOR_RGB2HSV))
+
+
+def test_a_very_narrow_frame_keeps_one_pixel():
+    """mmcv's rescale rounds a 900 x 2 frame at 200x120 to a height of 0 (then the resize divided by zero); one
+    pixel is kept instead, and the test transform gives a network input of multiples of 32."""
+    assert T.rescale_size((900, 2), (200, 120)) == (200, 1)
+    assert T.test_resize(np.zeros((2, 900, 3), np.uint8), img_scale=(200, 120)).shape == (32, 224, 3)

@@ -262,6 +262,21 @@ def test_existing_output_is_not_overwritten_and_failures_leave_nothing(setup, st
     assert not any(".partial" in p.name for p in out.parent.iterdir())
 
 
+def test_overwrite_never_deletes_the_data_checkpoint_or_foreign_files(setup, tmp_path):
+    """--predictions-out with --overwrite replaces an earlier predictions folder only: not one that holds the data
+    root or the checkpoint (the audit's --predictions-out <training workdir> deleted its checkpoints), nor one
+    with other files."""
+    for out, match in ((setup["tmp"], "which --overwrite would delete"), (tmp_path, "did not write")):
+        (tmp_path / "notes.txt").write_text("x")
+        with pytest.raises(FileExistsError, match=match):
+            evaluate.PredictionWriter(out, overwrite=True, keep=(setup["root"], setup["weights"]["cffm"]))
+    assert (tmp_path / "notes.txt").exists() and os.path.isdir(setup["root"])
+    earlier = tmp_path / "pred"
+    (earlier / "video").mkdir(parents=True)
+    (earlier / "video" / "00000000.png").write_bytes(b"")
+    evaluate.PredictionWriter(earlier, overwrite=True, keep=(setup["root"],)).abort()  # an earlier output: fine
+
+
 def test_json_has_null_for_undefined_metrics(tmp_path):
     path = tmp_path / "m.json"
     evaluate.write_json(path, {"miou": 1.5, "mvc16": math.nan, "per_class_iou": [math.nan, 2.0]})

@@ -47,21 +47,22 @@ def _run(setup, input_path, out, *extra):
     return predict.main(argv)
 
 
-def _expected_labels(frames_rgb):
-    """Class ids predicted directly with the library: on-the-fly prototypes (seed 0), streaming."""
+def _expected_labels(frames_rgb, video=None):
+    """Class ids predicted directly with the library: prototypes of seed 0 and the video's own k-means key (what
+    ``python -m cffm_jax.prototypes`` stores; ``video=None``: the plain seed's key), streaming."""
     config, variables = tiny_model("cffmpp_tiny.npz")
     segmenter = VideoSegmenter(config, variables, batch_size=BATCH)
     images = [transforms.test_transform(f, img_scale=IMG_SCALE) for f in frames_rgb]
-    protos = compute_prototypes(segmenter, [images[t] for t in prototype_frame_indices(len(images))])
+    protos = compute_prototypes(segmenter, [images[t] for t in prototype_frame_indices(len(images))], video=video)
     frames = [EvalFrame(im, None, f.shape[:2]) for im, f in zip(images, frames_rgb, strict=True)]
     return [r.pred for r in segmenter.segment(frames, protos)]
 
 
-def _check_outputs(out, names, frames_rgb):
+def _check_outputs(out, names, frames_rgb, video):
     assert sorted(os.listdir(out)) == ["labels", "manifest.json", "masks", "overlay", "preview.gif"]
     for sub in ("labels", "masks", "overlay"):
         assert sorted(os.listdir(out / sub)) == [f"{n}.png" for n in names]
-    expected = _expected_labels(frames_rgb)
+    expected = _expected_labels(frames_rgb, video)
     for name, ids, rgb in zip(names, expected, frames_rgb, strict=True):
         labels = np.asarray(Image.open(out / "labels" / f"{name}.png"))
         np.testing.assert_array_equal(labels, ids)
@@ -96,7 +97,7 @@ def test_folder_of_frames(setup, capsys):
     assert _run(setup, setup["frames_dir"], out) == out
     assert capsys.readouterr().out.splitlines()[-1] == f"wrote {NUM_FRAMES} frames of 'my_video' to {out}"
     names = [f"{t:08d}" for t in range(NUM_FRAMES)]
-    _check_outputs(out, names, setup["rgb"])
+    _check_outputs(out, names, setup["rgb"], "my_video")
     assert not (setup["tmp"] / ".out_folder.partial").exists()
 
 
@@ -130,6 +131,20 @@ def test_prototypes_from_a_store(setup):
     assert json.loads((out / "manifest.json").read_text())["prototypes"].startswith("store")
 
 
+def test_on_the_fly_prototypes_equal_the_generators(setup):
+    """predict's CFFM++ prototypes for a video are those `python -m cffm_jax.prototypes` stores for it (same seed,
+    the video's own k-means key), not those of another initialisation."""
+    from cffm_jax.prototypes import PrototypeGenerator
+
+    config, variables = tiny_model("cffmpp_tiny.npz")
+    reader = predict.open_input(setup["frames_dir"])
+    got = predict.video_prototypes(VideoSegmenter(config, variables, batch_size=BATCH), reader, IMG_SCALE, 0)
+    images = [transforms.test_resize(f, img_scale=IMG_SCALE) for f in reader.read(prototype_frame_indices(12))]
+    np.testing.assert_allclose(
+        got, PrototypeGenerator(config, variables, seed=0).prototypes("my_video", images), atol=1e-5
+    )
+
+
 def test_animated_gif(setup):
     gif = setup["tmp"] / "clip.gif"
     images = [Image.fromarray(f) for f in setup["rgb"]]
@@ -138,7 +153,7 @@ def test_animated_gif(setup):
         decoded = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)]
     out = setup["tmp"] / "out_gif"
     _run(setup, gif, out)
-    _check_outputs(out, [f"{t:06d}" for t in range(NUM_FRAMES)], decoded)
+    _check_outputs(out, [f"{t:06d}" for t in range(NUM_FRAMES)], decoded, "clip")
 
 
 def test_video_file(setup):
@@ -158,7 +173,7 @@ def test_video_file(setup):
     assert np.abs(decoded[3].astype(int) - setup["rgb"][3].astype(int)).mean() < 20  # lossy, but the same video
     out = setup["tmp"] / "out_video"
     _run(setup, path, out)
-    _check_outputs(out, [f"{t:06d}" for t in range(NUM_FRAMES)], decoded)
+    _check_outputs(out, [f"{t:06d}" for t in range(NUM_FRAMES)], decoded, "clip")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -205,6 +220,49 @@ def test_failure_midway_leaves_no_output(setup):
     with pytest.raises(ValueError, match="all frames of a video must have the same size"):
         _run(setup, mixed, out)
     assert not out.exists() and not (tmp / ".out_broken.partial").exists()
+
+
+def test_overwrite_replaces_only_an_earlier_output(setup):
+    """--overwrite deletes an earlier output of predict, never a folder that holds the input (or its parent) or
+    files predict did not write: the audit's `--input ow --output ow --overwrite` deleted the frames."""
+    frames = setup["tmp"] / "ow"
+    shutil.copytree(setup["frames_dir"], frames)
+    for out in (frames, setup["tmp"]):  # the input itself, a parent of it
+        with pytest.raises(FileExistsError, match="which --overwrite would delete"):
+            _run(setup, frames, out, "--overwrite")
+    assert len(os.listdir(frames)) == NUM_FRAMES
+    foreign = setup["tmp"] / "thesis"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="did not write"):
+        _run(setup, frames, foreign, "--overwrite")
+    assert (foreign / "notes.txt").exists()
+    out = _run(setup, frames, setup["tmp"] / "out_twice")
+    assert _run(setup, frames, out, "--overwrite") == out  # an earlier output is replaced
+
+
+def test_frame_folder_order_orientation_and_bit_depth(tmp_path):
+    """Frames in natural name order (2 before 10), hidden files skipped, EXIF orientation applied, 16-bit PNGs
+    by their top 8 bits (PIL's conversion made them all white)."""
+    for t in (1, 2, 10):
+        Image.fromarray(np.full((4, 6, 3), t, np.uint8)).save(tmp_path / f"{t}.png")
+    (tmp_path / "._1.png").write_bytes(b"macOS resource fork")
+    reader = predict.open_input(tmp_path)
+    assert reader.frame_names == ["1", "2", "10"]
+    assert [int(f[0, 0, 0]) for _, f in reader.iterate()] == [1, 2, 10]
+
+    deep = np.array([[0, 256, 65535]], np.uint16)
+    with Image.fromarray(deep) as im:
+        im.save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as im:
+        assert im.mode.startswith("I;16")
+        np.testing.assert_array_equal(predict._rgb(im)[..., 0], [[0, 1, 255]])
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: viewers show it 90 degrees clockwise
+    Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(tmp_path / "phone.jpg", exif=exif)
+    with Image.open(tmp_path / "phone.jpg") as im:
+        assert predict._rgb(im).shape == (6, 4, 3)
 
 
 def test_existing_output_needs_overwrite(setup):

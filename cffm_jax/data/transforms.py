@@ -65,11 +65,13 @@ def rescale_size(size_wh: tuple[int, int], scale: tuple[int, int]) -> tuple[int,
       scale: two edge bounds, in any order.
 
     Returns:
-      (W', H') = (int(W*s + 0.5), int(H*s + 0.5)) with s = min(long_max/long, short_max/short).
+      (W', H') = (int(W*s + 0.5), int(H*s + 0.5)) with s = min(long_max/long, short_max/short), and at least 1
+      pixel per side (mmcv's rounds a very narrow frame, e.g. 2 x 900, to 0 and its resize then fails; the official
+      frames never come near).
     """
     w, h = size_wh
     s = min(max(scale) / max(h, w), min(scale) / min(h, w))
-    return int(w * float(s) + 0.5), int(h * float(s) + 0.5)
+    return max(1, int(w * float(s) + 0.5)), max(1, int(h * float(s) + 0.5))
 
 
 def _linear_taps(src: int, dst: int, start: int, stop: int, *, clamp_weights: bool):
