@@ -204,6 +204,16 @@ def default_img_scale(
     return scale
 
 
+def warn_if_slow_dtype(config: ml_collections.ConfigDict) -> None:
+    """A bfloat16 model on a CPU works but runs slower than float32 (1.5-1.7x on the development machine: XLA:CPU
+    has no fast bfloat16 products there); say so once, where a user chose it (the command-line tools)."""
+    if config.get("dtype") == "bfloat16" and jax.default_backend() == "cpu":
+        log.warning(
+            "model.dtype=bfloat16 on a CPU runs 1.5-1.7x slower than float32 (BENCHMARKS.md); it is meant for GPUs "
+            "and TPUs"
+        )
+
+
 def check_compatible(found: ml_collections.ConfigDict, expected: ml_collections.ConfigDict, path) -> None:
     """Raises ``CheckpointError`` when a checkpoint's model differs from the expected one."""
     diffs = [

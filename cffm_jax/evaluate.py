@@ -576,7 +576,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _model_run(args: argparse.Namespace, config: ml_collections.ConfigDict | None) -> tuple[dict, dict]:
-    from cffm_jax.checkpoint import CheckpointError, default_img_scale, load_for_inference
+    from cffm_jax.checkpoint import CheckpointError, default_img_scale, load_for_inference, warn_if_slow_dtype
     from cffm_jax.prototype_store import PrototypeStore
 
     checkpoint = args.checkpoint or (config.workdir if config is not None else None)
@@ -590,6 +590,7 @@ def _model_run(args: argparse.Namespace, config: ml_collections.ConfigDict | Non
         )
     if config is not None:
         model_config = config.model  # same architecture (checked); keeps e.g. the computation dtype
+    warn_if_slow_dtype(model_config)
     if args.data_root:
         data_root = args.data_root
     elif config is not None:

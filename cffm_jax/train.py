@@ -56,7 +56,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from cffm_jax import compilation_cache, host_memory, preemption, xla_options
 from cffm_jax import sharding as shd
 from cffm_jax import train_state as ts
-from cffm_jax.checkpoint import CheckpointError
+from cffm_jax.checkpoint import CheckpointError, warn_if_slow_dtype
 from cffm_jax.convert import ConversionError
 from cffm_jax.data.vspw import DatasetError
 from cffm_jax.evaluate import evaluate_videos
@@ -436,6 +436,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     # --- Workdir and run files ------------------------------------------------------------------------------
     check_config(config)
+    warn_if_slow_dtype(config.model)
     workdir = pathlib.Path(workdir).absolute()
     is_main = jax.process_index() == 0
     if is_main:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import pathlib
 import struct
@@ -376,3 +377,15 @@ def test_config_checks():
     config.data.crop_size = (0, 64)
     with pytest.raises(experiment_config.ConfigError, match="config.data.crop_size"):
         train.check_config(config)
+
+
+def test_bfloat16_on_a_cpu_is_said_to_be_slow(caplog):
+    """A user who picks model.dtype=bfloat16 on a CPU learns that it is slower there (the tools warn once)."""
+    from cffm_jax.checkpoint import warn_if_slow_dtype
+    from cffm_jax.models import model_config
+
+    with caplog.at_level(logging.WARNING):
+        warn_if_slow_dtype(model_config("cffm_b0"))
+        assert not caplog.records
+        warn_if_slow_dtype(model_config("cffm_b0", dtype="bfloat16"))
+    assert any("slower than float32" in r.getMessage() for r in caplog.records)
