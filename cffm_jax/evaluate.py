@@ -576,7 +576,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _model_run(args: argparse.Namespace, config: ml_collections.ConfigDict | None) -> tuple[dict, dict]:
-    from cffm_jax.checkpoint import CheckpointError, default_img_scale, load_for_inference, warn_if_slow_dtype
+    from cffm_jax.checkpoint import (
+        CheckpointError,
+        default_img_scale,
+        load_for_inference,
+        trained_data_setting,
+        warn_if_slow_dtype,
+    )
     from cffm_jax.prototype_store import PrototypeStore
 
     checkpoint = args.checkpoint or (config.workdir if config is not None else None)
@@ -600,6 +606,11 @@ def _model_run(args: argparse.Namespace, config: ml_collections.ConfigDict | Non
     split = args.split or (config.data.val_split if config is not None else "val")
     img_scale = default_img_scale(args.img_scale, config.data.img_scale if config is not None else None, checkpoint)
     source = args.prototypes or (config.data.get("prototypes_dir", "") if config is not None else "")
+    if not source and config is None and model_config.arch == "cffmpp":
+        trained = trained_data_setting(checkpoint, "prototypes_dir")  # the store the CFFM++ run trained with
+        if trained and trained[0]:
+            source = str(trained[0])
+            log.info("prototypes from %s (data.prototypes_dir in %s)", source, trained[1])
     prototypes: PrototypeSource = None
     if model_config.arch == "cffmpp":
         if source == "auto":

@@ -516,6 +516,13 @@ def test_cffmpp_finetuning_changes_only_the_prototype_branch(tmp_path, env, data
     changed = [p for p in trained if not np.array_equal(after[p], mid[p])]
     assert len(changed) > len(trained) // 2, changed
 
+    # evaluating the workdir without --config or --prototypes uses the store it was trained with (its config.json)
+    from cffm_jax import evaluate
+
+    argv = ["--checkpoint", str(workdir), "--data-root", data_root, "--no-progress", "--json", str(tmp_path / "m.json")]
+    evaluate.main(argv)
+    assert json.loads((tmp_path / "m.json").read_text())["run"]["prototypes"] == str(store.root)
+
 
 def test_nonfinite_loss_stops_with_the_step(tmp_path, env, data_root, reference_run):
     from cffm_jax.checkpoint import save_variables
