@@ -155,29 +155,24 @@ def load_for_inference(
     return variables, config
 
 
-def trained_data_setting(path: str | os.PathLike, key: str) -> tuple[Any, pathlib.Path] | None:
-    """(``data.<key>``, the file it is from) of the training run that wrote checkpoint ``path``: a training workdir,
-    or one of its step directories, holds the run's ``config.json``. None for other checkpoints or a missing key."""
-    path = pathlib.Path(path)
-    for folder in (path, path.parent.parent):
-        file = folder / "config.json"
-        if folder.is_dir() and (folder / "checkpoints").is_dir() and file.is_file():
-            try:
-                return json.loads(file.read_text())["data"][key], file
-            except (ValueError, KeyError, TypeError):
-                return None
-    return None
+def check_video_model(config: ml_collections.ConfigDict, path: str | os.PathLike) -> None:
+    """Evaluation and prediction segment videos: the checkpoint at ``path`` must hold a CFFM or CFFM++ model, not
+    e.g. an ImageNet MiT backbone (CheckpointError naming it)."""
+    if config.arch not in ("cffm", "cffmpp"):
+        raise CheckpointError(f"{path} holds a {config.name} model; video segmentation needs CFFM or CFFM++")
 
 
 def trained_img_scale(path: str | os.PathLike) -> tuple[tuple[int, int], pathlib.Path] | None:
     """(``data.img_scale``, the file it is from) of the training run that wrote checkpoint ``path`` (see
-    :func:`trained_data_setting`). None for other checkpoints.
+    ``cffm_jax.train_state.run_data_setting``). None for other checkpoints.
 
     The scale a model was trained at is the one to test it at (its clips were cropped from frames rescaled to it):
     the evaluation, prediction and prototype commands take it as their default for such a checkpoint, instead of
     the official 853x480.
     """
-    found = trained_data_setting(path, "img_scale")
+    from cffm_jax.train_state import run_data_setting
+
+    found = run_data_setting(path, "img_scale")
     try:
         return ((int(found[0][0]), int(found[0][1])), found[1]) if found else None
     except (TypeError, IndexError, ValueError):

@@ -72,7 +72,7 @@ from cffm_jax.data.pipeline import EvalVideo, list_eval_videos
 from cffm_jax.data.transforms import IMG_SCALE
 from cffm_jax.data.vspw import NUM_CLASSES, DatasetError, decode_mask, read_bytes, reduce_zero_label
 from cffm_jax.experiment_config import ConfigError, config_error_message
-from cffm_jax.logging_utils import check_replaceable
+from cffm_jax.logging_utils import check_output_folder
 from cffm_jax.metrics import VC_MIN_FRAMES, MetricsAccumulator
 from cffm_jax.streaming import VideoSegmenter, compute_prototypes, loader_threads, ordered_map
 from cffm_jax.visualize import ids_to_raw, save_palette_png
@@ -122,11 +122,7 @@ class PredictionWriter:
                     "with several processes the predictions folder must be on a filesystem shared by all of them"
                 )
         else:
-            if self.out.exists() and not self.out.is_dir():
-                raise FileExistsError(f"{self.out} exists and is not a directory")
-            if self.out.is_dir() and any(self.out.iterdir()) and not overwrite:
-                raise FileExistsError(f"{self.out} exists and is not empty (pass --overwrite to replace it)")
-            check_replaceable(self.out, _is_submission_layout, *keep)
+            check_output_folder(self.out, overwrite, _is_submission_layout, *keep)
             if self.tmp.exists():
                 shutil.rmtree(self.tmp)
             self.tmp.mkdir(parents=True)
@@ -576,13 +572,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _model_run(args: argparse.Namespace, config: ml_collections.ConfigDict | None) -> tuple[dict, dict]:
-    from cffm_jax.checkpoint import (
-        CheckpointError,
-        default_img_scale,
-        load_for_inference,
-        trained_data_setting,
-        warn_if_slow_dtype,
-    )
+    from cffm_jax.checkpoint import check_video_model, default_img_scale, load_for_inference, warn_if_slow_dtype
     from cffm_jax.prototype_store import PrototypeStore
 
     checkpoint = args.checkpoint or (config.workdir if config is not None else None)
@@ -590,10 +580,7 @@ def _model_run(args: argparse.Namespace, config: ml_collections.ConfigDict | Non
         raise ValueError("--checkpoint is required without --config")
     expected = config.model if config is not None else args.model
     variables, model_config = load_for_inference(checkpoint, model=expected)
-    if model_config.arch not in ("cffm", "cffmpp"):
-        raise CheckpointError(
-            f"{checkpoint} holds a {model_config.name} model; video segmentation needs CFFM or CFFM++"
-        )
+    check_video_model(model_config, checkpoint)
     if config is not None:
         model_config = config.model  # same architecture (checked); keeps e.g. the computation dtype
     warn_if_slow_dtype(model_config)
@@ -607,7 +594,9 @@ def _model_run(args: argparse.Namespace, config: ml_collections.ConfigDict | Non
     img_scale = default_img_scale(args.img_scale, config.data.img_scale if config is not None else None, checkpoint)
     source = args.prototypes or (config.data.get("prototypes_dir", "") if config is not None else "")
     if not source and config is None and model_config.arch == "cffmpp":
-        trained = trained_data_setting(checkpoint, "prototypes_dir")  # the store the CFFM++ run trained with
+        from cffm_jax.train_state import run_data_setting
+
+        trained = run_data_setting(checkpoint, "prototypes_dir")  # the store the CFFM++ run trained with
         if trained and trained[0]:
             source = str(trained[0])
             log.info("prototypes from %s (data.prototypes_dir in %s)", source, trained[1])
@@ -644,7 +633,7 @@ def _model_run(args: argparse.Namespace, config: ml_collections.ConfigDict | Non
         batch_size=args.batch_size,
         overwrite=args.overwrite,
         num_loaders=args.loader_threads,
-        keep=(checkpoint, source if isinstance(source, str) and source != "auto" else ""),
+        keep=(checkpoint, source if source != "auto" else ""),
     )
     run = {
         "checkpoint": str(checkpoint),

@@ -10,7 +10,8 @@ masked CRC-32C of the length, payload, masked CRC-32C of the payload) of ``tenso
 messages, encoded by hand: ``Event{wall_time=1 (double), step=2 (int64), file_version=3 (string),
 summary=5}``, ``Summary{value=1 (repeated)}``, ``Summary.Value{tag=1 (string), simple_value=2 (float)}``.
 
-:func:`configure_cli_logging` and :func:`run_cli`: logging, errors and Ctrl-C of the command-line entry points.
+:func:`configure_cli_logging`, :func:`run_cli` (with :class:`InterruptUntilCaught`) and :func:`check_output_folder`:
+logging, errors, Ctrl-C and output folders of the command-line entry points.
 """
 
 from __future__ import annotations
@@ -89,16 +90,22 @@ class InterruptUntilCaught:
                 _thread.interrupt_main(signal.SIGINT)
 
 
-def check_replaceable(out: str | os.PathLike, own_output: Callable[[pathlib.Path], bool], *keep: Any) -> None:
-    """Refuses to let ``--overwrite`` delete more than an earlier output of the same command.
+def check_output_folder(
+    out: str | os.PathLike, overwrite: bool, own_output: Callable[[pathlib.Path], bool], *keep: Any
+) -> None:
+    """A command's output folder: absent or empty, or with ``overwrite`` an earlier output of the same command.
 
-    ``out`` is about to be replaced (deleted, then written anew). Raises FileExistsError when it holds one of the
-    ``keep`` paths (the command's input, checkpoint or data root: users have passed a parent folder) or anything
-    ``own_output`` does not recognise as what the command writes.
+    ``overwrite`` replaces (deletes, then writes anew) only what ``own_output`` recognises as the command's own
+    output, and never a folder that holds one of the ``keep`` paths (the command's input, checkpoint or data root:
+    users have passed a parent folder). Raises FileExistsError naming the folder otherwise.
     """
     out = pathlib.Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
     if not out.is_dir() or not any(out.iterdir()):
         return
+    if not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
     target = out.resolve()
     for path in keep:
         if path is None or path == "":

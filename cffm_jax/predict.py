@@ -52,7 +52,7 @@ from cffm_jax import compilation_cache, host_memory
 from cffm_jax.checkpoint import default_img_scale
 from cffm_jax.data.pipeline import EvalFrame
 from cffm_jax.data.transforms import IMG_SCALE, test_resize
-from cffm_jax.logging_utils import check_replaceable
+from cffm_jax.logging_utils import check_output_folder
 from cffm_jax.visualize import colorize, overlay, save_gif, save_gray_png, save_rgb_png, thumbnail
 
 log = logging.getLogger("cffm_jax.predict")  # the same name under python -m
@@ -254,15 +254,14 @@ def load_model(checkpoint: str, model: str | None = None, num_classes: int | Non
     Raises:
       cffm_jax.checkpoint.CheckpointError: the checkpoint holds another model or class count.
     """
-    from cffm_jax.checkpoint import CheckpointError, load_for_inference
+    from cffm_jax.checkpoint import CheckpointError, check_video_model, load_for_inference
     from cffm_jax.models import model_config
 
     expected = None
     if model is not None:
         expected = model_config(model, **({} if num_classes is None else {"num_classes": num_classes}))
     variables, config = load_for_inference(checkpoint, model=expected)
-    if config.arch not in ("cffm", "cffmpp"):
-        raise CheckpointError(f"{checkpoint} holds a {config.name} model; video segmentation needs CFFM or CFFM++")
+    check_video_model(config, checkpoint)
     if num_classes is not None and config.num_classes != num_classes:
         raise CheckpointError(
             f"{checkpoint} predicts {config.num_classes} classes, but --num-classes {num_classes} was given"
@@ -290,16 +289,6 @@ def video_prototypes(segmenter, reader: FrameReader, img_scale: tuple[int, int],
     return compute_prototypes(segmenter, images, seed=seed, video=reader.name)
 
 
-def _check_output(out: Path, overwrite: bool, *keep: Any) -> None:
-    """A usable ``--output``: absent, empty, or with ``overwrite`` an earlier output of this command that holds none
-    of the ``keep`` paths (input, checkpoint, prototypes)."""
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
-    check_replaceable(out, _is_predict_output, *keep)
-
-
 def predict_video(
     reader: FrameReader,
     segmenter,
@@ -324,7 +313,7 @@ def predict_video(
       img_scale: test rescale bound (W, H).
       prototypes: (Kp, E) prototypes for CFFM++.
       streaming: feature-cache streaming (default) or the clip-by-clip reference.
-      overwrite: replace a non-empty ``out_dir``.
+      overwrite: replace a non-empty ``out_dir`` that holds an earlier output of this function (and nothing else).
       alpha: mask weight in the overlays.
       fps: frame rate of the preview GIF.
       progress: show a progress bar.
@@ -337,7 +326,7 @@ def predict_video(
     from cffm_jax import streaming as streaming_lib
 
     out = Path(out_dir)
-    _check_output(out, overwrite)
+    check_output_folder(out, overwrite, _is_predict_output)
     tmp = out.with_name(f".{out.name}.partial")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -435,7 +424,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     host_memory.retain_freed_memory()  # before jax starts its threads
     compilation_cache.enable()
     img_scale = default_img_scale(args.img_scale, None, args.checkpoint)
-    _check_output(Path(args.output), args.overwrite, args.input, args.checkpoint, args.prototypes)
+    check_output_folder(args.output, args.overwrite, _is_predict_output, args.input, args.checkpoint, args.prototypes)
     reader = open_input(args.input)
     variables, config = load_model(args.checkpoint, args.model, args.num_classes)
     segmenter = VideoSegmenter(config, variables, batch_size=args.batch_size)

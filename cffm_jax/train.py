@@ -56,7 +56,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from cffm_jax import compilation_cache, host_memory, preemption, xla_options
 from cffm_jax import sharding as shd
 from cffm_jax import train_state as ts
-from cffm_jax.checkpoint import CheckpointError, warn_if_slow_dtype
+from cffm_jax.checkpoint import MODEL_FILE, CheckpointError, warn_if_slow_dtype
 from cffm_jax.convert import ConversionError
 from cffm_jax.data.vspw import DatasetError
 from cffm_jax.evaluate import evaluate_videos
@@ -69,8 +69,7 @@ from cffm_jax.optim import make_optimizer
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
-MODEL_FILE = "model.json"
+CONFIG_FILE = ts.CONFIG_FILE
 DATA_DIR = "data"
 MODEL_INPUTS = ("clips", "labels", "prototypes")  # the batch entries the update step uses
 

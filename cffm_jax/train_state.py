@@ -20,6 +20,7 @@ weights, the CFFM++ prototype branch on a CFFM checkpoint) keep their fresh valu
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pathlib
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 STATE_ITEM = "state"
 DATA_ITEM = "data"
+CONFIG_FILE = "config.json"  # the run's resolved experiment config, written by cffm_jax.train
 
 # Initialisation runs once, so an unoptimised compile is much cheaper overall: the threefry initialisation of
 # even a tiny CFFM took 150 s to compile at the default level on a loaded 2-core CPU, 28 s with these options
@@ -254,20 +256,45 @@ def restore_data_iterator(manager, data_iterator, step: int) -> None:
     manager.restore(step, args=ocp.args.Composite(**{DATA_ITEM: grain.checkpoint.CheckpointRestore(data_iterator)}))
 
 
+def training_workdir(path: str | os.PathLike) -> pathlib.Path | None:
+    """The training workdir that ``path`` is (it has ``checkpoints/``) or holds as one of its step directories;
+    None for any other path."""
+    path = pathlib.Path(path)
+    if (path / CHECKPOINT_DIR).is_dir():
+        return path
+    if (path / STATE_ITEM).is_dir() and path.parent.name == CHECKPOINT_DIR:
+        return path.parent.parent
+    return None
+
+
+def run_data_setting(path: str | os.PathLike, key: str) -> tuple[Any, pathlib.Path] | None:
+    """(``data.<key>`` of the run's ``config.json``, that file) for a training workdir or one of its step
+    directories; None for other checkpoints, or when the file or the key is missing."""
+    workdir = training_workdir(path)
+    if workdir is None:
+        return None
+    file = workdir / CONFIG_FILE
+    try:
+        return json.loads(file.read_text())["data"][key], file
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _step_dir_of(path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
     """(workdir, step directory) for a training workdir (its latest checkpoint) or a step directory."""
-    if (path / CHECKPOINT_DIR).is_dir():
-        manager = checkpoint_manager(path, keep=0, read_only=True)
-        step = manager.latest_step()
-        manager.close()
-        if step is None:
-            raise FileNotFoundError(f"{path / CHECKPOINT_DIR} holds no finished checkpoint")
-        return path, path / CHECKPOINT_DIR / str(step)
-    if (path / STATE_ITEM).is_dir() and path.parent.name == CHECKPOINT_DIR:
-        return path.parent.parent, path
-    raise FileNotFoundError(
-        f"{path} is neither a training workdir (with {CHECKPOINT_DIR}/) nor one of its step directories"
-    )
+    workdir = training_workdir(path)
+    if workdir is None:
+        raise FileNotFoundError(
+            f"{path} is neither a training workdir (with {CHECKPOINT_DIR}/) nor one of its step directories"
+        )
+    if workdir != path:
+        return workdir, path
+    manager = checkpoint_manager(path, keep=0, read_only=True)
+    step = manager.latest_step()
+    manager.close()
+    if step is None:
+        raise FileNotFoundError(f"{path / CHECKPOINT_DIR} holds no finished checkpoint")
+    return path, path / CHECKPOINT_DIR / str(step)
 
 
 def load_training_checkpoint_for_inference(
