@@ -302,3 +302,18 @@ def test_torch_case_is_skipped_off_the_cpu():
     suite.case_torch()
     (row,) = suite.results
     assert row.case == "torch" and "runs on the CPU" in row.extra["skipped"] and row.median_s is None
+
+
+def test_on_an_accelerator_flops_are_counted_before_compilation(monkeypatch):
+    """An accelerator's compiled cost analysis leaves out products run as library calls (cuBLAS GEMMs): there the
+    FLOPs come from the module before compilation. The backend is only a label here; the two counts agree on the CPU,
+    and the compiled count is used there."""
+    import jax.numpy as jnp
+
+    a, b = jnp.ones((64, 96)), jnp.ones((96, 32))
+    compiled, _ = benchmark.aot_compile(jnp.matmul, a, b)
+    assert compiled not in benchmark._LOWERED_FLOPS
+    assert benchmark.cost_flops(compiled) == 2 * 64 * 96 * 32
+    monkeypatch.setattr(benchmark.jax, "default_backend", lambda: "gpu")
+    compiled, _ = benchmark.aot_compile(jnp.matmul, a, b)
+    assert benchmark._LOWERED_FLOPS[compiled] == benchmark.cost_flops(compiled) == 2 * 64 * 96 * 32
