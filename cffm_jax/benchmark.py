@@ -53,14 +53,14 @@ Weights are random (shapes from ``jax.eval_shape`` of the model's ``init``, norm
 scales and variances, zero biases and means): speed does not depend on the values, and this skips the
 initialisation compile.
 
-Figures per case: FLOPs per call from XLA's cost analysis of the compiled executable
-(``cost_analysis()['flops']``; on accelerators of the module before compilation, as the compiled one leaves out
-products run as library calls such as cuBLAS GEMMs) and per input frame, achieved GFLOP/s (FLOPs / median time) and its fraction
-of this machine's measured matrix-multiply peak in the row's dtype (best of N jitted n^3 matmuls, n = 2048 on
-CPU and 8192 on accelerators, measured at the start and at the end, the better one; on accelerators at the end
-only, so that its operands do not set the device's peak memory that the rows report); host memory: the peak
-resident set size sampled every 20 ms during the case (compile included) minus the RSS before it, and the
-process's ``ru_maxrss``; XLA's compiled memory analysis (arguments + outputs + temporaries); device memory from
+Figures per case: FLOPs per call from XLA's cost analysis of the compiled executable (``cost_analysis()['flops']``;
+on accelerators of the module before compilation, as the compiled one leaves out products run as library calls such
+as cuBLAS GEMMs) and per input frame, achieved GFLOP/s (FLOPs / median time) and its fraction of this machine's
+measured matrix-multiply peak in the row's dtype (best of N jitted n^3 matmuls, n = 2048 on CPU and 8192 on
+accelerators, measured at the start and at the end, the better one; on accelerators at the end only, so that its
+operands do not set the device's peak memory that the rows report); host memory: the peak resident set size sampled
+every 20 ms during the case (compile included) minus the RSS before it, and the process's ``ru_maxrss``; XLA's
+compiled memory analysis (arguments + outputs + temporaries); device memory from
 ``jax.local_devices()[0].memory_stats()`` where the backend has it (GPU/TPU: ``peak_bytes_in_use``, a process
 lifetime peak; None on CPU).
 

@@ -132,9 +132,16 @@ def _encode(
     return model.apply(variables, images, with_logits=with_logits, method="encode_frames")
 
 
-def _write_ring(ring: jax.Array, feats: jax.Array, write_slots: jax.Array) -> jax.Array:
-    """Stores a chunk's 1/8 features in their ring slots."""
-    return ring.at[write_slots].set(feats.astype(ring.dtype))
+# Columns of a streaming chunk's slot table (B, 6) int32, one row per chunk row: the ring slot its frame's features go
+# to, the ring slots of its target's 4 clip members, 1 where the target takes its per-frame logits (frames 0-2). One
+# small host array per chunk, handed to the jitted step as it is (jit's own transfer: ~5x cheaper on the main thread
+# than a ``jax.device_put`` per index array, which the loading threads' GIL makes slower still).
+_WRITE_SLOT, _CLIP_SLOTS, _PERFRAME = 0, slice(1, 5), 5
+
+
+def _write_ring(ring: jax.Array, feats: jax.Array, slots: jax.Array) -> jax.Array:
+    """Stores a chunk's 1/8 features in their ring slots (``slots``: the chunk's slot table)."""
+    return ring.at[slots[:, _WRITE_SLOT]].set(feats.astype(ring.dtype))
 
 
 @xla_options.jit("default", model_argnum=0, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
@@ -147,17 +154,15 @@ def _decode_step(
     ring: jax.Array,
     logits: jax.Array | None,
     feats: jax.Array,
-    write_slots: jax.Array,
-    clip_slots: jax.Array,
-    use_perframe: jax.Array,
+    slots: jax.Array,
     prototypes: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """Writes a chunk's features into the ring and decodes its targets: logits (B, h, w, K) at 1/4 of the network
-    ``input_size`` (targets among frames 0-2 take their per-frame ``logits``), and with ``original_size`` also their
-    labels at that size (:func:`_labels`), else None."""
-    ring = _write_ring(ring, feats, write_slots)
-    clip_feats = _constrain(ring[clip_slots], sharding)  # (B, 4, h8, w8, E)
-    batch = clip_slots.shape[0]
+    """Writes a chunk's features into the ring and decodes its targets (``slots``: the chunk's slot table): logits
+    (B, h, w, K) at 1/4 of the network ``input_size`` (targets among frames 0-2 take their per-frame ``logits``), and
+    with ``original_size`` also their labels at that size (:func:`_labels`), else None."""
+    ring = _write_ring(ring, feats, slots)
+    clip_feats = _constrain(ring[slots[:, _CLIP_SLOTS]], sharding)  # (B, 4, h8, w8, E)
+    batch = slots.shape[0]
     target = model.apply(
         variables,
         clip_feats,
@@ -167,7 +172,7 @@ def _decode_step(
     )
     out = target
     if logits is not None:  # some target of this chunk is one of a video's first frames
-        out = jnp.where(use_perframe[:, None, None, None], logits.astype(target.dtype), target)
+        out = jnp.where(slots[:, _PERFRAME, None, None, None] > 0, logits.astype(target.dtype), target)
     return ring, out, None if original_size is None else _labels(out, input_size, original_size)
 
 
@@ -394,14 +399,15 @@ class VideoSegmenter:
         early = indices[0] < NUM_EARLY_FRAMES  # per-frame logits are needed only for frames 0-2
         logits, feats = _encode(self.model, self.variables, self._put_batch([f.image for f in chunk]), early)
         start = indices[0]
-        write_slots = np.arange(start, start + b) % r  # padding rows land in slots no target still needs
         targets = indices + [indices[-1]] * (b - len(indices))
-        clip_slots = np.asarray([[s % r for s in _clip(t)] for t in targets], np.int32)
-        use_perframe = np.asarray([t < NUM_EARLY_FRAMES for t in targets])
+        slots = np.empty((b, 6), np.int32)
+        slots[:, _WRITE_SLOT] = np.arange(start, start + b) % r  # padding rows land in slots no target still needs
+        slots[:, _CLIP_SLOTS] = [[s % r for s in _clip(t)] for t in targets]
+        slots[:, _PERFRAME] = [t < NUM_EARLY_FRAMES for t in targets]
         ring = self._ring(feats)
         input_size, original_size = self._sizes(chunk[0])
-        if use_perframe.all():
-            ring, out, labels = _store_step(ring, feats, jnp.asarray(write_slots, jnp.int32)), logits, None
+        if slots[:, _PERFRAME].all():
+            ring, out, labels = _store_step(ring, feats, slots), logits, None
         else:
             ring, out, labels = _decode_step(
                 self.model,
@@ -412,9 +418,7 @@ class VideoSegmenter:
                 ring,
                 logits,
                 feats,
-                jnp.asarray(write_slots, jnp.int32),
-                jax.device_put(clip_slots, self._batch),
-                jax.device_put(use_perframe, self._batch),
+                slots,
                 protos,
             )
         if labels is None:

@@ -2,6 +2,7 @@
 main thread, timed alone and next to N threads that load evaluation frames in a loop (they share its GIL and cores).
 
     python scripts/benchmark_main_thread.py [--root DIR] [--threads 0 1 2 4 8] [--calls 2000] [--metrics-only]
+        [--segment-only]
 
 ``--root``: a VSPW-layout folder with a 'val' split (default: a fresh synthetic one of 480x853 frames). Evaluation's
 main thread makes a few dozen such calls per chunk of frames (``scripts/benchmark_eval.py --sample-main``).
@@ -9,6 +10,10 @@ main thread makes a few dozen such calls per chunk of frames (``scripts/benchmar
 Then the main thread's cost of scoring one frame (``cffm_jax.metrics.MetricsAccumulator.update``, 200 frames of one
 video after 40 of warm-up) for 8x8 frames (the calls alone) and 480x853 frames (with the device work: on a CPU
 backend that is this CPU's). ``--metrics-only``: only that.
+
+Then the main thread's cost of streaming a frame (``cffm_jax.streaming.VideoSegmenter.segment`` in chunks of 4 frames,
+a tiny CFFM at 32x32, 240 frames of one video after a warm-up video): the calls of a chunk (its transfers and
+programs, the results' fetch) with little device work. ``--segment-only``: only that.
 """
 
 from __future__ import annotations
@@ -23,13 +28,43 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def segment_cost(frames: int = 240, size: int = 32) -> None:
+    """Prints the main thread's time per frame of ``VideoSegmenter.segment`` (tiny CFFM, chunks of 4 frames)."""
+    import numpy as np
+
+    from cffm_jax.benchmark import random_variables
+    from cffm_jax.data.pipeline import EvalFrame
+    from cffm_jax.models import model_config
+    from cffm_jax.streaming import VideoSegmenter
+
+    config = model_config("cffm_b0", embed_dims=(8, 16, 40, 64), depths=(1, 1, 1, 1), decoder_embed_dim=32)
+    segmenter = VideoSegmenter(config, random_variables(config), batch_size=4)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (size, size, 3), np.uint8)
+    video = [EvalFrame(image=image, label=None, original_size=(size, size))] * frames
+    for _ in segmenter.segment(video[:40]):  # compiles
+        pass
+    start, cpu = time.perf_counter(), time.thread_time()
+    for _ in segmenter.segment(video):
+        pass
+    ms, cpu_ms = (time.perf_counter() - start) / frames * 1e3, (time.thread_time() - cpu) / frames * 1e3
+    print(  # noqa: T201
+        f"streaming {size}x{size} frames, tiny CFFM, 4 per chunk: {ms:.3f} ms per frame on the main thread, "
+        f"{cpu_ms:.3f} ms of its CPU time"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", help="VSPW-layout folder (default: synthetic 480x853 frames)")
     parser.add_argument("--threads", type=int, nargs="+", default=[0, 1, 2, 4, 8])
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--metrics-only", action="store_true", help="only the cost of scoring a frame")
+    parser.add_argument("--segment-only", action="store_true", help="only the cost of streaming a frame")
     args = parser.parse_args()
+    segment_cost()
+    if args.segment_only:
+        return
 
     import jax
     import numpy as np

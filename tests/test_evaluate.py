@@ -163,6 +163,33 @@ def test_library_api_cffmpp_with_store_and_auto(setup):
         evaluate.evaluate_videos(config, variables, setup["root"], prototypes=None, **kwargs)
 
 
+def test_no_eager_device_operations_per_frame(setup, monkeypatch):
+    """The evaluation loop's thread feeds the device while the loading threads hold the GIL: each call it makes costs
+    milliseconds there (GPU). Every device operation per chunk or frame is a jitted program or a transfer, none an
+    eager jax operation (``jnp.asarray`` of host data, ``jnp.zeros``: one dispatch more each): the eager ones made
+    by one evaluation are the same for one video as for two."""
+    from jax._src import dispatch
+
+    config, variables = tiny_model("cffm_tiny.npz")
+    kwargs = dict(split="val", img_scale=IMG_SCALE, progress=False, batch_size=4)
+    evaluate.evaluate_videos(config, variables, setup["root"], max_videos=2, **kwargs)  # compiles
+    eager = []
+    apply_primitive = dispatch.apply_primitive
+
+    def counted(prim, *args, **params):
+        eager.append(str(prim))
+        return apply_primitive(prim, *args, **params)
+
+    monkeypatch.setattr(dispatch, "apply_primitive", counted)
+    counts = []
+    for videos in (1, 2):
+        eager.clear()
+        scores = evaluate.evaluate_videos(config, variables, setup["root"], max_videos=videos, **kwargs)
+        assert scores["num_frames"] == 20 * videos
+        counts.append(list(eager))
+    assert counts[0] == counts[1] and len(counts[0]) <= 2, counts
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Bad input.
 
