@@ -51,6 +51,7 @@ import argparse
 import collections
 import concurrent.futures
 import functools
+import itertools
 import json
 import logging
 import math
@@ -58,7 +59,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cffm_jax import compilation_cache, host_memory
-from cffm_jax.data.pipeline import EvalVideo, list_eval_videos
+from cffm_jax.data.pipeline import EvalFrame, EvalVideo, list_eval_videos
 from cffm_jax.data.transforms import IMG_SCALE
 from cffm_jax.data.vspw import NUM_CLASSES, DatasetError, decode_mask, read_bytes, reduce_zero_label
 from cffm_jax.experiment_config import ConfigError, config_error_message
@@ -355,19 +356,27 @@ def evaluate_videos(
     predicted = 0
     progress = progress and jax.process_index() == 0
     try:
-        with tqdm(total=total, unit="frame", disable=not progress, desc=f"eval {split}") as bar:
+        # One stream of frames over all the videos: the loading threads go on into the next video while the device
+        # finishes one, and the segmenter dispatches its first chunk before the last results of the one before.
+        keys = ((v, t) for v, video in enumerate(videos) for t in range(video.num_frames))
+        frames = ordered_map(
+            lambda key: videos[key[0]].load(key[1], img_scale=img_scale), keys, num_loaders or loader_threads()
+        )
+
+        def video_inputs() -> Iterator[tuple[EvalVideo, Iterator[EvalFrame], np.ndarray | None]]:
             for video in videos:
                 protos = _video_prototypes(prototypes, segmenter, video, img_scale)
-                load = functools.partial(video.load, img_scale=img_scale)
-                frames = ordered_map(load, range(video.num_frames), num_loaders or loader_threads())
-                for result in segmenter.segment(frames, protos, streaming=streaming):
-                    if result.frame.label is not None:
-                        accumulator.update(video.name, result.index, result.pred, result.frame.label)
-                    if writer is not None:
-                        writer.write(video.name, video.info.frame_names[result.index], result.pred)
-                    predicted += 1
-                    bar.update()
-                accumulator.end_video()  # scores its last frames (buffered in groups)
+                yield video, itertools.islice(frames, video.num_frames), protos
+
+        with tqdm(total=total, unit="frame", disable=not progress, desc=f"eval {split}") as bar:
+            for video, result in segmenter.segment_videos(video_inputs(), streaming=streaming):
+                if result.frame.label is not None:  # a new video ends the one before (its last frames are scored)
+                    accumulator.update(video.name, result.index, result.pred, result.frame.label)
+                if writer is not None:
+                    writer.write(video.name, video.info.frame_names[result.index], result.pred)
+                predicted += 1
+                bar.update()
+            accumulator.end_video()
         if writer is not None:
             _commit_writer(writer, all_videos)
     except BaseException:

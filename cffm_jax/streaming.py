@@ -353,19 +353,36 @@ class VideoSegmenter:
           a :class:`FrameResult` per frame, in order. Device work for a chunk is dispatched before the
           previous chunk's results are fetched, so loading and device compute overlap.
         """
-        protos = self._put_prototypes(prototypes)
+        for _, result in self.segment_videos([(None, frames, prototypes)], streaming=streaming):
+            yield result
+
+    def segment_videos(
+        self, videos: Iterable[tuple[Any, Iterable[EvalFrame], Any]], *, streaming: bool = True
+    ) -> Iterator[tuple[Any, FrameResult]]:
+        """:meth:`segment` of several videos one after another, without the device waiting between them: a video's
+        first chunk is dispatched before the results of the one before it are fetched.
+
+        Args:
+          videos: ``(key, frames, prototypes)`` per video, as :meth:`segment` takes them; drawn lazily, one video
+            after the previous one's frames are exhausted (and the prototypes of a video in its turn).
+          streaming: feature-cache mode (default) or the clip-by-clip reference.
+        Yields:
+          ``(key, FrameResult)`` per frame: the videos in order, each one's frames in order.
+        """
         step = self._stream_chunk if streaming else self._clip_chunk
-        images: dict[int, np.ndarray] = {}  # clip mode: recent frames, at most the clip span + one chunk
-        pending: _Pending | None = None
-        for indices, chunk in _chunks(_checked(frames), self.batch_size):
-            if indices[0] == 0:
-                self._note_size(chunk[0])
-            dispatched = step(indices, chunk, protos, images)
-            if pending is not None:
-                yield from self._fetch(pending)
-            pending = dispatched
+        pending: tuple[Any, _Pending] | None = None
+        for key, frames, prototypes in videos:
+            protos = self._put_prototypes(prototypes)
+            images: dict[int, np.ndarray] = {}  # clip mode: recent frames, at most the clip span + one chunk
+            for indices, chunk in _chunks(_checked(frames), self.batch_size):
+                if indices[0] == 0:
+                    self._note_size(chunk[0])
+                dispatched = key, step(indices, chunk, protos, images)
+                if pending is not None:
+                    yield from self._fetch(*pending)
+                pending = dispatched
         if pending is not None:
-            yield from self._fetch(pending)
+            yield from self._fetch(*pending)
 
     def _sizes(self, frame: EvalFrame) -> tuple[tuple[int, int], tuple[int, int]]:
         return tuple(frame.image.shape[:2]), tuple(int(s) for s in frame.original_size)
@@ -448,11 +465,11 @@ class VideoSegmenter:
             del images[i]
         return _Pending(indices, chunk, jnp.concatenate(outs), jnp.concatenate(labels))
 
-    def _fetch(self, pending: _Pending) -> Iterator[FrameResult]:
+    def _fetch(self, key: Any, pending: _Pending) -> Iterator[tuple[Any, FrameResult]]:
         labels = np.asarray(pending.labels)
         logits = np.asarray(pending.logits, np.float32) if self.keep_logits else None
         for i, (t, frame) in enumerate(zip(pending.indices, pending.frames, strict=True)):
-            yield FrameResult(t, frame, labels[i], None if logits is None else logits[i])
+            yield key, FrameResult(t, frame, labels[i], None if logits is None else logits[i])
 
 
 def _clip(t: int) -> list[int]:

@@ -119,6 +119,42 @@ def test_compiles_once_per_size_and_ring_is_bounded(video, caplog):
     np.testing.assert_array_equal(first[0], [r.pred for r in segmenter.segment(frames[:1])][0])
 
 
+def test_several_videos_in_one_stream_equal_one_by_one(video):
+    """``segment_videos`` (evaluation's loop) gives what ``segment`` gives per video, for CFFM++ videos of two
+    original sizes with their own prototypes and lengths that do not fill the last chunk, and draws each next video
+    before the previous one's last results are yielded (its first chunk goes to the device first)."""
+    config, variables = tiny_model("cffmpp_tiny.npz")
+    segmenter = VideoSegmenter(config, variables, batch_size=BATCH, keep_logits=True, fuse_labels=False)
+    frames = _frames(video)
+    protos = _prototypes(segmenter, video)
+    inputs = [
+        ("a", frames, protos),
+        ("b", [dataclasses.replace(f, original_size=(67, 109)) for f in frames[:7]], protos[::-1]),
+        ("c", frames[::-1][:13], protos * 0.5),
+    ]
+    events = []
+
+    def drawn():
+        for key, video_frames, video_protos in inputs:
+            events.append(("draw", key))
+            yield key, video_frames, video_protos
+
+    together = []
+    for key, result in segmenter.segment_videos(drawn()):
+        events.append(("result", key))
+        together.append((key, result))
+    alone = VideoSegmenter(config, variables, batch_size=BATCH, keep_logits=True, fuse_labels=False)
+    expected = [(key, r) for key, f, p in inputs for r in alone.segment(f, p)]
+    assert [(k, r.index) for k, r in together] == [(k, r.index) for k, r in expected]
+    assert len(together) == 20 + 7 + 13
+    for (_, r), (_, e) in zip(together, expected, strict=True):
+        np.testing.assert_array_equal(r.pred, e.pred)
+        np.testing.assert_array_equal(r.logits, e.logits)
+    for previous, key in (("a", "b"), ("b", "c")):
+        last_result = max(i for i, event in enumerate(events) if event == ("result", previous))
+        assert events.index(("draw", key)) < last_result
+
+
 def test_another_original_size_compiles_only_the_labels(video, caplog):
     """Frames that enter the network at a size seen before but come from another original size (720p and 1080p
     frames both enter at 480x864) reuse the encoder and decoder programs: with the labels outside the decode step
