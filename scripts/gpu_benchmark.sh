@@ -19,12 +19,12 @@
 #   entering the network at 480x864: 238 frames/s on the H200), the B1 training step at 480x480 (35 ms there).
 # eval: evaluation as users run it (scripts/benchmark_eval.py: loading, CFFM-B1 streaming, metrics) on 4 synthetic
 #   480x853 videos of 60 frames, with 8 and 16 frame-loading threads, each run also without the metrics, then without
-#   metrics with 8 and 16 loading processes instead of threads, the main thread sampled throughout. On the H200
-#   (2026-11-28) evaluation made 158 frames/s with 8 threads, 143 with 16, where the model alone streams 238: the
-#   question for the next lease is which of loading, the main thread's dispatches (the loading threads share its GIL)
-#   and the metrics' device programs takes the difference. First scripts/benchmark_main_thread.py: a trivial
-#   device_put + jitted call on the main thread next to 0-16 loading threads (on 16 cores, GIL without the cores'
-#   oversubscription of the 2-core development VM). ~3.5 minutes.
+#   metrics with 8 and 16 loading processes instead of threads, the main thread sampled throughout; first
+#   scripts/benchmark_main_thread.py (a trivial device_put + jitted call on the main thread next to 0-16 loading
+#   threads). On the H200 (2026-11-28 21:50, commit 1e6b011): evaluation 172 frames/s with 8 threads, 197 without the
+#   metrics, where the model alone streams 252; the main thread's call took 0.37 ms alone and 2.0 ms next to 8
+#   loading threads. Commits ad53c03 and 69ab6bd (no eager jax operations per chunk, one stream over all videos) are
+#   not measured on a GPU yet: this part, again, is the next lease's first call. ~2 minutes.
 # diag: where compile and run time go at each float32 precision (scripts/gpu_diag_precision.py: a matmul, a
 #   convolution, the CFFM-B1 encoder and decoder at 480x864), at 'highest' with the project's options (cuBLAS) and
 #   with XLA's own (Triton GEMMs, autotuned for minutes); then 'high' (three bfloat16 passes per float32 product:
