@@ -15,7 +15,7 @@
 # train: the training step of B0 and B1 at 480x480 in float32 and bfloat16 (each compiled in ~50-65 s), then B1's on
 #   a batch of 8 clips (--train-batch 8: clips/s; one clip per step leaves most of the GPU idle).
 # highest: one call of <= 10 minutes, float32 at 'highest' (the default): parity, CFFM/CFFM++-B1 clip mode at
-#   480x864 (not measured at 'highest' yet), CFFM-B1 streaming as VSPW_480p evaluation runs it (480x853 frames
+#   480x864 (10.0 ms on the H200), CFFM-B1 streaming as VSPW_480p evaluation runs it (480x853 frames
 #   entering the network at 480x864: 238 frames/s on the H200), the B1 training step at 480x480 (35 ms there).
 # eval: evaluation as users run it (scripts/benchmark_eval.py: loading, CFFM-B1 streaming, metrics) on 4 synthetic
 #   480x853 videos of 60 frames, with 8 and 16 frame-loading threads, each run also without the metrics, then without
