@@ -5,6 +5,7 @@ same shapes as test_streaming.py, so the jitted functions are shared within one 
 """
 
 import json
+import logging
 import os
 import shutil
 
@@ -174,6 +175,33 @@ def test_video_file(setup):
     out = setup["tmp"] / "out_video"
     _run(setup, path, out)
     _check_outputs(out, [f"{t:06d}" for t in range(NUM_FRAMES)], decoded, "clip")
+
+
+def test_truncated_video_file_is_named(tmp_path, caplog):
+    """A truncated file decodes without an error as far as it goes: a Matroska file cut in half gives 9 of its 30
+    frames. Opening it says how many frames its header announces; a whole file says nothing."""
+    av = pytest.importorskip("av", reason="PyAV (the 'av' package) reads video files")
+    path = tmp_path / "long.mkv"
+    rng = np.random.default_rng(0)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for _ in range(30):
+            rgb = rng.integers(0, 256, (64, 64, 3), np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with caplog.at_level(logging.WARNING, logger="cffm_jax.predict"):
+        assert predict.open_input(path).num_frames == 30
+        assert not caplog.records
+        data = path.read_bytes()
+        cut = tmp_path / "cut.mkv"
+        cut.write_bytes(data[: len(data) // 2])
+        frames = predict.open_input(cut).num_frames
+    assert 0 < frames < 20
+    (record,) = caplog.records
+    assert f"{cut}: decoded {frames} frames, but its header announces 30" in record.getMessage()
 
 
 # ---------------------------------------------------------------------------------------------------------
