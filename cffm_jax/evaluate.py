@@ -404,6 +404,28 @@ def read_prediction(path: str | os.PathLike, num_classes: int = NUM_CLASSES) -> 
     return reduce_zero_label(decode_mask(read_bytes(path), path, num_classes))
 
 
+def _warn_unscored(root: Path, split: str, in_split: Sequence[EvalVideo], scored: Sequence[EvalVideo]) -> None:
+    """Warns about what a predictions folder holds besides the predictions of the split's videos, which scoring
+    ignores: entries that are no video of the split (another split's videos are expected, e.g. a whole submission),
+    and files in a scored video's folder that are no frame of it."""
+    names = {v.name for v in in_split}
+    others = sorted(e.name for e in root.iterdir() if e.name not in names or not e.is_dir())
+    extra = []
+    for video in scored:
+        folder = root / video.name
+        if folder.is_dir():
+            frames = {f"{name}.png" for name in video.info.frame_names}
+            extra += sorted(f"{video.name}/{e.name}" for e in folder.iterdir() if e.name not in frames)
+    if others:
+        log.warning("%s: not scored, no video of split %r (%d): %s", root, split, len(others), _some(others))
+    if extra:
+        log.warning("%s: not scored, no frame of its video (%d): %s", root, len(extra), _some(extra))
+
+
+def _some(names: Sequence[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
 def score_predictions(
     predictions_dir: str | os.PathLike,
     data_root: str,
@@ -430,9 +452,11 @@ def score_predictions(
     root = Path(predictions_dir)
     if not root.is_dir():
         raise DatasetError(f"{root}: predictions folder not found")
-    videos = [v for v in _select_videos(data_root, split, num_classes, max_videos) if v.has_labels]
+    in_split = list_eval_videos(data_root, split, num_classes=num_classes)
+    videos = [v for v in in_split[: max_videos if max_videos > 0 else None] if v.has_labels]
     if not videos:
         raise DatasetError(f"split {split!r} of {data_root} has no video with masks to score against")
+    _warn_unscored(root, split, in_split, videos)
     accumulator = MetricsAccumulator(num_classes=num_classes)
 
     def pair(video: EvalVideo, t: int) -> tuple[np.ndarray, np.ndarray]:

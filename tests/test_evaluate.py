@@ -5,6 +5,7 @@ saved as weights directories, and an experiment config file written here in the 
 """
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -112,6 +113,27 @@ def test_scoring_saved_predictions_gives_the_same_metrics(setup, streamed):
         assert scores[key] == pytest.approx(streamed["scores"][key], abs=1e-9), key
     np.testing.assert_allclose(scores["per_class_iou"], streamed["scores"]["per_class_iou"])
     assert set(METRICS) <= set(json.loads(out.read_text()))
+
+
+def test_scoring_names_what_it_does_not_score(setup, streamed, tmp_path, caplog):
+    """A predictions folder may hold more than the split's predictions (another split's videos); scoring ignores
+    them, and says so: entries that are no video of the split, files that are no frame of a scored video."""
+    pred = shutil.copytree(streamed["pred"], tmp_path / "pred")
+    kwargs = dict(num_classes=7, progress=False)
+    with caplog.at_level(logging.WARNING, logger="cffm_jax.evaluate"):
+        clean = evaluate.score_predictions(pred, setup["root"], **kwargs)
+        assert not caplog.records
+        video = sorted(os.listdir(pred))[0]
+        shutil.copytree(pred / video, pred / "another_video")
+        (pred / "notes.txt").write_text("x")
+        shutil.copy(pred / video / "00000003.png", pred / video / "00000003 (copy).png")
+        scores = evaluate.score_predictions(pred, setup["root"], **kwargs)
+    assert scores["miou"] == clean["miou"] and scores["num_frames"] == clean["num_frames"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        f"{pred}: not scored, no video of split 'val' (2): another_video, notes.txt",
+        f"{pred}: not scored, no frame of its video (1): {video}/00000003 (copy).png",
+    ]
 
 
 def test_clip_by_clip_gives_the_same_predictions(setup, streamed):
