@@ -75,7 +75,7 @@ from cffm_jax.data.vspw import NUM_CLASSES, DatasetError, decode_mask, read_byte
 from cffm_jax.experiment_config import ConfigError, config_error_message
 from cffm_jax.logging_utils import check_output_folder
 from cffm_jax.metrics import VC_MIN_FRAMES, MetricsAccumulator
-from cffm_jax.streaming import VideoSegmenter, compute_prototypes, loader_threads, ordered_map
+from cffm_jax.streaming import DeviceChunk, VideoSegmenter, compute_prototypes, loader_threads, ordered_map
 from cffm_jax.visualize import ids_to_raw, save_palette_png
 
 log = logging.getLogger("cffm_jax.evaluate")  # the same name under python -m
@@ -288,6 +288,26 @@ def _video_prototypes(
     return np.asarray(prototypes(video.name), np.float32)
 
 
+def _score_chunk(accumulator: MetricsAccumulator, chunk: DeviceChunk) -> None:
+    """Scores a chunk's frames that have ground truth (a video's frames all have it, or none: VSPW's test split)."""
+    video: EvalVideo = chunk.key
+    labels = [frame.label for frame in chunk.frames]
+    if all(label is not None for label in labels):
+        accumulator.update_frames(video.name, chunk.indices[0], chunk.labels, labels)
+    elif any(label is not None for label in labels):
+        preds = np.asarray(chunk.labels)
+        for i, (t, label) in enumerate(zip(chunk.indices, labels, strict=True)):
+            if label is not None:
+                accumulator.update(video.name, t, preds[i], label)
+
+
+def _write_chunk(writer: PredictionWriter, chunk: DeviceChunk) -> None:
+    video: EvalVideo = chunk.key
+    preds = np.asarray(chunk.labels)
+    for i, t in enumerate(chunk.indices):
+        writer.write(video.name, video.info.frame_names[t], preds[i])
+
+
 def evaluate_videos(
     model_config: ml_collections.ConfigDict,
     variables: Any,
@@ -368,14 +388,20 @@ def evaluate_videos(
                 protos = _video_prototypes(prototypes, segmenter, video, img_scale)
                 yield video, itertools.islice(frames, video.num_frames), protos
 
+        # The predictions stay on the device for the metrics; only the predictions writer fetches them, a chunk
+        # late (the device works on the next one meanwhile).
+        to_write: DeviceChunk | None = None
         with tqdm(total=total, unit="frame", disable=not progress, desc=f"eval {split}") as bar:
-            for video, result in segmenter.segment_videos(video_inputs(), streaming=streaming):
-                if result.frame.label is not None:  # a new video ends the one before (its last frames are scored)
-                    accumulator.update(video.name, result.index, result.pred, result.frame.label)
+            for chunk in segmenter.device_chunks(video_inputs(), streaming=streaming):
+                _score_chunk(accumulator, chunk)  # a new video ends the one before (its last frames are scored)
                 if writer is not None:
-                    writer.write(video.name, video.info.frame_names[result.index], result.pred)
-                predicted += 1
-                bar.update()
+                    if to_write is not None:
+                        _write_chunk(writer, to_write)
+                    to_write = chunk
+                predicted += len(chunk.indices)
+                bar.update(len(chunk.indices))
+            if to_write is not None:
+                _write_chunk(writer, to_write)
             accumulator.end_video()
         if writer is not None:
             _commit_writer(writer, all_videos)

@@ -482,6 +482,7 @@ class MetricsAccumulator:
         self.num_frames = 0
         self.batch_frames = max(1, int(batch_frames))
         self._frames: list[tuple[np.ndarray, np.ndarray]] = []  # the current video's frames not scored yet
+        self._padded_video: str | None = None  # update_frames padded this video's last group: it must end
         self._frame_shape: tuple[int, ...] | None = None
 
     def _flush_frames(self, video_ends: bool) -> None:
@@ -500,12 +501,17 @@ class MetricsAccumulator:
             dtype = np.promote_types(labels.dtype, np.min_scalar_type(self.ignore_index))
             fill = np.full((pad, *labels.shape[1:]), self.ignore_index, dtype)
             labels = np.concatenate([labels.astype(fill.dtype), fill])
+        self._score(*jax.device_put((preds, labels)), count)  # one call: jnp.asarray adds a device program per array
+
+    def _score(self, preds: jax.Array, labels: Any, count: int) -> None:
+        """Adds a group of frames, (B, H, W) ``preds`` and ``labels`` (the first ``count`` belong to the video, the
+        rest are padding with ignored labels), to the confusion matrix and the video consistency."""
         pixels = int(preds.size)
         if self._device_pixels + pixels > _INT32_MAX:
             self._flush_confusion()
         if self._cm_device is None:
             self._cm_device = jnp.zeros((self.num_classes, self.num_classes), jnp.int32)
-        preds, labels = jax.device_put((preds, labels))  # one call: jnp.asarray adds a device program per array
+        labels = _on_device(labels)
         self._cm_device = _add_confusion(self._cm_device, preds, labels, self.num_classes, self.ignore_index)
         self._device_pixels += pixels
         self._vc.add_frames(preds, labels, real=count)
@@ -530,27 +536,63 @@ class MetricsAccumulator:
                 f"video {video!r} frame {frame_idx}: prediction shape {np.shape(pred)} does not match label "
                 f"shape {np.shape(label)} (both must be (H, W) at the original frame size)"
             )
+        self._next_frames(video, frame_idx, 1, tuple(np.shape(pred)))
+        self._frames.append((np.asarray(pred), np.asarray(label)))
+        self.num_frames += 1
+        if len(self._frames) >= self.batch_frames:
+            self._flush_frames(video_ends=False)
+
+    def update_frames(self, video: str, first_idx: int, preds: jax.Array, labels: Sequence[Any]) -> None:
+        """Add N consecutive frames whose predictions are on the device, as one group: equal to N calls of
+        :meth:`update`, without moving the predictions to the host and back.
+
+        Args:
+          video: video name; a new name ends the previous video.
+          first_idx: index of the first of the frames in its video.
+          preds: (B, H, W) integer predictions on the device, B >= N: rows past N pad the group, and then the video
+            must end next (the padding rows' predictions are not scored).
+          labels: N (H, W) integer ground truths, already mapped.
+        """
+        count, shape = len(labels), tuple(preds.shape[1:])
+        if preds.ndim != 3 or not 0 < count <= preds.shape[0]:
+            raise ValueError(f"video {video!r}: {count} labels for predictions of shape {preds.shape}")
+        for t, label in enumerate(labels, first_idx):
+            if tuple(np.shape(label)) != shape:
+                raise ValueError(
+                    f"video {video!r} frame {t}: prediction shape {shape} does not match label shape "
+                    f"{np.shape(label)} (both must be (H, W) at the original frame size)"
+                )
+        self._next_frames(video, first_idx, count, shape)
+        self._flush_frames(video_ends=False)  # frames added one by one before these
+        pad = preds.shape[0] - count
+        dtype = np.promote_types(np.result_type(*labels), np.min_scalar_type(self.ignore_index))
+        gts = np.full((preds.shape[0], *shape), self.ignore_index, dtype)
+        gts[:count] = labels
+        self._score(preds, gts, count)
+        self.num_frames += count
+        self._padded_video = self._video if pad else None
+
+    def _next_frames(self, video: str, first_idx: int, count: int, shape: tuple[int, ...]) -> None:
+        """Checks and records that frames first_idx..first_idx+count-1 of ``video`` (of size ``shape``) come next."""
         if video != self._video:
             if video in self._finished:
                 raise ValueError(f"video {video!r} was already finished; frames of a video must be contiguous")
             self.end_video()
             self._video = video
-            self._last_frame = frame_idx - 1
-            self._frame_shape = tuple(np.shape(pred))
-        if frame_idx != self._last_frame + 1:
+            self._last_frame = first_idx - 1
+            self._frame_shape = shape
+        elif self._padded_video == video:
+            raise ValueError(f"video {video!r}: frames after a padded group; the video had to end there")
+        if first_idx != self._last_frame + 1:
             raise ValueError(
-                f"video {video!r}: frame {frame_idx} follows frame {self._last_frame}; frames must be consecutive"
+                f"video {video!r}: frame {first_idx} follows frame {self._last_frame}; frames must be consecutive"
             )
-        if tuple(np.shape(pred)) != self._frame_shape:
+        if shape != self._frame_shape:
             raise ValueError(
-                f"video {video!r} frame {frame_idx} has shape {np.shape(pred)}, its first frame {self._frame_shape}: "
+                f"video {video!r} frame {first_idx} has shape {shape}, its first frame {self._frame_shape}: "
                 "all frames of a video must have one size"
             )
-        self._last_frame = frame_idx
-        self._frames.append((np.asarray(pred), np.asarray(label)))
-        self.num_frames += 1
-        if len(self._frames) >= self.batch_frames:
-            self._flush_frames(video_ends=False)
+        self._last_frame = first_idx + count - 1
 
     def end_video(self) -> None:
         """Ends the video in progress (its VC windows count from now on; it may not come back)."""
@@ -558,6 +600,7 @@ class MetricsAccumulator:
         if self._video is not None:
             self._finished.add(self._video)
             self._video = None
+        self._padded_video = None
         self._vc.end_video()
 
     def state(self) -> np.ndarray:

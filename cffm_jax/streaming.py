@@ -236,6 +236,29 @@ def clip_forward(
     return _decode_clips(model, quarter_size(clips.shape[2:4]), sharding, variables, feats, prototypes)
 
 
+# Chunks whose predictions :meth:`VideoSegmenter.device_chunks` lets the device work on before the host waits for the
+# oldest: without a wait, a host faster than the device would queue work, and its memory, without bound.
+MAX_CHUNKS_IN_FLIGHT = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceChunk:
+    """Predictions of consecutive frames of one video, left on the device (:meth:`VideoSegmenter.device_chunks`).
+
+    Attributes:
+      key: the video's key.
+      indices: the frames' positions in the video, consecutive.
+      frames: the input frames (their ``label`` passed through).
+      labels: (B, H, W) class ids at the original frame size, on the device (uint8 when K <= 256, else int32);
+        B >= len(indices): rows past ``len(indices)`` pad the chunk.
+    """
+
+    key: Any
+    indices: list[int]
+    frames: list[EvalFrame]
+    labels: jax.Array
+
+
 @dataclasses.dataclass
 class _Pending:
     """A dispatched chunk whose device results have not been fetched yet."""
@@ -369,20 +392,40 @@ class VideoSegmenter:
         Yields:
           ``(key, FrameResult)`` per frame: the videos in order, each one's frames in order.
         """
-        step = self._stream_chunk if streaming else self._clip_chunk
         pending: tuple[Any, _Pending] | None = None
+        for dispatched in self._dispatch(videos, streaming):
+            if pending is not None:
+                yield from self._fetch(*pending)
+            pending = dispatched
+        if pending is not None:
+            yield from self._fetch(*pending)
+
+    def device_chunks(
+        self, videos: Iterable[tuple[Any, Iterable[EvalFrame], Any]], *, streaming: bool = True
+    ) -> Iterator[DeviceChunk]:
+        """:meth:`segment_videos` with the predictions left on the device, a chunk of frames at a time (evaluation
+        scores them there): each chunk is yielded as soon as it is dispatched, and the host waits only for the chunk
+        ``MAX_CHUNKS_IN_FLIGHT`` before it, to bound the work and memory queued on the device.
+        """
+        in_flight: collections.deque[jax.Array] = collections.deque()
+        for key, pending in self._dispatch(videos, streaming):
+            in_flight.append(pending.labels)
+            if len(in_flight) > MAX_CHUNKS_IN_FLIGHT:
+                in_flight.popleft().block_until_ready()
+            yield DeviceChunk(key, pending.indices, pending.frames, pending.labels)
+
+    def _dispatch(
+        self, videos: Iterable[tuple[Any, Iterable[EvalFrame], Any]], streaming: bool
+    ) -> Iterator[tuple[Any, _Pending]]:
+        """Dispatches the chunks of every video in turn, yielding each with its video's key once dispatched."""
+        step = self._stream_chunk if streaming else self._clip_chunk
         for key, frames, prototypes in videos:
             protos = self._put_prototypes(prototypes)
             images: dict[int, np.ndarray] = {}  # clip mode: recent frames, at most the clip span + one chunk
             for indices, chunk in _chunks(_checked(frames), self.batch_size):
                 if indices[0] == 0:
                     self._note_size(chunk[0])
-                dispatched = key, step(indices, chunk, protos, images)
-                if pending is not None:
-                    yield from self._fetch(*pending)
-                pending = dispatched
-        if pending is not None:
-            yield from self._fetch(*pending)
+                yield key, step(indices, chunk, protos, images)
 
     def _sizes(self, frame: EvalFrame) -> tuple[tuple[int, int], tuple[int, int]]:
         return tuple(frame.image.shape[:2]), tuple(int(s) for s in frame.original_size)

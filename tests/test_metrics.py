@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -201,6 +202,46 @@ def test_streaming_accumulator_equals_whole_video_computation(batch_frames):
         np.testing.assert_allclose(merged[key], value, rtol=1e-12, err_msg=key)
     with pytest.raises(ValueError, match="K=5"):
         MetricsAccumulator(num_classes=5).merge_state(parts[0].state())
+
+
+def test_groups_of_device_predictions_equal_frame_by_frame():
+    """``update_frames`` (evaluation's path: a chunk's predictions stay on the device, a video's last chunk padded
+    with rows that are not scored) gives what ``update`` per frame gives, also mixed with it; frames after a padded
+    group are refused."""
+    rng = np.random.default_rng(7)
+    k, chunk = 5, 4
+    videos = []
+    for n_frames in (18, 9, 21):
+        gt = np.repeat(rng.integers(0, k, size=(1, 6, 7)), n_frames, axis=0).astype(np.uint8)
+        gt[rng.random(gt.shape) < 0.05] = 255
+        pred = np.where(rng.random(gt.shape) < 0.05, rng.integers(0, k, gt.shape), np.minimum(gt, k - 1))
+        videos.append((pred.astype(np.uint8), gt))
+
+    frame_by_frame, grouped = MetricsAccumulator(num_classes=k), MetricsAccumulator(num_classes=k)
+    for v, (pred, gt) in enumerate(videos):
+        for f in range(len(pred)):
+            frame_by_frame.update(f"v{v}", f, pred[f], gt[f])
+        start = 0
+        if v == 1:  # the first frames one by one, then groups
+            for f in range(3):
+                grouped.update(f"v{v}", f, pred[f], gt[f])
+            start = 3
+        for first in range(start, len(pred), chunk):
+            rows = pred[first : first + chunk]
+            padded = np.concatenate([rows, np.repeat(rows[-1:], chunk - len(rows), axis=0)])  # as the segmenter pads
+            grouped.update_frames(f"v{v}", first, jax.device_put(padded), list(gt[first : first + chunk]))
+    expected, scores = frame_by_frame.compute(), grouped.compute()
+    np.testing.assert_array_equal(grouped.confusion_matrix(), frame_by_frame.confusion_matrix())
+    for key in ("miou", "mvc8", "mvc16", "num_frames", "num_videos"):
+        assert scores[key] == expected[key], key
+
+    acc = MetricsAccumulator(num_classes=k)
+    pred, gt = videos[1]
+    acc.update_frames("a", 0, jax.device_put(pred[:4]), list(gt[:3]))
+    with pytest.raises(ValueError, match="frames after a padded group"):
+        acc.update_frames("a", 3, jax.device_put(pred[3:7]), list(gt[3:7]))
+    with pytest.raises(ValueError, match="video 'b' frame 1: prediction shape \\(6, 7\\) does not match label"):
+        acc.update_frames("b", 0, jax.device_put(pred[:4]), [gt[0], gt[1][:, :5]])
 
 
 def test_windows_by_run_length_equal_the_official_loop_in_any_grouping():
