@@ -23,8 +23,9 @@
 #   scripts/benchmark_main_thread.py (a trivial device_put + jitted call on the main thread next to 0-16 loading
 #   threads). On the H200 (2026-11-28 21:50, commit 1e6b011): evaluation 172 frames/s with 8 threads, 197 without the
 #   metrics, where the model alone streams 252; the main thread's call took 0.37 ms alone and 2.0 ms next to 8
-#   loading threads. Commits ad53c03 and 69ab6bd (no eager jax operations per chunk, one stream over all videos) are
-#   not measured on a GPU yet: this part, again, is the next lease's first call. ~2 minutes.
+#   loading threads. Commits ad53c03, 69ab6bd and 4c02c27 (no eager jax operations per chunk, one stream over all
+#   videos, the metrics on the device's predictions) are not measured on a GPU yet: this part, again, is the next
+#   lease's first call. ~2 minutes.
 # diag: where compile and run time go at each float32 precision (scripts/gpu_diag_precision.py: a matmul, a
 #   convolution, the CFFM-B1 encoder and decoder at 480x864), at 'highest' with the project's options (cuBLAS) and
 #   with XLA's own (Triton GEMMs, autotuned for minutes); then 'high' (three bfloat16 passes per float32 product:
