@@ -185,6 +185,21 @@ def test_library_api_cffmpp_with_store_and_auto(setup):
         evaluate.evaluate_videos(config, variables, setup["root"], prototypes=None, **kwargs)
 
 
+def test_a_split_without_masks_is_predicted_and_saved_not_scored(setup, tmp_path, caplog):
+    """VSPW's test split has no masks: its frames are predicted and written, and the metrics are NaN (with a
+    warning)."""
+    config, variables = tiny_model("cffm_tiny.npz")
+    kwargs = dict(img_scale=IMG_SCALE, progress=False, batch_size=4)
+    with caplog.at_level(logging.WARNING, logger="cffm_jax.evaluate"):
+        scores = evaluate.evaluate_videos(
+            config, variables, setup["root"], split="test", predictions_dir=tmp_path / "p", **kwargs
+        )
+    assert scores["num_frames"] == 0 and scores["num_predicted_frames"] == 20 and math.isnan(scores["miou"])
+    assert any("has no labelled frames" in r.getMessage() for r in caplog.records)
+    (video,) = os.listdir(tmp_path / "p")
+    assert len(os.listdir(tmp_path / "p" / video)) == 20
+
+
 def test_no_eager_device_operations_per_frame(setup, monkeypatch):
     """The evaluation loop's thread feeds the device while the loading threads hold the GIL: each call it makes costs
     milliseconds there (GPU). Every device operation per chunk or frame is a jitted program or a transfer, none an
