@@ -375,13 +375,13 @@ def evaluate_videos(
     start = time.perf_counter()
     predicted = 0
     progress = progress and jax.process_index() == 0
+    # One stream of frames over all the videos: the loading threads go on into the next video while the device
+    # finishes one, and the segmenter dispatches its first chunk before the last results of the one before.
+    keys = ((v, t) for v, video in enumerate(videos) for t in range(video.num_frames))
+    frames = ordered_map(
+        lambda key: videos[key[0]].load(key[1], img_scale=img_scale), keys, num_loaders or loader_threads()
+    )
     try:
-        # One stream of frames over all the videos: the loading threads go on into the next video while the device
-        # finishes one, and the segmenter dispatches its first chunk before the last results of the one before.
-        keys = ((v, t) for v, video in enumerate(videos) for t in range(video.num_frames))
-        frames = ordered_map(
-            lambda key: videos[key[0]].load(key[1], img_scale=img_scale), keys, num_loaders or loader_threads()
-        )
 
         def video_inputs() -> Iterator[tuple[EvalVideo, Iterator[EvalFrame], np.ndarray | None]]:
             for video in videos:
@@ -409,6 +409,8 @@ def evaluate_videos(
         if writer is not None:
             writer.abort()
         raise
+    finally:
+        frames.close()  # an error in this thread: the frames not started yet are not loaded
     accumulator, predicted = _pool_processes(accumulator, predicted)
     seconds = time.perf_counter() - start
     if accumulator.num_frames == 0:
