@@ -183,14 +183,14 @@ class VideoFileFrames(FrameReader):
         self.frame_names = [f"{t:06d}" for t in range(sum(1 for _ in self._decode()))]
         if not self.frame_names:
             raise InputError(f"{path}: the video has no frames")
-        missing = 0 if self._announced is None else self._announced - self.num_frames
-        if missing > max(2, 0.05 * self._announced):
+        announced = self._announced
+        if announced is not None and announced - self.num_frames > max(2, 0.05 * announced):
             log.warning(
                 "%s: decoded %d frames, but its header announces %d: the file may be truncated or damaged; the "
                 "predictions cover the %d frames decoded",
                 path,
                 self.num_frames,
-                self._announced,
+                announced,
                 self.num_frames,
             )
 

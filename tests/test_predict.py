@@ -203,6 +203,21 @@ def test_truncated_video_file_is_named(tmp_path, caplog):
     (record,) = caplog.records
     assert f"{cut}: decoded {frames} frames, but its header announces 30" in record.getMessage()
 
+    # a raw stream announces neither a frame count nor a duration: nothing to compare, no warning
+    raw = tmp_path / "raw.m4v"
+    with av.open(str(raw), mode="w", format="m4v") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for _ in range(5):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cffm_jax.predict"):
+        assert predict.open_input(raw).num_frames == 5
+    assert not caplog.records
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Bad input: a clear error and no output folder.
