@@ -491,17 +491,20 @@ class MetricsAccumulator:
         (another program size, only when scores are asked for in the middle of a video)."""
         if not self._frames:
             return
-        preds = np.stack([p for p, _ in self._frames])
-        labels = np.stack([g for _, g in self._frames])
         count = len(self._frames)
+        rows = self.batch_frames if video_ends and count < self.batch_frames else count
+        preds = np.zeros((rows, *self._frames[0][0].shape), np.result_type(*[p for p, _ in self._frames]))
+        preds[:count] = [p for p, _ in self._frames]
+        labels = self._padded_labels([g for _, g in self._frames], rows)
         self._frames = []
-        if video_ends and count < self.batch_frames:
-            pad = self.batch_frames - count
-            preds = np.concatenate([preds, np.zeros((pad, *preds.shape[1:]), preds.dtype)])
-            dtype = np.promote_types(labels.dtype, np.min_scalar_type(self.ignore_index))
-            fill = np.full((pad, *labels.shape[1:]), self.ignore_index, dtype)
-            labels = np.concatenate([labels.astype(fill.dtype), fill])
         self._score(*jax.device_put((preds, labels)), count)  # one call: jnp.asarray adds a device program per array
+
+    def _padded_labels(self, labels: Sequence[Any], rows: int) -> np.ndarray:
+        """(rows, H, W) host array of ``labels``, then ignored frames."""
+        dtype = np.promote_types(np.result_type(*labels), np.min_scalar_type(self.ignore_index))
+        out = np.full((rows, *np.shape(labels[0])), self.ignore_index, dtype)
+        out[: len(labels)] = labels
+        return out
 
     def _score(self, preds: jax.Array, labels: Any, count: int) -> None:
         """Adds a group of frames, (B, H, W) ``preds`` and ``labels`` (the first ``count`` belong to the video, the
@@ -564,13 +567,9 @@ class MetricsAccumulator:
                 )
         self._next_frames(video, first_idx, count, shape)
         self._flush_frames(video_ends=False)  # frames added one by one before these
-        pad = preds.shape[0] - count
-        dtype = np.promote_types(np.result_type(*labels), np.min_scalar_type(self.ignore_index))
-        gts = np.full((preds.shape[0], *shape), self.ignore_index, dtype)
-        gts[:count] = labels
-        self._score(preds, gts, count)
+        self._score(preds, self._padded_labels(labels, preds.shape[0]), count)
         self.num_frames += count
-        self._padded_video = self._video if pad else None
+        self._padded_video = self._video if preds.shape[0] > count else None
 
     def _next_frames(self, video: str, first_idx: int, count: int, shape: tuple[int, ...]) -> None:
         """Checks and records that frames first_idx..first_idx+count-1 of ``video`` (of size ``shape``) come next."""
